@@ -1,0 +1,13 @@
+"""Errors that the CLI turns into one `[E]` line and an exit code (DESIGN.md section 6)."""
+
+
+class LeanOnnxError(Exception):
+    """Bad usage or unreadable/invalid input: exit code 2."""
+
+    exit_code = 2
+
+
+class NothingToPrune(LeanOnnxError):
+    """Every kernel is frozen or the model has no Conv at all: exit code 4."""
+
+    exit_code = 4
