@@ -1,0 +1,171 @@
+"""Command line: `lean-onnx inspect MODEL` and `lean-onnx select MODEL --keep R`.
+
+cli.py only parses, dispatches and prints; every failure is one `[E]` line and an exit code
+(DESIGN.md section 6): 2 bad usage or input, 4 nothing to prune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from . import __version__
+from .errors import LeanOnnxError
+
+VERBOSITY = 1
+
+
+def info(msg: str) -> None:
+    if VERBOSITY >= 1:
+        print(f"[I] {msg}", file=sys.stderr)
+
+
+def warn(msg: str) -> None:
+    if VERBOSITY >= 0:
+        print(f"[W] {msg}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage + message by default)
+        raise LeanOnnxError(f"{self.prog}: {message} (see --help)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("model", help="input .onnx file (never modified)")
+    g.add_argument("--input-shape", action="append", metavar="NAME=1x3x224x224",
+                   help="concrete shape for an input with symbolic dims (repeatable); default: batch 1, other "
+                        "symbolic dims 224, with a warning")
+    g.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="keep the kernels of convs whose node or weight name matches GLOB (repeatable)")
+    g.add_argument("--norm-grid", default="auto", metavar="auto|N",
+                   help="grid of the periodic operator norm: 'auto' = each layer's real input size (default), "
+                        "or N for an N x N grid (the reference uses 128 for MS-D, 16 for U-Net/ResNet)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="more detail on stderr")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lean-onnx", description="LEAN pruning (longest chains of operator norms) for ONNX CNNs.")
+    parser.add_argument("--version", action="version", version=f"lean-onnx {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
+    p = sub.add_parser("inspect", help="channel graph, prunable kernels, coupling groups, frozen parts, FLOPs")
+    _model_args(p)
+    _common(p)
+    p = sub.add_parser("select", help="run LEAN (or a baseline) and report which kernels it keeps")
+    _model_args(p)
+    p.add_argument("--keep", type=float, required=True, help="fraction of prunable kernels to keep, in (0, 1]")
+    p.add_argument("--method", default="lean", choices=("lean", "sv", "l1"),
+                   help="lean: longest chains (default); sv / l1: individual operator-norm / L1 ranking")
+    p.add_argument("--no-redundancy", action="store_true", help="skip redundancy pruning (lean-spec 3.5)")
+    _common(p)
+    return parser
+
+
+def _norm_grid(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        grid = int(value)
+    except ValueError:
+        grid = 0
+    if grid < 1:
+        raise LeanOnnxError(f"--norm-grid {value!r}: expected 'auto' or a positive integer")
+    return grid
+
+
+def _analyse(args, timings: dict):
+    from .graph import build_channel_graph
+    from .load import load_model, parse_input_shapes
+
+    shapes = parse_input_shapes(args.input_shape)
+    grid = _norm_grid(args.norm_grid)
+    t = time.perf_counter()
+    loaded = load_model(args.model, shapes)
+    timings["load"] = time.perf_counter() - t
+    for w in loaded.warnings:
+        warn(w)
+    t = time.perf_counter()
+    graph = build_channel_graph(loaded, args.exclude, grid)
+    timings["graph"] = time.perf_counter() - t
+    return graph
+
+
+def cmd_inspect(args) -> int:
+    from .analysis import inspect_summary
+    from .report import print_inspect
+
+    timings: dict = {}
+    graph = _analyse(args, timings)
+    summary = inspect_summary(graph)
+    summary["timings_s"] = timings
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print_inspect(summary, verbose=args.verbose)
+    return 0
+
+
+def cmd_select(args) -> int:
+    from .analysis import compute_edge_weights
+    from .graph import check_keep
+    from .report import print_selection
+    from .selection import select_kernels
+
+    check_keep(args.keep)
+    timings: dict = {}
+    graph = _analyse(args, timings)
+    t = time.perf_counter()
+    compute_edge_weights(graph)
+    timings["norms"] = time.perf_counter() - t
+    t = time.perf_counter()
+    selection = select_kernels(graph, args.keep, args.method, redundancy=not args.no_redundancy)
+    timings["select"] = time.perf_counter() - t
+    result = {"model": args.model, "method": args.method, "kernels": selection.stats(),
+              "layers": [{"name": layer.name, "kernels": layer.num_kernels,
+                          "kept": int(selection.layer_mask(layer).sum()), "prunable": layer.prunable}
+                         for layer in graph.layers],
+              "timings_s": timings}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_selection(result, verbose=args.verbose)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    global VERBOSITY
+    try:
+        args = build_parser().parse_args(argv)
+        VERBOSITY = 0 if args.quiet else (2 if args.verbose else 1)
+        return {"inspect": cmd_inspect, "select": cmd_select}[args.command](args)
+    except LeanOnnxError as exc:
+        print(f"[E] {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("[E] interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("[E] out of memory", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line, traceback only on request
+        if os.environ.get("LEAN_ONNX_DEBUG"):
+            raise
+        where = exc.__traceback__
+        while where and where.tb_next:
+            where = where.tb_next
+        loc = f" at {os.path.basename(where.tb_frame.f_code.co_filename)}:{where.tb_lineno}" if where else ""
+        print(f"[E] internal error: {type(exc).__name__}: {exc}{loc} (set LEAN_ONNX_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Terminal tables for `inspect` and `select` (stdout); logs go to stderr in cli.py."""
+
+from __future__ import annotations
+
+
+def _n(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:g}"
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def print_inspect(s: dict, verbose: bool = False) -> None:
+    shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in s["input_shapes"].items())
+    prunable_layers = sum(1 for layer in s["layers"] if layer["prunable"])
+    rows = [
+        ("model", s["model"]),
+        ("input shape", shapes + (" (assumed)" if s["input_shape_assumed"] else "")),
+        ("conv layers", f"{len(s['layers'])} ({prunable_layers} prunable)"),
+        ("channels", _n(s["channels"])),
+        ("kernels", f"{_n(s['kernels']['total'])} ({_n(s['kernels']['prunable'])} prunable)"),
+        ("coverage", f"{100 * s['coverage']:.2f} %"),
+        ("parameters", _si(s["params"])),
+        ("MACs", f"{_si(s['flops']['macs'])} at {shapes}"),
+        ("channel graph", f"{_n(s['graph']['nodes'])} nodes, {_n(s['graph']['edges'])} edges, "
+                          f"{_n(s['graph']['frozen_channels'])} frozen channels"),
+        ("coupling groups", str(len(s["coupling_groups"]))),
+        ("frozen parts", str(len(s["frozen"]))),
+    ]
+    print(_table(rows))
+    if s["frozen"]:
+        print("\nfrozen:")
+        for f in s["frozen"]:
+            print(f"  {f['node']} ({f['op']}): {f['reason']} [{f['channels']} channels]")
+    if verbose:
+        print("\ncoupling groups:")
+        for g in s["coupling_groups"]:
+            print(f"  {g['channels']:>5} channels  {', '.join(g['reasons'])}: {', '.join(g['nodes'][:4])}"
+                  + (" ..." if len(g["nodes"]) > 4 else ""))
+        print("\nlayers:")
+        for layer in s["layers"]:
+            k = "x".join(map(str, layer["kernel_shape"]))
+            print(f"  {layer['name']:<40} {layer['op']:<13} {layer['c_in']:>5} -> {layer['c_out']:<5} "
+                  f"g={layer['group']:<4} {k:<5} s={layer['stride'][-1]} d={layer['dilation'][-1]} "
+                  f"{_n(layer['kernels']):>10} kernels" + ("" if layer["prunable"] else "  (frozen)"))
+
+
+def print_selection(r: dict, verbose: bool = False) -> None:
+    k = r["kernels"]
+    red = k["removed_by_redundancy"]
+    rows = [
+        ("model", r["model"]),
+        ("method", r["method"]),
+        ("kernels requested", f"{_n(k['requested'])} / {_n(k['total'])} ({100 * k['keep_requested']:.2f} %)"),
+        ("kernels kept", f"{_n(k['kept'])} ({100 * k['keep_achieved']:.2f} %)"),
+        ("  from paths", _n(k["from_paths"])),
+        ("  from fallback", _n(k["from_fallback"])),
+        ("  removed as redundant", f"{_n(red['forward'])} forward, {_n(red['backward'])} backward"),
+        ("paths", f"{_n(k['paths']['count'])}, longest {k['paths']['longest_edges']} kernels "
+                  f"(product {k['paths']['longest_product']:.4g})"),
+        ("time", ", ".join(f"{name} {sec:.2f} s" for name, sec in r["timings_s"].items())),
+    ]
+    print(_table(rows))
+    if verbose:
+        print("\nlayers:")
+        for layer in r["layers"]:
+            print(f"  {layer['name']:<40} {layer['kept']:>8} / {layer['kernels']:<8}"
+                  + ("" if layer["prunable"] else "  (frozen)"))

@@ -1,0 +1,47 @@
+"""Small ONNX models written in ONNX text syntax, plus ORT helpers, for the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+from onnx import numpy_helper
+
+RNG = np.random.default_rng(0)
+
+
+def text_model(graph_text: str, inits: dict[str, np.ndarray] | None = None, opset: int = 17) -> onnx.ModelProto:
+    """Parse `graph_text` (ONNX text syntax, graph part) and turn the named inputs into initializers."""
+    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>\n{graph_text}')
+    inits = inits or {}
+    kept = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    for name, value in inits.items():
+        model.graph.initializer.append(numpy_helper.from_array(_as_init(value), name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _as_init(value) -> np.ndarray:
+    value = np.asarray(value)
+    return value.astype(np.float32) if value.dtype.kind == "f" else value
+
+
+def rand(*shape) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def save(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str] | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(outputs, feeds)
