@@ -27,7 +27,7 @@ __all__ = ["kernel_operator_norms", "pool_operator_norm"]
 
 #: Bytes of the largest temporary per chunk (pair products or power spectra); cosine tables of up to
 #: 8x this are cached, larger ones (huge grids only) are regenerated block by block for each chunk.
-_CHUNK_BYTES = 8 << 20
+_CHUNK_BYTES = 4 << 20
 
 
 def _pair(value, name):
@@ -70,7 +70,7 @@ def _lag_plan(kshape, stride, dilation, grid):
 
 
 def _cos_tables(lags, m_grid, dtype):
-    """Yield ``cos(2 pi (w_h delta_h / M_h + w_w delta_w / M_w))``, shape (lags, freqs), in blocks.
+    """Yield ``cos(2 pi (w_h delta_h / M_h + w_w delta_w / M_w))``, shape (freqs, lags), in blocks.
 
     Only the half-plane ``w_w <= M_w // 2`` is needed (the spectrum of a real kernel is even).
     """
@@ -78,8 +78,8 @@ def _cos_tables(lags, m_grid, dtype):
     wh, ww = np.divmod(np.arange(mh * (mw // 2 + 1)), mw // 2 + 1)
     step = max(1, _CHUNK_BYTES // (8 * len(lags)))
     for lo in range(0, wh.size, step):
-        turns = (np.outer(lags[:, 0], wh[lo:lo + step]) % mh) / mh
-        turns += (np.outer(lags[:, 1], ww[lo:lo + step]) % mw) / mw
+        turns = (np.outer(wh[lo:lo + step], lags[:, 0]) % mh) / mh
+        turns += (np.outer(ww[lo:lo + step], lags[:, 1]) % mw) / mw
         yield np.cos(2.0 * np.pi * turns).astype(dtype)
 
 
@@ -107,7 +107,7 @@ def kernel_operator_norms(weights, *, stride=(1, 1), dilation=(1, 1), grid=(16, 
     The power spectrum is accumulated in float32 (float64 for float64 weights) and the final
     square root in float64.  A 1x1 kernel has ``sigma = |w|`` exactly, and a kernel whose taps all lie
     in different polyphase components (e.g. ``k = s = 2``) has its Frobenius norm; both skip the
-    transform.  Memory stays bounded (chunks of about 8 MB) whatever the layer size.
+    transform.  Memory stays bounded (chunks of about 4 MB) whatever the layer size.
 
     ``ConvTranspose`` is the caller's business: ``sigma(T^T) = sigma(T)``, so a ConvTranspose with
     stride ``s`` on an input grid ``n`` is the adjoint of the strided conv with the same kernel on the
@@ -134,25 +134,25 @@ def kernel_operator_norms(weights, *, stride=(1, 1), dilation=(1, 1), grid=(16, 
     if kh * kw == 1 or w.size == 0:
         return np.abs(w.reshape(n_out, n_in).astype(np.float64))
     dtype = np.float64 if w.dtype == np.float64 else np.float32
-    flat = w.reshape(-1, kh * kw).astype(dtype, copy=False)
+    flat_t = w.reshape(-1, kh * kw).T
     ia, ib, factor, cls, lags, m_grid = _lag_plan((kh, kw), stride, dilation, grid)
-    select = np.zeros((ia.size, len(lags)), dtype)
-    np.add.at(select, (np.arange(ia.size), cls), factor)
+    select = np.zeros((len(lags), ia.size), dtype)
+    np.add.at(select, (cls, np.arange(ia.size)), factor)
+    n_freq = m_grid[0] * (m_grid[1] // 2 + 1)
     if len(lags) == 1:  # lag 0 only (e.g. k = s): flat spectrum, no transform needed
-        blocks = lambda: [np.ones((1, 1), dtype)]  # noqa: E731
-    else:
-        n_cos = len(lags) * m_grid[0] * (m_grid[1] // 2 + 1)
-        cached = list(_cos_tables(lags, m_grid, dtype)) if 8 * n_cos <= 8 * _CHUNK_BYTES else None
-        blocks = (lambda: cached) if cached else (lambda: _cos_tables(lags, m_grid, dtype))
-    width = max(t.shape[1] for t in blocks())
+        n_freq, cached = 1, [np.ones((1, 1), dtype)]
+    else:  # cache the cosine table unless it exceeds 8 * _CHUNK_BYTES in float64
+        cached = list(_cos_tables(lags, m_grid, dtype)) if len(lags) * n_freq <= _CHUNK_BYTES else None
+    blocks = (lambda: cached) if cached else (lambda: _cos_tables(lags, m_grid, dtype))
+    width = min(n_freq, max(1, _CHUNK_BYTES // (8 * len(lags))))  # rows of the largest table block
     step = max(1, _CHUNK_BYTES // (8 * max(ia.size, width)))
-    out = np.empty(flat.shape[0], np.float64)
-    for lo in range(0, flat.shape[0], step):
-        c = flat[lo:lo + step]
-        autocorr = (c[:, ia] * c[:, ib]) @ select
-        best = np.full(c.shape[0], -np.inf, dtype)
+    out = np.empty(flat_t.shape[1], np.float64)
+    for lo in range(0, flat_t.shape[1], step):  # kernels along the columns: fast gathers and maxima
+        c = np.ascontiguousarray(flat_t[:, lo:lo + step], dtype)
+        autocorr = select @ (c[ia] * c[ib])
+        best = np.full(c.shape[1], -np.inf, dtype)
         for table in blocks():
-            np.maximum(best, (autocorr @ table).max(axis=1), out=best)
+            np.maximum(best, (table @ autocorr).max(axis=0), out=best)
         out[lo:lo + step] = best
     return np.sqrt(np.maximum(out, 0.0)).reshape(n_out, n_in)
 
