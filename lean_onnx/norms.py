@@ -28,6 +28,10 @@ __all__ = ["kernel_operator_norms", "pool_operator_norm"]
 #: Bytes of the largest temporary per chunk (pair products or power spectra); cosine tables of up to
 #: 8x this are cached, larger ones (huge grids only) are regenerated block by block for each chunk.
 _CHUNK_BYTES = 4 << 20
+#: GEMMs up to this m*n*k stay single-threaded in OpenBLAS.  These GEMMs are memory-bound (inner
+#: dimension ~10), so threads gain little when the machine is idle but cost up to 10x when another
+#: process holds a core; bounding the chunk keeps ResNet-50 near 0.2 s either way.
+_SINGLE_THREAD_MNK = 1 << 18
 
 
 def _pair(value, name):
@@ -145,7 +149,7 @@ def kernel_operator_norms(weights, *, stride=(1, 1), dilation=(1, 1), grid=(16, 
         cached = list(_cos_tables(lags, m_grid, dtype)) if len(lags) * n_freq <= _CHUNK_BYTES else None
     blocks = (lambda: cached) if cached else (lambda: _cos_tables(lags, m_grid, dtype))
     width = min(n_freq, max(1, _CHUNK_BYTES // (8 * len(lags))))  # rows of the largest table block
-    step = max(1, _CHUNK_BYTES // (8 * max(ia.size, width)))
+    step = max(1, min(_CHUNK_BYTES // 8, _SINGLE_THREAD_MNK // len(lags)) // max(ia.size, width))
     out = np.empty(flat_t.shape[1], np.float64)
     for lo in range(0, flat_t.shape[1], step):  # kernels along the columns: fast gathers and maxima
         c = np.ascontiguousarray(flat_t[:, lo:lo + step], dtype)
