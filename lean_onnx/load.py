@@ -96,8 +96,9 @@ def load_model(path: str, input_shapes: dict[str | None, tuple[int, ...]] | None
     model = copy.deepcopy(original)
     graph = model.graph
     _constants_to_initializers(graph)
-    _bypass_identity_of_initializers(graph)
     _toposort(graph, path)
+    _fold_constant_arithmetic(model)
+    _bypass_identity_of_initializers(graph)
     check_model(model, path)
     used, assumed, warnings = _fix_input_shapes(graph, input_shapes or {}, path)
     try:
@@ -143,6 +144,44 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
             dtype = np.float32 if attr.name == "value_floats" else np.int64
             return numpy_helper.from_array(np.array(list(values), dtype=dtype))
     return None  # sparse or string constants stay as nodes (their consumers are frozen if they matter)
+
+
+#: Small shape/index arithmetic that exporters leave on constants (Slice bounds, Reshape shapes, ...).
+FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Gather", "Cast", "Reshape", "Add", "Sub", "Mul", "Div", "Neg",
+            "Slice", "Range", "ConstantOfShape", "Transpose", "Floor", "Ceil", "Min", "Max"}
+FOLD_MAX_ELEMENTS = 1 << 16
+
+
+def _fold_constant_arithmetic(model: onnx.ModelProto) -> None:
+    """Evaluate FOLDABLE nodes whose inputs are all small initializers (onnx's reference evaluator)."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    values = {t.name: t for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if (node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or not inputs
+                or any(i not in values for i in inputs)
+                or sum(int(np.prod(values[i].dims)) for i in inputs) > FOLD_MAX_ELEMENTS):
+            keep.append(node)
+            continue
+        tiny = onnx.helper.make_model(
+            onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_empty_tensor_value_info(o) for o in node.output],
+                                   [values[i] for i in dict.fromkeys(inputs)]),
+            opset_imports=model.opset_import, ir_version=model.ir_version)
+        try:
+            results = ReferenceEvaluator(tiny).run(None, {})
+        except Exception:  # not foldable after all: leave the node alone
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, results):
+            tensor = numpy_helper.from_array(np.asarray(value), name)
+            graph.initializer.append(tensor)
+            values[name] = tensor
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
 
 
 def _bypass_identity_of_initializers(graph: onnx.GraphProto) -> None:
