@@ -147,6 +147,7 @@ class GraphBuilder:
         self.pairs: list[np.ndarray] = []
         self.frozen: list[FrozenPart] = []
         self.folded_bn: set[str] = set()
+        self.split_nodes: dict[str, np.ndarray] = {}  # channel axis split in several (channel shuffle)
 
     # -- nodes and edges ---------------------------------------------------------------------
     def new_nodes(self, count, src=None, weight=None, skippable=True, layer=-1) -> np.ndarray:
@@ -174,7 +175,9 @@ class GraphBuilder:
         if tensor in self.loaded.initializers or not tensor:
             return None
         shape = self.loaded.shape(tensor)
-        if not shape or len(shape) < 2 or shape[1] is None:
+        is_input = any(i.name == tensor for i in self.loaded.graph.input)
+        # (N, C, spatial...) feature maps only: a Gemm's (N, features) output carries no conv channels
+        if not shape or len(shape) < (2 if is_input else 3) or shape[1] is None:
             return None
         nodes = self.new_sources(shape[1])
         self.tensor_nodes[tensor] = nodes
@@ -253,6 +256,12 @@ def build_channel_graph(loaded: LoadedModel, exclude: list[str] | None = None,
             b.nodes(inp.name)
     for node in graph.node:
         handle_node(node, b)
+    for tensor, shape_node in loaded.shape_reads.items():
+        nodes = b.tensor_nodes.get(tensor)
+        if nodes is not None:
+            b.frozen_nodes.append(nodes)
+            b.frozen.append(FrozenPart(shape_node, "Shape", "the channel count is read at run time", [tensor],
+                                       len(nodes)))
     outputs = [o.name for o in graph.output]
     for name in outputs:
         b.terminal([name], "graph output keeps its channels", _OutputNode(name))

@@ -106,8 +106,11 @@ def conv(node, b: GraphBuilder) -> None:
         return unknown(node, b, f"{weight.ndim - 2}-D convolution: no operator-norm rule")
     group = int(attr(node, "group", 1))
     c_in, c_out = (weight.shape[0], weight.shape[1] * group) if transposed else (weight.shape[1] * group, weight.shape[0])
-    if in_nodes is None or len(in_nodes) != c_in:
-        return unknown(node, b, f"input has {None if in_nodes is None else len(in_nodes)} channels, weight expects {c_in}")
+    if in_nodes is None:  # produced by something without a channel rule: fresh, frozen input channels
+        in_nodes = b.new_sources(c_in)
+        b.set_nodes(x, in_nodes)
+    if len(in_nodes) != c_in:
+        return unknown(node, b, f"input has {len(in_nodes)} channels, weight expects {c_in}")
     stride = pair(attr(node, "strides"), 1)
     dilation = pair(attr(node, "dilations"), 1)
     c_in_g, c_out_g = c_in // group, c_out // group
@@ -421,8 +424,16 @@ def resize(node, b: GraphBuilder) -> None:
 
 
 def transpose(node, b: GraphBuilder) -> None:
-    perm = attr(node, "perm")
-    if perm is not None and len(perm) >= 2 and perm[0] == 0 and perm[1] == 1:
+    """Keeps axis 1 (alias), or permutes the split channel axes of a channel shuffle."""
+    perm = list(attr(node, "perm") or [])
+    split_nodes = b.split_nodes.get(node.input[0])
+    if split_nodes is not None:
+        k = split_nodes.ndim
+        if perm[:1] == [0] and sorted(perm[1:k + 1]) == list(range(1, k + 1)) and perm[k + 1:] == list(
+                range(k + 1, len(perm))):
+            b.split_nodes[node.output[0]] = split_nodes.transpose([p - 1 for p in perm[1:k + 1]])
+            return
+    elif len(perm) >= 2 and perm[0] == 0 and perm[1] == 1:
         return same_channels(node, b)
     unknown(node, b, "Transpose moves the channel axis")
 
@@ -439,11 +450,29 @@ def squeeze(node, b: GraphBuilder) -> None:
 
 
 def reshape(node, b: GraphBuilder) -> None:
-    """Flatten/Reshape to rank 2 in front of a Gemm/MatMul head reads the channels; others freeze them."""
-    out_rank = rank(b, node.output[0])
-    if node.op_type == "Flatten" and int(attr(node, "axis", 1)) == 1 or out_rank == 2:
+    """Flatten/Reshape to rank 2 in front of a Gemm/MatMul head reads the channels. A Reshape that splits
+    the channel axis into several (and one that merges them back) is tracked, so a channel shuffle
+    (Reshape -> Transpose -> Reshape) routes channels; any other Reshape freezes them."""
+    shape_in, shape_out = b.loaded.shape(node.input[0]), b.loaded.shape(node.output[0])
+    split_nodes = b.split_nodes.get(node.input[0])
+    if node.op_type == "Reshape" and shape_in and shape_out and None not in shape_in + shape_out:
+        if split_nodes is not None:  # merge the split channel axes back into one
+            k = split_nodes.ndim
+            if shape_out[0] == shape_in[0] and shape_out[2:] == shape_in[k + 1:] and shape_out[1] == split_nodes.size:
+                b.set_nodes(node.output[0], split_nodes.ravel())
+                b.couple("channel shuffle (Reshape/Transpose)", node, [node.output[0]])
+                return
+        elif b.nodes(node.input[0]) is not None and len(shape_out) > len(shape_in) >= 3:
+            k = len(shape_out) - len(shape_in) + 1
+            if (shape_out[0] == shape_in[0] and shape_out[k + 1:] == shape_in[2:]
+                    and int(np.prod(shape_out[1:k + 1])) == shape_in[1]):
+                b.split_nodes[node.output[0]] = b.nodes(node.input[0]).reshape(shape_out[1:k + 1])
+                return
+    if split_nodes is not None:
+        b.set_nodes(node.input[0], split_nodes.ravel())
+    elif node.op_type == "Flatten" and int(attr(node, "axis", 1)) == 1 or (shape_out and len(shape_out) == 2):
         return head(node, b)
-    unknown(node, b, f"{node.op_type} to rank {out_rank} changes the channel layout")
+    unknown(node, b, f"{node.op_type} to rank {len(shape_out) if shape_out else '?'} changes the channel layout")
 
 
 ALIAS_OPS = (
@@ -470,4 +499,9 @@ HANDLERS.update({
 def handle_node(node, b: GraphBuilder) -> None:
     """Dispatch one ONNX node to its handler; unknown op types (and other domains) are frozen."""
     handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if node.op_type not in ("Reshape", "Transpose"):
+        for t in node.input:  # split channel axes read by anything but the shuffle ops: freeze them
+            if t in b.split_nodes and t not in b.tensor_nodes:
+                b.set_nodes(t, b.split_nodes[t].ravel())
+                handler = None
     (handler or unknown)(node, b)

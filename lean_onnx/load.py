@@ -55,6 +55,7 @@ class LoadedModel:
     initializers: dict[str, np.ndarray] = field(default_factory=dict)
     shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    shape_reads: dict[str, str] = field(default_factory=dict)  # tensor -> Shape node folded on it
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
 
     @property
@@ -97,17 +98,24 @@ def load_model(path: str, input_shapes: dict[str | None, tuple[int, ...]] | None
     graph = model.graph
     _constants_to_initializers(graph)
     _toposort(graph, path)
-    _fold_constant_arithmetic(model)
-    _bypass_identity_of_initializers(graph)
     check_model(model, path)
     used, assumed, warnings = _fix_input_shapes(graph, input_shapes or {}, path)
-    try:
-        model = shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:
-        raise LeanOnnxError(f"{path}: shape inference failed ({_first_line(exc)})") from None
+    model = _infer(model, path)
+    shape_reads = _fold_constant_arithmetic(model)
+    _bypass_identity_of_initializers(model.graph)
+    if shape_reads or len(model.graph.node) != len(original.graph.node):
+        model = _infer(model, path)
     loaded = LoadedModel(path, original, model, used, assumed, warnings)
+    loaded.shape_reads = shape_reads
     _index(loaded)
     return loaded
+
+
+def _infer(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise LeanOnnxError(f"{path}: shape inference failed ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -152,15 +160,35 @@ FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Gather", "Cast", "Reshape", "Add"
 FOLD_MAX_ELEMENTS = 1 << 16
 
 
-def _fold_constant_arithmetic(model: onnx.ModelProto) -> None:
-    """Evaluate FOLDABLE nodes whose inputs are all small initializers (onnx's reference evaluator)."""
+def _fold_constant_arithmetic(model: onnx.ModelProto) -> dict[str, str]:
+    """Evaluate FOLDABLE nodes whose inputs are all small initializers (onnx's reference evaluator),
+    and Shape nodes of tensors whose shape is static at the analysis input shape.
+
+    Returns {tensor: Shape node} for every folded Shape: the channel count of those tensors is read at
+    run time (ShuffleNet's channel split), so the graph must not change it.
+    """
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
     values = {t.name: t for t in graph.initializer}
+    static = {}
+    for vi in list(graph.input) + list(graph.value_info):
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
+        if dims and all(d.HasField("dim_value") for d in dims):
+            static[vi.name] = [d.dim_value for d in dims]
+    shape_reads: dict[str, str] = {}
     keep = []
     for node in graph.node:
         inputs = [i for i in node.input if i]
+        if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and inputs[0] in static:
+            start, end = 0, None
+            for a in node.attribute:
+                start, end = (a.i, end) if a.name == "start" else (start, a.i if a.name == "end" else end)
+            tensor = numpy_helper.from_array(np.array(static[inputs[0]][start:end], np.int64), node.output[0])
+            graph.initializer.append(tensor)
+            values[node.output[0]] = tensor
+            shape_reads[inputs[0]] = node.name or node.output[0]
+            continue
         if (node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or not inputs
                 or any(i not in values for i in inputs)
                 or sum(int(np.prod(values[i].dims)) for i in inputs) > FOLD_MAX_ELEMENTS):
@@ -182,6 +210,7 @@ def _fold_constant_arithmetic(model: onnx.ModelProto) -> None:
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
+    return shape_reads
 
 
 def _bypass_identity_of_initializers(graph: onnx.GraphProto) -> None:

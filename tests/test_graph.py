@@ -243,3 +243,41 @@ def test_input_file_is_not_modified(tmp_path):
     before = open(path, "rb").read()
     build_channel_graph(load_model(path))
     assert open(path, "rb").read() == before
+
+
+def test_channel_shuffle_routes_channels(tmp_path):
+    """Reshape (N,C,H,W)->(N,g,C/g,H,W), Transpose(0,2,1,3,4), Reshape back: a channel permutation."""
+    text = """
+    g (float[1,2,4,4] x) => (float[1,2,4,4] y) {
+      a = Conv (x, w1)
+      s = Reshape (a, shape5)
+      t = Transpose <perm = [0,2,1,3,4]> (s)
+      u = Reshape (t, shape4)
+      y = Conv (u, w2)
+    }"""
+    inits = {"w1": rand(6, 2, 1, 1), "w2": rand(2, 6, 1, 1),
+             "shape5": np.array([1, 2, 3, 4, 4]), "shape4": np.array([1, 6, 4, 4])}
+    g = graph_of(text_model(text, inits), tmp_path)
+    a = g.tensor_nodes["a"]
+    assert g.tensor_nodes["u"].tolist() == a.reshape(2, 3).T.ravel().tolist()
+    assert g.layers[1].in_nodes.tolist() == a[[0, 3, 1, 4, 2, 5]].tolist()
+    assert not g.is_frozen[a].any()
+
+
+def test_shape_read_of_a_tensor_freezes_its_channel_count(tmp_path):
+    """x.chunk(2, dim=1) as exporters write it: Slice bounds computed from Shape(x)."""
+    text = """
+    g (float[1,2,4,4] x) => (float[1,3,4,4] y) {
+      a = Conv (x, w1)
+      sh = Shape (a)
+      c = Gather <axis = 0> (sh, one)
+      half = Div (c, two)
+      s = Slice (a, zero, half, one)
+      y = Conv (s, w2)
+    }"""
+    inits = {"w1": rand(4, 2, 1, 1), "w2": rand(3, 2, 1, 1), "one": np.array([1]), "two": np.array([2]),
+             "zero": np.array([0])}
+    g = graph_of(text_model(text, inits), tmp_path)
+    assert g.layers[1].in_nodes.tolist() == g.tensor_nodes["a"][:2].tolist()
+    assert g.is_frozen[g.tensor_nodes["a"]].all()
+    assert any(f.reason == "the channel count is read at run time" for f in g.frozen)
