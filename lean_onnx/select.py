@@ -55,11 +55,14 @@ every path with the tie rule above; the tests check this against a plain-Python 
   upper bound on the candidates of all its other in-edges (candidates only ever decrease: edges are
   removed and L values drop).  When the best remembered candidate, evaluated with the current L values,
   beats that bound, it is the exact maximum; only otherwise are all in-edges scanned again;
-* removed edges get log weight -inf in a private copy of the log weights (like zero-weight edges).
+* removed edges get log weight -inf in a private copy of the log weights (like zero-weight edges);
+* the fallback picks the same edges as a stable descending sort, with an O(E) partition.
 
 Deviations from the reference (all documented in lean-spec 3.2 as non-essential): float64 sums of
 logs instead of float32 products (products that are exactly 1 in float32 may land a few ulps on
-either side of 0 in log space, and the other way round), deterministic ties as above.
+either side of 0 in log space, and the other way round), deterministic ties as above; "edge order" for
+equal weights in the fallback is this module's edge index (in-CSR order), not the reference's
+(from, to) order.
 """
 
 from __future__ import annotations
