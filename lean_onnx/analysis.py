@@ -11,12 +11,19 @@ from .load import LoadedModel
 from .norms import kernel_operator_norms
 
 
-def compute_edge_weights(graph: ChannelGraph) -> None:
-    """Fill the kernel edges with operator norm x folded BN scale (DESIGN.md section 1)."""
+def compute_edge_weights(graph: ChannelGraph, reference_mode: bool | None = None) -> None:
+    """Fill the kernel edges with operator norm x folded BN scale (DESIGN.md section 1).
+
+    In reference mode (`--norm-grid N`, the default when a fixed grid was asked for) dilation is ignored,
+    as the reference does (lean-spec 1.2, 2.4); otherwise the dilated kernel is exact on the grid.
+    """
     init = graph.loaded.initializers
+    if reference_mode is None:
+        reference_mode = graph.norm_grid is not None
     for layer in graph.layers:
         kernels = layer.kernels(init[layer.weight_name]).astype(np.float32, copy=False)
-        layer.norms = kernel_operator_norms(kernels, stride=layer.stride, dilation=layer.dilation, grid=layer.grid)
+        dilation = (1, 1) if reference_mode else layer.dilation
+        layer.norms = kernel_operator_norms(kernels, stride=layer.stride, dilation=dilation, grid=layer.grid)
         weight = layer.norms if layer.bn_scale is None else layer.norms * layer.bn_scale[:, None]
         graph.weight[layer.edges] = weight.ravel()
     graph.weights_ready = True

@@ -42,8 +42,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="keep the kernels of convs whose node or weight name matches GLOB (repeatable)")
     g.add_argument("--norm-grid", default="auto", metavar="auto|N",
-                   help="grid of the periodic operator norm: 'auto' = each layer's real input size (default), "
-                        "or N for an N x N grid (the reference uses 128 for MS-D, 16 for U-Net/ResNet)")
+                   help="grid of the periodic operator norm: 'auto' = each layer's real input size, dilation "
+                        "exact (default); N = reference mode: an N x N grid, dilation ignored as the reference "
+                        "does (it uses 128 for MS-D, 16 for U-Net/ResNet)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -128,6 +129,7 @@ def cmd_select(args) -> int:
     t = time.perf_counter()
     selection = select_kernels(graph, args.keep, args.method, redundancy=not args.no_redundancy)
     timings["select"] = time.perf_counter() - t
+    _explain(selection)
     result = {"model": args.model, "method": args.method, "kernels": selection.stats(),
               "layers": [{"name": layer.name, "kernels": layer.num_kernels,
                           "kept": int(selection.layer_mask(layer).sum()), "prunable": layer.prunable}
@@ -138,6 +140,18 @@ def cmd_select(args) -> int:
     else:
         print_selection(result, verbose=args.verbose)
     return 0
+
+
+def _explain(selection) -> None:
+    """Say why the achieved keep is far below the request, or why LEAN found no chains."""
+    if selection.method == "lean" and selection.num_paths == 0 and selection.selected:
+        warn("no chain has a norm product >= 1: every kernel came from the individual-norm fallback "
+             "(LEAN equals the sv baseline here, lean-spec 3.2)")
+    removed = selection.removed_forward + selection.removed_backward
+    if removed > selection.selected / 2:
+        warn(f"redundancy pruning removed {removed:,} of the {selection.selected:,} selected kernels "
+             f"({selection.removed_forward:,} read channels with no kept input, {selection.removed_backward:,} "
+             f"fed channels nothing reads); kept {100 * selection.keep_achieved:.2f} %")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,7 @@ class ChannelGraph:
     coupling_pairs: np.ndarray
     frozen: list[FrozenPart]
     loaded: LoadedModel
+    norm_grid: int | None = None
     weights_ready: bool = False
 
     @property
@@ -234,7 +235,8 @@ class GraphBuilder:
             flags.append(mask)
         pairs = np.concatenate(self.pairs) if self.pairs else np.zeros((0, 2), np.int64)
         return ChannelGraph(self.num_nodes, src, indptr, weight, skippable, edge_layer, *flags,
-                            self.layers, self.tensor_nodes, self.coupling, pairs, self.frozen, self.loaded)
+                            self.layers, self.tensor_nodes, self.coupling, pairs, self.frozen, self.loaded,
+                            self.norm_grid)
 
 
 def node_name(node) -> str:

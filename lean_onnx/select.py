@@ -67,7 +67,7 @@ equal weights in the fallback is this module's edge index (in-CSR order), not th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
@@ -100,6 +100,7 @@ class PathStats:
     from_fallback: int
     longest_path_edges: int
     longest_path_product: float
+    path_edges: np.ndarray | None = field(default=None, repr=False, compare=False)  # bool[E]: kept by a path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,6 +530,7 @@ def lean_keep_mask(src, indptr, weight, skippable, num_keep):
     logw = _log_weights(weight)  # a private copy: removed edges get -inf
     src32 = src.astype(np.int32)  # less memory traffic in the scans
     keep, marked, num_paths, longest_edges, longest_log = _mark_paths(src32, indptr, logw, skippable, num_keep, TOPK)
+    path_edges = keep.copy()
     from_fallback = _fallback(keep, weight, skippable, num_keep - int(marked))
     with np.errstate(over="ignore"):
         product = float(np.exp(longest_log)) if longest_edges > 0 else 0.0  # may be inf
@@ -538,6 +540,7 @@ def lean_keep_mask(src, indptr, weight, skippable, num_keep):
         from_fallback=int(from_fallback),
         longest_path_edges=int(longest_edges),
         longest_path_product=product,
+        path_edges=path_edges,
     )
     return keep, stats
 

@@ -91,8 +91,7 @@ def select_kernels(graph: ChannelGraph, keep: float, method: str = "lean", redun
     num_paths = longest = 0
     longest_product = 0.0
     if method == "lean":
-        edge_keep, stats = lean_keep_mask(graph.src, graph.indptr, graph.weight, ~prunable, num_keep,
-                                          return_path_edges=True)
+        edge_keep, stats = lean_keep_mask(graph.src, graph.indptr, graph.weight, ~prunable, num_keep)
         from_paths = stats.path_edges
         num_paths, longest, longest_product = stats.num_paths, stats.longest_path_edges, stats.longest_path_product
     else:
