@@ -84,7 +84,12 @@ def read_model(path: str) -> onnx.ModelProto:
 
 
 def check_model(model: onnx.ModelProto, path: str) -> None:
-    """onnx.checker on the (sorted) model; a failure is one line naming the file."""
+    """onnx.checker on the file (C++, no re-serialisation), else on the normalised (sorted) copy."""
+    try:
+        onnx.checker.check_model(path)
+        return
+    except Exception:
+        pass  # e.g. unsorted nodes, which the copy has fixed
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
@@ -112,10 +117,32 @@ def load_model(path: str, input_shapes: dict[str | None, tuple[int, ...]] | None
 
 
 def _infer(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
+    """Shape inference on a skeleton (large initializers replaced by typed inputs), results copied back:
+    serialising 100 MB of weights twice costs more than the whole graph analysis."""
+    graph = model.graph
+    skeleton = onnx.ModelProto(ir_version=model.ir_version)
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    sk = skeleton.graph
+    sk.node.extend(graph.node)
+    sk.output.extend(graph.output)
+    names = {i.name for i in graph.input}
+    sk.input.extend(graph.input)
+    for t in graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or int(np.prod(t.dims)) > FOLD_MAX_ELEMENTS:
+            if t.name not in names:
+                sk.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            sk.initializer.append(t)
     try:
-        return shape_inference.infer_shapes(model, data_prop=True)
+        inferred = shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception as exc:
         raise LeanOnnxError(f"{path}: shape inference failed ({_first_line(exc)})") from None
+    del graph.value_info[:]
+    graph.value_info.extend(inferred.graph.value_info)
+    del graph.output[:]
+    graph.output.extend(inferred.graph.output)
+    return model
 
 
 def _first_line(exc: BaseException) -> str:

@@ -5,8 +5,9 @@
 Models: torchvision ResNet-50 (random weights, BN folded, 1x3x224x224; exported into .cache/zoo) and a
 synthetic CNN with >= 10 M kernels written directly with onnx (12 residual 3x3 convs, 1024 channels,
 BN kept, 1x1024x14x14). Each repeat runs in a fresh process, so numba's JIT cache load and imports are
-counted the way a user meets them; the medians are reported. Peak memory: the stage's traced numpy/
-Python allocations (tracemalloc peak) and the process's peak resident set (ru_maxrss) at the end.
+counted the way a user meets them; the medians are reported. Peak memory: the largest stage's traced
+numpy/Python allocations (tracemalloc peak, from one extra traced run: tracing slows allocation) and the
+process's peak resident set (ru_maxrss, median of the timed runs).
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def model_paths() -> dict[str, pathlib.Path]:
     return {"resnet50": cached_export("resnet50", fold_bn=True), "synthetic-12.6M": synthetic}
 
 
-def one_run(path: str, keep: float, method: str) -> dict:
-    """Runs in a child process: every stage timed, with its tracemalloc peak."""
+def one_run(path: str, keep: float, method: str, trace: bool) -> dict:
+    """Runs in a child process: every stage timed, or (trace) every stage's tracemalloc peak."""
     import resource
     import tracemalloc
 
@@ -76,13 +77,16 @@ def one_run(path: str, keep: float, method: str) -> dict:
     from lean_onnx.selection import select_kernels
 
     result = {}
-    tracemalloc.start()
+    if trace:  # tracing slows allocations down: memory and time come from separate runs
+        tracemalloc.start()
 
     def stage(name, fn):
-        tracemalloc.reset_peak()
+        if trace:
+            tracemalloc.reset_peak()
         t = time.perf_counter()
         value = fn()
-        result[name] = {"s": time.perf_counter() - t, "peak_mb": tracemalloc.get_traced_memory()[1] / 2**20}
+        peak = tracemalloc.get_traced_memory()[1] / 2**20 if trace else 0.0
+        result[name] = {"s": time.perf_counter() - t, "peak_mb": peak}
         return value
 
     loaded = stage("load", lambda: load_model(path))
@@ -104,10 +108,11 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.01)
     parser.add_argument("--method", default="lean")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--write", help="append/replace the section in this markdown file")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(one_run(args.child, args.keep, args.method)))
+        print(json.dumps(one_run(args.child, args.keep, args.method, args.trace)))
         return
     lines = [
         "## Analysis stages (`tools/bench_pruner.py`)",
@@ -119,14 +124,17 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, path in model_paths().items():
-        runs = []
-        for _ in range(args.repeats):
+        def child(*extra):
             out = subprocess.run([sys.executable, __file__, "--child", str(path), "--keep", str(args.keep),
-                                  "--method", args.method], capture_output=True, text=True, check=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(name, json.dumps(runs[-1]), file=sys.stderr)
+                                  "--method", args.method, *extra], capture_output=True, text=True, check=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            print(name, json.dumps(result), file=sys.stderr)
+            return result
+
+        runs = [child() for _ in range(args.repeats)]
+        traced = child("--trace")
         med = lambda key, sub=None: statistics.median(r[key][sub] if sub else r[key] for r in runs)  # noqa: E731
-        peaks = {s: med(s, "peak_mb") for s in ("load", "graph", "norms", "select")}
+        peaks = {s: traced[s]["peak_mb"] for s in ("load", "graph", "norms", "select")}
         worst = max(peaks, key=peaks.get)
         lines.append(
             f"| {name} | {runs[0]['kernels']:,} | {runs[0]['edges']:,} | {med('load', 's'):.2f} | {med('graph', 's'):.2f} | "

@@ -1,6 +1,6 @@
 """Write docs/coverage.md: what lean-onnx can prune in every zoo model, and why the rest is frozen.
 
-    python tools/coverage.py            # exports the zoo at its default sizes into .cache/zoo (cached)
+    python tools/zoo_coverage.py            # exports the zoo at its default sizes into .cache/zoo (cached)
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     lines = [
         "# Coverage of the test zoo",
         "",
-        "Made by `python tools/coverage.py` (random weights, torchvision architectures, exported with",
+        "Made by `python tools/zoo_coverage.py` (random weights, torchvision architectures, exported with",
         "`torch.onnx.export(dynamo=False, opset_version=17)`, BN kept or folded by the exporter).",
         "*Coverage* = prunable kernels / all conv kernels. Kernels stay prunable next to frozen channels:",
         "masking a kernel is always exact; *frozen channels* are channels whose count lean-onnx will not",
