@@ -82,21 +82,31 @@ def _norm_grid(value: str) -> int | None:
     return grid
 
 
+def _timed(timings: dict, stage: str, fn, *args, **kwargs):
+    start = time.perf_counter()
+    value = fn(*args, **kwargs)
+    timings[stage] = time.perf_counter() - start
+    return value
+
+
 def _analyse(args, timings: dict):
     from .graph import build_channel_graph
     from .load import load_model, parse_input_shapes
 
     shapes = parse_input_shapes(args.input_shape)
     grid = _norm_grid(args.norm_grid)
-    t = time.perf_counter()
-    loaded = load_model(args.model, shapes)
-    timings["load"] = time.perf_counter() - t
+    loaded = _timed(timings, "load", load_model, args.model, shapes)
     for w in loaded.warnings:
         warn(w)
-    t = time.perf_counter()
-    graph = build_channel_graph(loaded, args.exclude, grid)
-    timings["graph"] = time.perf_counter() - t
-    return graph
+    return _timed(timings, "graph", build_channel_graph, loaded, args.exclude, grid)
+
+
+def _emit(result: dict, args, printer) -> int:
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        printer(result, verbose=args.verbose)
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -104,14 +114,9 @@ def cmd_inspect(args) -> int:
     from .report import print_inspect
 
     timings: dict = {}
-    graph = _analyse(args, timings)
-    summary = inspect_summary(graph)
+    summary = inspect_summary(_analyse(args, timings))
     summary["timings_s"] = timings
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        print_inspect(summary, verbose=args.verbose)
-    return 0
+    return _emit(summary, args, print_inspect)
 
 
 def cmd_select(args) -> int:
@@ -123,23 +128,15 @@ def cmd_select(args) -> int:
     check_keep(args.keep)
     timings: dict = {}
     graph = _analyse(args, timings)
-    t = time.perf_counter()
-    compute_edge_weights(graph)
-    timings["norms"] = time.perf_counter() - t
-    t = time.perf_counter()
-    selection = select_kernels(graph, args.keep, args.method, redundancy=not args.no_redundancy)
-    timings["select"] = time.perf_counter() - t
+    _timed(timings, "norms", compute_edge_weights, graph)
+    selection = _timed(timings, "select", select_kernels, graph, args.keep, args.method,
+                       redundancy=not args.no_redundancy)
     _explain(selection)
-    result = {"model": args.model, "method": args.method, "kernels": selection.stats(),
-              "layers": [{"name": layer.name, "kernels": layer.num_kernels,
-                          "kept": int(selection.layer_mask(layer).sum()), "prunable": layer.prunable}
-                         for layer in graph.layers],
+    layers = [{"name": layer.name, "kernels": layer.num_kernels, "kept": int(selection.layer_mask(layer).sum()),
+               "prunable": layer.prunable} for layer in graph.layers]
+    result = {"model": args.model, "method": args.method, "kernels": selection.stats(), "layers": layers,
               "timings_s": timings}
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        print_selection(result, verbose=args.verbose)
-    return 0
+    return _emit(result, args, print_selection)
 
 
 def _explain(selection) -> None:

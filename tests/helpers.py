@@ -9,6 +9,14 @@ from onnx import numpy_helper
 
 RNG = np.random.default_rng(0)
 
+#: Conv(2->3, 3x3) -> Relu -> Conv(3->4, 1x1) on 8x8
+CHAIN = """
+g (float[1,2,8,8] x) => (float[1,4,8,8] y) {
+  a = Conv <pads = [1,1,1,1]> (x, w1)
+  r = Relu (a)
+  y = Conv (r, w2)
+}"""
+
 
 def text_model(graph_text: str, inits: dict[str, np.ndarray] | None = None, opset: int = 17) -> onnx.ModelProto:
     """Parse `graph_text` (ONNX text syntax, graph part) and turn the named inputs into initializers."""

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import rand, save, text_model
+from tests.helpers import CHAIN, rand, save, text_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED = str(ROOT / "models" / "msd_untrained.onnx")
@@ -31,13 +31,7 @@ def assert_one_line_error(code, err, expected_code, *needles):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    text = """
-    g (float[1,2,8,8] x) => (float[1,4,8,8] y) {
-      a = Conv <pads = [1,1,1,1]> (x, w1)
-      r = Relu (a)
-      y = Conv (r, w2)
-    }"""
-    return save(text_model(text, {"w1": rand(3, 2, 3, 3), "w2": rand(4, 3, 1, 1)}),
+    return save(text_model(CHAIN, {"w1": rand(3, 2, 3, 3), "w2": rand(4, 3, 1, 1)}),
                 tmp_path_factory.mktemp("m") / "chain.onnx")
 
 
@@ -54,8 +48,18 @@ def test_inspect_json_has_the_documented_fields(chain):
 def test_inspect_table_on_the_shipped_model():
     code, out, err = cli("inspect", SHIPPED)
     assert code == 0, err
-    assert "1,275" not in out or "kernels" in out
+    assert "1,530 (1,530 prunable)" in out  # 50 x (1..50 inputs) 3x3 kernels + the final 51 -> 5 1x1 layer
+    assert "at input=1x1x256x256" in out
     assert "assuming 1x1x256x256" in err  # symbolic batch: the default is announced
+
+
+def test_select_in_reference_mode_on_the_shipped_model():
+    code, out, err = cli("select", SHIPPED, "--keep", "0.05", "--norm-grid", "128", "--exclude", "/final/*",
+                         "--input-shape", "input=1x1x256x256", "--json")
+    assert code == 0, err
+    k = json.loads(out)["kernels"]
+    assert (k["total"], k["requested"]) == (1275, 63)  # K = int(r * total), final layer excluded (lean-spec 4)
+    assert k["selected"] >= 63 and k["kept"] == k["selected"] - sum(k["removed_by_redundancy"].values())
 
 
 def test_select_reports_paths_and_fallback(chain):

@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 from lean_onnx.errors import LeanOnnxError, NothingToPrune
 from lean_onnx.graph import build_channel_graph
 from lean_onnx.load import load_model
-from tests.helpers import rand, save, text_model
+from tests.helpers import CHAIN, rand, save, text_model
 
 
 def graph_of(model, tmp_path, **kw):
@@ -17,14 +17,6 @@ def graph_of(model, tmp_path, **kw):
 
 def edges(g):
     return list(zip(g.src.tolist(), g.dst.tolist()))
-
-
-CHAIN = """
-g (float[1,2,8,8] x) => (float[1,4,8,8] y) {
-  a = Conv <pads = [1,1,1,1]> (x, w1)
-  r = Relu (a)
-  y = Conv (r, w2)
-}"""
 
 
 def test_conv_chain_nodes_and_dst_major_edges(tmp_path):
