@@ -69,14 +69,19 @@ def unknown(node, b: GraphBuilder, reason: str | None = None) -> None:
     inputs = [t for t in node.input if t and b.nodes(t) is not None]
     if not inputs:
         return  # shape arithmetic on constants: no channels involved
-    reason = reason or f"no channel-flow rule for {node.op_type}"
     b.terminal(inputs)
     outputs = [t for t in node.output if t and b.nodes(t) is not None]
-    tensors = inputs + outputs
+    freeze(b, node, inputs + outputs, reason or f"no channel-flow rule for {node.op_type}")
+
+
+def freeze(b: GraphBuilder, node, tensors, reason: str) -> None:
+    """Keep the channel count of `tensors` (their kernels stay prunable) and say why."""
+    tensors = [t for t in tensors if b.tensor_nodes.get(t) is not None]
     for t in tensors:
         b.frozen_nodes.append(b.tensor_nodes[t])
-    channels = sum(len(b.tensor_nodes[t]) for t in tensors)
-    b.frozen.append(FrozenPart(node_name(node), node.op_type, reason, tensors, channels))
+    if tensors:
+        b.frozen.append(FrozenPart(node_name(node), node.op_type, reason, tensors,
+                                   sum(len(b.tensor_nodes[t]) for t in tensors)))
 
 
 def channel_scale(node, b: GraphBuilder, scale, reason: str) -> None:
@@ -139,6 +144,8 @@ def conv(node, b: GraphBuilder) -> None:
     elif group > 1:
         b.couple(f"grouped conv (group={group}): channels leave each group in equal numbers", node,
                  [x, node.output[0]])
+        freeze(b, node, [x, node.output[0]], f"grouped conv (group={group}): removing channels would unbalance "
+                                             "the groups")
 
 
 def _grid(b: GraphBuilder, x: str, stride, transposed: bool) -> tuple[int, int]:
@@ -394,6 +401,8 @@ def slice_(node, b: GraphBuilder) -> None:
             clip = lambda v: int(max(min(int(v), 2**62), -(2**62)))  # noqa: E731 (INT64 sentinels)
             picked = picked[slice(clip(start), clip(end), int(step))]
             b.couple("Slice on the channel axis (offsets)", node, [node.input[0], node.output[0]])
+            if int(step) != 1:
+                freeze(b, node, [node.input[0]], "Slice with a step on the channel axis")
     b.set_nodes(node.output[0], nodes[picked])
 
 
@@ -467,6 +476,7 @@ def reshape(node, b: GraphBuilder) -> None:
             if (shape_out[0] == shape_in[0] and shape_out[k + 1:] == shape_in[2:]
                     and int(np.prod(shape_out[1:k + 1])) == shape_in[1]):
                 b.split_nodes[node.output[0]] = b.nodes(node.input[0]).reshape(shape_out[1:k + 1])
+                freeze(b, node, [node.input[0]], "channel shuffle: its Reshape fixes the channel count")
                 return
     if split_nodes is not None:
         b.set_nodes(node.input[0], split_nodes.ravel())

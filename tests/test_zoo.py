@@ -211,5 +211,6 @@ def test_shufflenet_channel_shuffle_and_split(zoo_cache):
     summary = inspect_summary(g)
     assert sum(r.reason.startswith("channel shuffle") for r in g.coupling) == 16  # 3 + 7 + 3 blocks + 3 stage heads
     # chunk(2, dim=1) bounds come from Shape(): those channel counts are read at run time
-    assert {f["reason"] for f in summary["frozen"]} == {"the channel count is read at run time"}
+    assert {f["reason"] for f in summary["frozen"]} == {"the channel count is read at run time",
+                                                         "channel shuffle: its Reshape fixes the channel count"}
     assert summary["coverage"] == 1.0 and len(g.layers) == 56
