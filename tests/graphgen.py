@@ -11,8 +11,8 @@ by BatchNormalization) or "BN folded" (no BatchNormalization node; conv rows sca
 biased, as a folded BN leaves them). The block kinds are listed in metadata_props["graphgen_blocks"];
 node names start with the block that made them ("b2_se/Conv_7"), so a failing node is easy to place.
 
-Structural choices go through a `Choices` object (hypothesis draws, which shrink towards the first
-option / False / the low end, or a numpy RNG); weights come from a separate numpy RNG.
+Structural choices come from hypothesis draws (which shrink) or a numpy RNG; weights always come from a
+separate numpy RNG, seeded by a drawn integer.
 """
 
 from __future__ import annotations
@@ -36,36 +36,19 @@ ACTIVATIONS = (None, "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSwish", "Tanh"
 HEADS = ("feature", "gemm")
 
 
-# ---------------------------------------------------------------- sources of choices
-class _NumpyChoices:
-    def __init__(self, rng: np.random.Generator):
-        self.rng = rng
+# ---------------------------------------------------------------- structural choices
+class _Choices:
+    """Every choice goes through `integer(lo, hi)`: a numpy RNG, or hypothesis draws, which shrink
+    to the low end, so a minimal failing model takes the first option and leaves optional parts out."""
 
-    def integer(self, lo: int, hi: int) -> int:
-        return int(self.rng.integers(lo, hi + 1))
+    def __init__(self, integer):
+        self.integer = integer
 
     def choice(self, options):
         return options[self.integer(0, len(options) - 1)]
 
     def coin(self, p: float = 0.5) -> bool:
-        return bool(self.rng.random() < p)
-
-
-class _HypothesisChoices:
-    def __init__(self, draw):
-        from hypothesis import strategies as st
-
-        self.draw, self.st = draw, st
-
-    def integer(self, lo: int, hi: int) -> int:
-        return self.draw(self.st.integers(lo, hi))
-
-    def choice(self, options):
-        return self.draw(self.st.sampled_from(options))
-
-    def coin(self, p: float = 0.5) -> bool:
-        # shrinks to 0, i.e. False: a minimal failing model has the fewest optional parts
-        return self.draw(self.st.integers(0, 999)) >= round((1 - p) * 1000)
+        return self.integer(0, 999) >= round((1 - p) * 1000)
 
 
 # ---------------------------------------------------------------- graph builder
@@ -109,7 +92,11 @@ class _Builder:
         return outputs
 
     def weights(self, shape, fan_in: float) -> np.ndarray:
+        """He-normal: activations keep their scale through Relu-like layers."""
         return (self.wrng.standard_normal(shape) * np.sqrt(2.0 / max(fan_in, 1.0))).astype(np.float32)
+
+    def bias(self, n: int, scale: float = 0.2) -> str:
+        return self.init((self.wrng.standard_normal(n) * scale).astype(np.float32), "B")
 
     # -- layers
     def conv(self, x: Feature, cout: int, k: int = 1, stride: int = 1, dilation: int = 1,
@@ -123,7 +110,7 @@ class _Builder:
             w *= self.wrng.uniform(0.3, 2.0, (cout, 1, 1, 1)).astype(np.float32)
         inputs = [x.name, self.init(w, "W")]
         if bias:
-            inputs.append(self.init((self.wrng.standard_normal(cout) * 0.2).astype(np.float32), "B"))
+            inputs.append(self.bias(cout))
         attrs = dict(kernel_shape=[k, k], strides=[stride, stride])
         if dilation > 1 or c.coin(0.2):
             attrs["dilations"] = [dilation, dilation]
@@ -153,7 +140,7 @@ class _Builder:
         w = self.weights((x.channels, cout // group, k, k), x.channels // group * k * k / stride**2)
         inputs = [x.name, self.init(w, "W")]
         if self.choose.coin(0.5):
-            inputs.append(self.init((self.wrng.standard_normal(cout) * 0.2).astype(np.float32), "B"))
+            inputs.append(self.bias(cout))
         attrs = dict(kernel_shape=[k, k], strides=[stride, stride])
         if not upsample:
             attrs["pads"] = [1, 1, 1, 1]
@@ -283,7 +270,7 @@ def _split(b: _Builder, x: Feature) -> Feature:
     split = b.init(np.array(sizes, np.int64), "split")
     names = b.node("Split", [x.name, split], n_out=len(sizes), axis=1)
     parts = [Feature(name, ch, x.size) for name, ch in zip(names, sizes)]
-    if c.coin(0.15):  # one part is left unused: its channels die
+    if c.coin(0.25):  # one part is left unused: its channels die
         del parts[c.integer(0, len(parts) - 1)]
     processed = []
     for p in parts:
@@ -410,7 +397,7 @@ def _generate(choose, wrng: np.random.Generator, max_blocks: int = 6) -> tuple[o
         n = choose.integer(1, 10)
         trans = choose.coin(0.5)
         w = b.weights((n, x.channels) if trans else (x.channels, n), x.channels)
-        inputs = [flat, b.init(w, "W"), b.init((wrng.standard_normal(n) * 0.1).astype(np.float32), "B")]
+        inputs = [flat, b.init(w, "W"), b.bias(n, 0.1)]
         outputs.append(helper.make_tensor_value_info(b.node("Gemm", inputs, transB=int(trans))[0], f32, [1, n]))
     taps = features[:-1] + ([x] if head == "gemm" else [])
     if taps and choose.coin(0.35):
@@ -434,7 +421,9 @@ def _generate(choose, wrng: np.random.Generator, max_blocks: int = 6) -> tuple[o
 def build_random_cnn(seed: int, max_blocks: int = 6) -> tuple[onnx.ModelProto, tuple]:
     """One random CNN from an integer seed (numpy RNG); the same seed gives the same model."""
     structure, weights = np.random.SeedSequence(seed).spawn(2)
-    return _generate(_NumpyChoices(np.random.default_rng(structure)), np.random.default_rng(weights), max_blocks)
+    rng = np.random.default_rng(structure)
+    choose = _Choices(lambda lo, hi: int(rng.integers(lo, hi + 1)))
+    return _generate(choose, np.random.default_rng(weights), max_blocks)
 
 
 def random_cnn(max_blocks: int = 6):
@@ -445,6 +434,7 @@ def random_cnn(max_blocks: int = 6):
     @st.composite
     def strategy(draw):
         weight_seed = draw(st.integers(0, 2**32 - 1))
-        return _generate(_HypothesisChoices(draw), np.random.default_rng(weight_seed), max_blocks)
+        choose = _Choices(lambda lo, hi: draw(st.integers(lo, hi)))
+        return _generate(choose, np.random.default_rng(weight_seed), max_blocks)
 
     return strategy()

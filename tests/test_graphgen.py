@@ -57,10 +57,9 @@ def describe(model: onnx.ModelProto) -> Counter:
         elif n.op_type == "Mul" and any(producer.get(i) and producer[i].op_type in ("Sigmoid", "HardSigmoid")
                                         for i in n.input):
             seen["SE gate"] = 1
-        elif n.op_type in ("Add", "Concat") and any(producer.get(i) and producer[i].op_type == "Resize"
-                                                   for i in n.input):
+        if n.op_type in ("Add", "Concat") and "_resize/" in n.name:  # node names carry their block
             seen["Resize fused with skip"] = 1
-    convs = sum(n.op_type == "Conv" for n in g.node)
+    convs = sum(n.op_type in ("Conv", "ConvTranspose") for n in g.node)
     seen["BN kept" if "BatchNormalization" in seen else "BN folded" if convs else "no conv"] = 1
     seen[f"{len(g.output)} outputs"] = 1
     props = {p.key: p.value for p in model.metadata_props}
