@@ -1,4 +1,4 @@
-"""Command line: `lean-onnx inspect MODEL` and `lean-onnx select MODEL --keep R`.
+"""Command line: `lean-onnx IN OUT --keep R` (= `prune`), `inspect MODEL`, `select MODEL --keep R`.
 
 cli.py only parses, dispatches and prints; every failure is one `[E]` line and an exit code
 (DESIGN.md section 6): 2 bad usage or input, 4 nothing to prune.
@@ -33,9 +33,10 @@ class _Parser(argparse.ArgumentParser):
         raise LeanOnnxError(f"{self.prog}: {message} (see --help)")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("model", help="input .onnx file (never modified)")
+    if positional:
+        g.add_argument("model", help="input .onnx file (never modified)")
     g.add_argument("--input-shape", action="append", metavar="NAME=1x3x224x224",
                    help="concrete shape for an input with symbolic dims (repeatable); default: batch 1, other "
                         "symbolic dims 224, with a warning")
@@ -57,17 +58,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lean-onnx", description="LEAN pruning (longest chains of operator norms) for ONNX CNNs.")
     parser.add_argument("--version", action="version", version=f"lean-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
+    p = sub.add_parser("prune", help="prune IN to OUT (the default command: `lean-onnx IN OUT --keep R`)")
+    p.add_argument("model", metavar="IN", help="input .onnx file (never modified)")
+    p.add_argument("output", metavar="OUT", help="pruned .onnx file (written atomically; must differ from IN)")
+    _selection_args(p)
+    g = p.add_argument_group("outputs")
+    g.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    g.add_argument("--emit-masked", metavar="PATH",
+                   help="also write the masked model (same shapes, pruned kernels zeroed): pruned(x) == masked(x)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="per-layer table")
     p = sub.add_parser("inspect", help="channel graph, prunable kernels, coupling groups, frozen parts, FLOPs")
     _model_args(p)
     _common(p)
     p = sub.add_parser("select", help="run LEAN (or a baseline) and report which kernels it keeps")
     _model_args(p)
-    p.add_argument("--keep", type=float, required=True, help="fraction of prunable kernels to keep, in (0, 1]")
-    p.add_argument("--method", default="lean", choices=("lean", "sv", "l1"),
-                   help="lean: longest chains (default); sv / l1: individual operator-norm / L1 ranking")
-    p.add_argument("--no-redundancy", action="store_true", help="skip redundancy pruning (lean-spec 3.5)")
+    _selection_args(p, model=False)
     _common(p)
     return parser
+
+
+def _selection_args(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        _model_args(p, positional=False)
+    g = p.add_argument_group("selection")
+    g.add_argument("--keep", type=float, required=True, help="fraction of prunable kernels to keep, in (0, 1]")
+    g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"),
+                   help="lean: longest chains (default); sv / l1: individual operator-norm / L1 ranking")
+    g.add_argument("--no-redundancy", action="store_true", help="skip redundancy pruning (lean-spec 3.5)")
 
 
 def _norm_grid(value: str) -> int | None:
@@ -139,6 +157,63 @@ def cmd_select(args) -> int:
     return _emit(result, args, print_selection)
 
 
+def cmd_prune(args) -> int:
+    from .graph import check_keep
+    from .load import parse_input_shapes
+    from .prune import Pruner, save_model_atomic, sha256
+    from .report import print_prune
+
+    check_keep(args.keep)
+    _check_outputs(args)
+    shapes = parse_input_shapes(args.input_shape)
+    pruner = Pruner(args.model, exclude=args.exclude, input_shapes=shapes, norm_grid=_norm_grid(args.norm_grid))
+    for w in pruner.loaded.warnings:
+        warn(w)
+    result = pruner.prune(args.keep, args.method, redundancy=not args.no_redundancy)
+    _explain(result.selection)
+    start = time.perf_counter()
+    save_model_atomic(result.model, args.output)
+    if args.emit_masked:
+        save_model_atomic(result.masked, args.emit_masked)
+    report = result.report
+    report["timings_s"]["save"] = time.perf_counter() - start
+    report["command"] = " ".join(["lean-onnx"] + sys.argv[1:])
+    report["input"] = {"path": args.model, "sha256": sha256(args.model), "bytes": os.path.getsize(args.model)}
+    report["output"] = {"path": args.output, "sha256": sha256(args.output), "bytes": os.path.getsize(args.output)}
+    if args.emit_masked:
+        report["masked"] = {"path": args.emit_masked, "sha256": sha256(args.emit_masked)}
+    if args.report:
+        _write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
+    if VERBOSITY >= 1 or args.verbose:
+        print_prune(report, verbose=args.verbose)
+    return 0
+
+
+def _check_outputs(args) -> None:
+    """Refuse before any work: OUT (or --emit-masked/--report) equal to IN, or an unwritable folder."""
+    source = os.path.realpath(args.model)
+    for flag, path in (("OUT", args.output), ("--emit-masked", args.emit_masked), ("--report", args.report)):
+        if not path:
+            continue
+        if os.path.realpath(path) == source or (os.path.exists(path) and os.path.exists(args.model)
+                                                and os.path.samefile(path, args.model)):
+            raise LeanOnnxError(f"{path}: {flag} is the input file; lean-onnx never overwrites its input")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise LeanOnnxError(f"{path}: output folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise LeanOnnxError(f"{path}: output folder {folder} is not writable")
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".report.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _explain(selection) -> None:
     """Say why the achieved keep is far below the request, or why LEAN found no chains."""
     if selection.method == "lean" and selection.num_paths == 0 and selection.selected:
@@ -154,9 +229,12 @@ def _explain(selection) -> None:
 def main(argv: list[str] | None = None) -> int:
     global VERBOSITY
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+            argv.insert(0, "prune")  # `lean-onnx IN OUT --keep R`
         args = build_parser().parse_args(argv)
         VERBOSITY = 0 if args.quiet else (2 if args.verbose else 1)
-        return {"inspect": cmd_inspect, "select": cmd_select}[args.command](args)
+        return COMMANDS[args.command](args)
     except LeanOnnxError as exc:
         print(f"[E] {exc}", file=sys.stderr)
         return exc.exit_code
@@ -177,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
 
+
+COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "select": cmd_select}
 
 if __name__ == "__main__":
     sys.exit(main())

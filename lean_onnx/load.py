@@ -83,32 +83,45 @@ def read_model(path: str) -> onnx.ModelProto:
     return model
 
 
-def check_model(model: onnx.ModelProto, path: str) -> None:
+def check_model(model: onnx.ModelProto, path: str, on_disk: bool = True) -> None:
     """onnx.checker on the file (C++, no re-serialisation), else on the normalised (sorted) copy."""
-    try:
-        onnx.checker.check_model(path)
-        return
-    except Exception:
-        pass  # e.g. unsorted nodes, which the copy has fixed
+    if on_disk:
+        try:
+            onnx.checker.check_model(path)
+            return
+        except Exception:
+            pass  # e.g. unsorted nodes, which the copy has fixed
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise LeanOnnxError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
 
 
-def load_model(path: str, input_shapes: dict[str | None, tuple[int, ...]] | None = None) -> LoadedModel:
-    """Read, check and normalise `path` into a LoadedModel (see module docstring)."""
-    original = read_model(path)
+def structural_copy(original: onnx.ModelProto, path: str = "<model>") -> onnx.ModelProto:
+    """A copy with exporter leftovers normalised, valid for any input shape: Constant nodes become
+    initializers, nodes are sorted, small constant arithmetic is folded, Identity(initializer) is bypassed.
+    The rewrite starts from this copy (so the pruned model keeps dynamic dims, IR version and opsets)."""
     model = copy.deepcopy(original)
-    graph = model.graph
-    _constants_to_initializers(graph)
-    _toposort(graph, path)
-    check_model(model, path)
-    used, assumed, warnings = _fix_input_shapes(graph, input_shapes or {}, path)
-    model = _infer(model, path)
-    shape_reads = _fold_constant_arithmetic(model)
+    _constants_to_initializers(model.graph)
+    _toposort(model.graph, path)
+    _fold_constant_arithmetic(model, fold_shapes=False)
     _bypass_identity_of_initializers(model.graph)
-    if shape_reads or len(model.graph.node) != len(original.graph.node):
+    return model
+
+
+def load_model(source: str | onnx.ModelProto, input_shapes: dict[str | None, tuple[int, ...]] | None = None,
+               ) -> LoadedModel:
+    """Read (a path) or take (a ModelProto), check and normalise into a LoadedModel (module docstring)."""
+    on_disk = not isinstance(source, onnx.ModelProto)
+    path = source if on_disk else (source.graph.name or "<model>")
+    original = read_model(path) if on_disk else source
+    model = structural_copy(original, path)
+    check_model(model, path, on_disk)
+    used, assumed, warnings = _fix_input_shapes(model.graph, input_shapes or {}, path)
+    model = _infer(model, path)
+    shape_reads = _fold_constant_arithmetic(model, fold_shapes=True)
+    _bypass_identity_of_initializers(model.graph)
+    if shape_reads:
         model = _infer(model, path)
     loaded = LoadedModel(path, original, model, used, assumed, warnings)
     loaded.shape_reads = shape_reads
@@ -187,9 +200,9 @@ FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Gather", "Cast", "Reshape", "Add"
 FOLD_MAX_ELEMENTS = 1 << 16
 
 
-def _fold_constant_arithmetic(model: onnx.ModelProto) -> dict[str, str]:
+def _fold_constant_arithmetic(model: onnx.ModelProto, fold_shapes: bool) -> dict[str, str]:
     """Evaluate FOLDABLE nodes whose inputs are all small initializers (onnx's reference evaluator),
-    and Shape nodes of tensors whose shape is static at the analysis input shape.
+    and (fold_shapes) Shape nodes of tensors whose shape is static at the analysis input shape.
 
     Returns {tensor: Shape node} for every folded Shape: the channel count of those tensors is read at
     run time (ShuffleNet's channel split), so the graph must not change it.
@@ -207,7 +220,7 @@ def _fold_constant_arithmetic(model: onnx.ModelProto) -> dict[str, str]:
     keep = []
     for node in graph.node:
         inputs = [i for i in node.input if i]
-        if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and inputs[0] in static:
+        if fold_shapes and node.op_type == "Shape" and node.domain in ("", "ai.onnx") and inputs[0] in static:
             start, end = 0, None
             for a in node.attribute:
                 start, end = (a.i, end) if a.name == "start" else (start, a.i if a.name == "end" else end)

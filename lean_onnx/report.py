@@ -75,3 +75,49 @@ def print_selection(r: dict, verbose: bool = False) -> None:
         for layer in r["layers"]:
             print(f"  {layer['name']:<40} {layer['kept']:>8} / {layer['kernels']:<8}"
                   + ("" if layer["prunable"] else "  (frozen)"))
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def print_prune(r: dict, verbose: bool = False) -> None:
+    """The before/after table of `lean-onnx IN OUT --keep R`."""
+    k = r["kernels"]
+
+    def ratio(before, after):
+        return f"{100 * after / before:.1f} %" if before else "-"
+
+    rows = [
+        ("", "original", "pruned", "ratio"),
+        ("kernels (LEAN's count)", f"{k['total']:,}", f"{k['kept']:,}", ratio(k["total"], k["kept"])),
+        ("kernels in the model", f"{k['in_original_model']:,}", f"{k['in_pruned_model']:,}",
+         ratio(k["in_original_model"], k["in_pruned_model"])),
+        ("conv channels", f"{r['channels']['before']:,}", f"{r['channels']['after']:,}",
+         ratio(r["channels"]["before"], r["channels"]["after"])),
+        ("parameters", _si(r["params"]["before"]), _si(r["params"]["after"]),
+         ratio(r["params"]["before"], r["params"]["after"])),
+        ("MACs", _si(r["flops"]["before"]), _si(r["flops"]["after"]), ratio(r["flops"]["before"], r["flops"]["after"])),
+        ("file size", _size(r["input"]["bytes"]), _size(r["output"]["bytes"]),
+         ratio(r["input"]["bytes"], r["output"]["bytes"])),
+    ]
+    widths = [max(len(row[c]) for row in rows) for c in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[0]) if c == 0 else cell.rjust(widths[c]) for c, cell in enumerate(row)))
+    shapes = ", ".join(f"{n}={'x'.join(map(str, v))}" for n, v in r["flops"]["at_input_shapes"].items())
+    print(f"\nmethod {r['method']}: requested {k['requested']:,} kernels ({100 * r['keep_requested']:.2f} %), kept "
+          f"{k['kept']:,} ({100 * k['keep_achieved']:.2f} %): {k['from_paths']:,} from {k['paths']['count']:,} paths "
+          f"(longest {k['paths']['longest_edges']}), {k['from_fallback']:,} from the fallback; "
+          f"{sum(k['removed_by_redundancy'].values()):,} removed as redundant")
+    print(f"MACs at {shapes}; time " + ", ".join(f"{n} {t:.2f} s" for n, t in r["timings_s"].items()))
+    if r["channels"]["dead_nonzero_bias"]:
+        print(f"{r['channels']['dead_nonzero_bias']} kept channels lost every input kernel and had a non-zero bias: "
+              "the masked model defines them as zero (DESIGN.md section 2)")
+    if verbose:
+        print()
+        for layer in r["layers"]:
+            print(f"  {layer['name']:<44} {layer['op']:<13} channels {layer['channels']['before']:>5} -> "
+                  f"{layer['channels']['after']:<5} kernels {layer['kernels']['kept']:>8} / {layer['kernels']['total']}")

@@ -1,0 +1,182 @@
+"""The pruning pipeline: load -> graph -> norms -> select -> plan -> rewrite, and its report.
+
+`Pruner` builds the graph and the norms once; `Pruner.prune(keep, method)` can then be called for
+many keeps (a sweep) without repeating them. `prune(...)` is the one-shot form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .analysis import compute_edge_weights, model_cost
+from .errors import LeanOnnxError
+from .graph import ChannelGraph, build_channel_graph, check_keep
+from .load import load_model
+from .plan import Plan, make_plan
+from .rewrite import write_models
+from .selection import Selection, select_kernels
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    masked: onnx.ModelProto
+    report: dict
+    selection: Selection = field(repr=False)
+    plan: Plan = field(repr=False)
+
+
+class Pruner:
+    """Load, build the channel graph and compute the edge weights of one model, once."""
+
+    def __init__(self, source, *, exclude=(), input_shapes=None, norm_grid: int | None = None):
+        self.timings: dict[str, float] = {}
+        self.loaded = self._timed("load", load_model, source, input_shapes)
+        self.graph: ChannelGraph = self._timed("graph", build_channel_graph, self.loaded, list(exclude), norm_grid)
+        self._timed("norms", compute_edge_weights, self.graph)
+        self.cost_before = model_cost(self.loaded)
+
+    def _timed(self, stage, fn, *args, **kwargs):
+        start = time.perf_counter()
+        value = fn(*args, **kwargs)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        return value
+
+    def prune(self, keep: float, method: str = "lean", redundancy: bool = True) -> PruneResult:
+        check_keep(keep)
+        timings = dict(self.timings)
+        start = time.perf_counter()
+        selection = select_kernels(self.graph, keep, method, redundancy)
+        timings["select"] = time.perf_counter() - start
+        start = time.perf_counter()
+        plan = make_plan(self.graph, selection)
+        masked, pruned = write_models(self.graph, selection, plan)
+        timings["rewrite"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for name, model in (("pruned", pruned), ("masked", masked)):
+            _check(model, name, self.loaded.path)
+        cost_after = model_cost(load_model(pruned, self.loaded.input_shapes))
+        timings["check"] = time.perf_counter() - start
+        report = build_report(self.graph, selection, plan, pruned, self.cost_before, cost_after, timings)
+        return PruneResult(pruned, masked, report, selection, plan)
+
+
+def prune(source, keep: float, method: str = "lean", *, exclude=(), input_shapes=None,
+          norm_grid: int | None = None, redundancy: bool = True) -> PruneResult:
+    """Prune an ONNX model (path or ModelProto) to `keep` of its kernels; the source is not modified."""
+    return Pruner(source, exclude=exclude, input_shapes=input_shapes, norm_grid=norm_grid).prune(
+        keep, method, redundancy)
+
+
+def _check(model: onnx.ModelProto, what: str, path: str) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise LeanOnnxError(f"{path}: internal: the {what} model fails onnx.checker ({first}); nothing was "
+                            "written (please report)") from None
+
+
+def pruned_kernels(model: onnx.ModelProto) -> int:
+    """Kernels (c_out x c_in/group) of every Conv/ConvTranspose in a model."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and node.input[1] in shapes:
+            dims = shapes[node.input[1]]
+            total += int(dims[0]) * int(dims[1])
+    return total
+
+
+def build_report(graph: ChannelGraph, sel: Selection, plan: Plan, pruned, before: dict, after: dict,
+                 timings: dict) -> dict:
+    """The JSON report of DESIGN.md section 5 (input/output paths are added by the caller)."""
+    init = graph.loaded.initializers
+    layers, dead_nonzero = [], 0
+    for layer in graph.layers:
+        kept_rows = plan.node_keep[layer.out_nodes]
+        out_keep = plan.keep(layer.output)
+        after_channels = int(out_keep.sum()) if out_keep is not None else layer.c_out
+        bias_name = next((n.input[2] for n in graph.loaded.graph.node
+                          if n.output[0] == layer.output and len(n.input) > 2 and n.input[2]), None)
+        if bias_name is not None:
+            dead = plan.dead[layer.out_nodes] & kept_rows
+            dead_nonzero += int(np.count_nonzero(init[bias_name][dead]))
+        layers.append({"name": layer.name, "op": layer.op, "channels": {"before": layer.c_out, "after": after_channels},
+                       "kernels": {"total": layer.num_kernels, "kept": int(sel.layer_mask(layer).sum())},
+                       "prunable": layer.prunable})
+    stats = sel.stats()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": _versions(),
+        "method": sel.method,
+        "keep_requested": sel.keep_requested,
+        "input_shapes": {k: list(v) for k, v in graph.loaded.input_shapes.items()},
+        "kernels": {
+            "total": stats["total"], "requested": stats["requested"], "selected": stats["selected"],
+            "kept": stats["kept"], "keep_achieved": stats["keep_achieved"],
+            "from_paths": stats["from_paths"], "from_fallback": stats["from_fallback"],
+            "in_pruned_model": pruned_kernels(pruned), "in_original_model": sum(x.num_kernels for x in graph.layers),
+            "removed_by_redundancy": stats["removed_by_redundancy"], "paths": stats["paths"],
+        },
+        "channels": {"before": sum(x["channels"]["before"] for x in layers),
+                     "after": sum(x["channels"]["after"] for x in layers),
+                     "dead_kept": int(np.count_nonzero(plan.dead & plan.node_keep)),
+                     "dead_nonzero_bias": dead_nonzero},
+        "params": {"before": before["params"], "after": after["params"]},
+        "flops": {"before": before["macs"], "after": after["macs"], "unit": "MACs",
+                  "at_input_shapes": {k: list(v) for k, v in graph.loaded.input_shapes.items()}},
+        "concat_inputs_dropped": sum(len(v) for v in plan.concat_drop.values()),
+        "layers": layers,
+        "frozen": [{"node": f.node, "op": f.op, "reason": f.reason, "channels": f.channels} for f in graph.frozen],
+        "timings_s": timings,
+    }
+
+
+def _versions() -> dict:
+    versions = {"lean_onnx": __version__, "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        versions["onnxruntime"] = None
+    return versions
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a model, and an
+    existing file is replaced only by a complete one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise LeanOnnxError(f"{path}: output folder does not exist")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise LeanOnnxError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

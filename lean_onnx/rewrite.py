@@ -1,0 +1,281 @@
+"""Write the masked model and the physically pruned model (DESIGN.md section 2).
+
+Both start from `load.structural_copy` of the original, so IR version, opsets, names and dynamic
+dims stay. The masked model zeroes the kernels that were not kept and makes dead channels zero (conv
+bias, BatchNormalization scale and shift). The pruned model does the same and then slices every
+tensor that carries channels to the plan's keep mask. A node whose channels change but which no rule
+here knows how to rewrite is an internal error: never a wrong model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import LeanOnnxError
+from .graph import ChannelGraph, ConvLayer, node_name
+from .handlers import ALIAS_OPS, attr
+from .load import structural_copy
+from .plan import Plan
+from .selection import Selection
+
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "PRelu", "Pow"}
+#: ops that carry channels through without parameters to slice
+PASS_THROUGH = set(ALIAS_OPS) | {"Concat", "GlobalAveragePool", "AveragePool", "ReduceMean", "ReduceMax",
+                                 "ReduceMin", "ReduceSum", "ReduceL2", "Transpose", "Squeeze", "Unsqueeze"}
+
+
+class Initializers:
+    """Initializer arrays of a model copy, read lazily; changed ones are written back by `finish`.
+    An initializer read by several nodes is copied before one of them changes it."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.protos = {t.name: t for t in model.graph.initializer}
+        self.users = Counter(name for n in model.graph.node for name in n.input)
+        self.changed: dict[str, np.ndarray] = {}
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name in self.changed:
+            return self.changed[name]
+        proto = self.protos.get(name)
+        return None if proto is None else numpy_helper.to_array(proto)
+
+    def set(self, node, index: int, value: np.ndarray) -> None:
+        name = node.input[index]
+        if self.users[name] > 1:  # shared: this node gets its own copy
+            self.users[name] -= 1
+            new = f"{name}__{node_name(node)}"
+            while new in self.protos or new in self.changed:
+                new += "_"
+            node.input[index] = new
+            self.users[new] = 1
+            name = new
+        dtype = self.protos[node.input[index]].data_type if node.input[index] in self.protos else None
+        self.changed[name] = value.astype(onnx.helper.tensor_dtype_to_np_dtype(dtype)) if dtype else value
+
+    def set_new(self, node, index: int, value: np.ndarray) -> None:
+        """Point input `index` at a fresh initializer (for sizes/bounds that were not initializers)."""
+        name = f"{node_name(node)}__in{index}"
+        while name in self.protos or name in self.changed:
+            name += "_"
+        if index < len(node.input):
+            node.input[index] = name
+        else:
+            node.input.extend([""] * (index - len(node.input)) + [name])
+        self.users[name] = 1
+        self.changed[name] = value
+
+    def finish(self) -> None:
+        graph = self.model.graph
+        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        tensors = [t for t in graph.initializer if t.name in used and t.name not in self.changed]
+        tensors += [numpy_helper.from_array(np.ascontiguousarray(v), name) for name, v in self.changed.items()
+                    if name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(tensors)
+
+
+def write_models(graph: ChannelGraph, selection: Selection, plan: Plan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(masked model, pruned model)."""
+    masked = _rewrite(graph, selection, plan, slice_channels=False)
+    pruned = _rewrite(graph, selection, plan, slice_channels=True)
+    return masked, pruned
+
+
+def _rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channels: bool) -> onnx.ModelProto:
+    model = structural_copy(graph.loaded.original, graph.loaded.path)
+    inits = Initializers(model)
+    layers = {layer.output: layer for layer in graph.layers}
+    keep = (lambda t: _nontrivial(plan.keep(t))) if slice_channels else (lambda t: None)
+    removed = []
+    for node in model.graph.node:
+        if slice_channels and _all_removed(node, plan):
+            removed.append(node)
+            continue
+        layer = layers.get(node.output[0]) if node.op_type in ("Conv", "ConvTranspose") else None
+        if layer is not None:
+            _conv(node, layer, selection, plan, inits, keep)
+        elif node.op_type == "BatchNormalization":
+            _batch_norm(node, graph, plan, inits, keep)
+        elif not slice_channels:
+            continue
+        elif node.op_type == "InstanceNormalization":
+            _slice_params(node, inits, keep(node.input[0]), (1, 2))
+        elif node.op_type in ELEMENTWISE:
+            _elementwise(node, graph, inits, keep(node.output[0]))
+        elif node.op_type == "Concat":
+            _concat(node, plan, keep)
+        elif node.op_type == "Split":
+            _split(node, graph, inits, keep(node.input[0]))
+        elif node.op_type == "Slice":
+            _slice(node, graph, inits, keep(node.input[0]))
+        elif node.op_type == "Resize":
+            _resize(node, inits, keep(node.output[0]))
+        elif node.op_type not in PASS_THROUGH and any(keep(t) is not None for t in list(node.input) + list(node.output)):
+            raise LeanOnnxError(f"{graph.loaded.path}: node {node_name(node)!r} ({node.op_type}): internal: no rule "
+                                "to remove channels here (please report); nothing was written")
+    for node in removed:
+        model.graph.node.remove(node)
+    inits.finish()
+    del model.graph.value_info[:]
+    return model
+
+
+def _nontrivial(mask):
+    return None if mask is None or mask.all() else mask
+
+
+def _all_removed(node, plan: Plan) -> bool:
+    """Every output carries channels and none of them stays: the node goes."""
+    outs = [plan.keep(t) for t in node.output if t]
+    return bool(outs) and all(k is not None and not k.any() for k in outs)
+
+
+def _conv(node, layer: ConvLayer, selection: Selection, plan: Plan, inits: Initializers, keep) -> None:
+    weight = inits.get(layer.weight_name)
+    kernels = layer.kernels(weight).copy()
+    mask = selection.layer_mask(layer)
+    kernels[~mask] = 0
+    dead_rows = plan.dead[layer.out_nodes]
+    bias = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    bias_changed = bias is not None and bool(np.any(bias[dead_rows]))
+    if bias_changed:
+        bias = bias.copy()
+        bias[dead_rows] = 0
+    out_keep, in_keep = keep(layer.output), keep(layer.input)
+    group = layer.group
+    sliced = out_keep is not None or in_keep is not None
+    if not sliced and mask.all() and not bias_changed:
+        return  # untouched: shared initializers stay shared
+    if sliced:
+        out_keep = np.ones(layer.c_out, bool) if out_keep is None else out_keep
+        in_keep = np.ones(layer.c_in, bool) if in_keep is None else in_keep
+        if group == 1:
+            kernels = kernels[out_keep][:, in_keep]
+        elif layer.c_in_g == 1 and group == layer.c_in:  # depthwise: in and out are coupled
+            kernels = kernels[out_keep]
+            group = int(in_keep.sum())
+        else:
+            raise LeanOnnxError(f"{layer.name}: internal: grouped conv channels changed (please report)")
+        if bias is not None:
+            bias = bias[out_keep]
+    inits.set(node, 1, _to_onnx_layout(kernels, layer, group, weight.ndim))
+    if bias is not None and (bias_changed or sliced):
+        inits.set(node, 2, bias)
+    if group != layer.group:
+        for a in node.attribute:
+            if a.name == "group":
+                a.i = group
+
+
+def _to_onnx_layout(kernels: np.ndarray, layer: ConvLayer, group: int, ndim: int) -> np.ndarray:
+    """Inverse of ConvLayer.kernels for the (possibly sliced) kernel array."""
+    if ndim == 3:
+        kernels = kernels[:, :, 0, :]
+    if layer.op != "ConvTranspose":
+        return kernels
+    c_out, cig = kernels.shape[:2]
+    cog = c_out // group
+    kernels = kernels.reshape((group, cog, cig) + kernels.shape[2:]).swapaxes(1, 2)
+    return kernels.reshape((group * cig, cog) + kernels.shape[3:])
+
+
+def _batch_norm(node, graph: ChannelGraph, plan: Plan, inits: Initializers, keep) -> None:
+    nodes = graph.tensor_nodes.get(node.output[0])
+    dead = plan.dead[nodes] if nodes is not None else None
+    in_keep = keep(node.input[0])
+    for index in (1, 2, 3, 4):
+        value = inits.get(node.input[index])
+        if value is None:
+            continue
+        if dead is not None and dead.any() and index in (1, 2):  # scale and shift of dead channels
+            value = value.copy()
+            value[dead] = 0
+        elif in_keep is None:
+            continue
+        inits.set(node, index, value if in_keep is None else value[in_keep])
+
+
+def _slice_params(node, inits: Initializers, channel_keep, indices) -> None:
+    if channel_keep is None:
+        return
+    for index in indices:
+        value = inits.get(node.input[index]) if index < len(node.input) else None
+        if value is not None and value.ndim >= 1 and value.shape[0] == len(channel_keep):
+            inits.set(node, index, value[channel_keep])
+
+
+def _elementwise(node, graph: ChannelGraph, inits: Initializers, out_keep) -> None:
+    """Slice per-channel constant operands (biases, SE scales, PRelu slopes) along the channel axis."""
+    if out_keep is None:
+        return
+    out_rank = len(graph.loaded.shape(node.output[0]) or ()) or 4
+    for index, name in enumerate(node.input):
+        value = inits.get(name)
+        if value is None:
+            continue
+        axis = 1 - (out_rank - value.ndim)
+        if 0 <= axis < value.ndim and value.shape[axis] == len(out_keep) and len(out_keep) > 1:
+            inits.set(node, index, np.compress(out_keep, value, axis=axis))
+
+
+def _concat(node, plan: Plan, keep) -> None:
+    drop = set(plan.concat_drop.get(node.output[0], []))
+    drop |= {k for k, t in enumerate(node.input) if (m := plan.keep(t)) is not None and not m.any()}
+    if len(drop) == len(node.input):
+        drop.discard(0)
+    if drop:
+        kept = [t for k, t in enumerate(node.input) if k not in drop]
+        del node.input[:]
+        node.input.extend(kept)
+
+
+def _split(node, graph: ChannelGraph, inits: Initializers, in_keep) -> None:
+    if in_keep is None:
+        return
+    sizes = [len(graph.tensor_nodes[t]) for t in node.output]
+    offsets = np.cumsum([0] + sizes)
+    new = np.array([int(in_keep[a:b].sum()) for a, b in zip(offsets[:-1], offsets[1:])], np.int64)
+    if any(a.name == "split" for a in node.attribute):  # opset < 13
+        next(a for a in node.attribute if a.name == "split").ints[:] = new.tolist()
+        return
+    for a in list(node.attribute):
+        if a.name == "num_outputs":  # opset 18 equal split: make the sizes explicit
+            node.attribute.remove(a)
+    if len(node.input) > 1 and node.input[1] and inits.get(node.input[1]) is not None:
+        inits.set(node, 1, new)
+    else:
+        inits.set_new(node, 1, new)
+
+
+def _slice(node, graph: ChannelGraph, inits: Initializers, in_keep) -> None:
+    if in_keep is None:
+        return
+    if len(node.input) < 3 or any(inits.get(t) is None for t in node.input[1:] if t):
+        raise LeanOnnxError(f"{graph.loaded.path}: node {node_name(node)!r} (Slice): internal: bounds are not "
+                            "constant but its channels changed (please report)")
+    starts, ends = inits.get(node.input[1]).copy(), inits.get(node.input[2]).copy()
+    rank = len(graph.loaded.shape(node.input[0]) or ()) or 4
+    axes = inits.get(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
+    c = len(in_keep)
+    prefix = np.concatenate([[0], np.cumsum(in_keep)])
+    for k, axis in enumerate(axes):
+        if int(axis) % rank == 1:
+            start, stop, _ = slice(int(max(min(starts[k], 2**62), -2**62)), int(max(min(ends[k], 2**62), -2**62))).indices(c)
+            starts[k], ends[k] = prefix[start], prefix[max(stop, start)]
+    inits.set(node, 1, starts)
+    inits.set(node, 2, ends)
+
+
+def _resize(node, inits: Initializers, out_keep) -> None:
+    if out_keep is None or len(node.input) < 4 or not node.input[3]:
+        return
+    sizes = inits.get(node.input[3])
+    if sizes is not None and sizes.ndim == 1 and len(sizes) >= 2:
+        sizes = sizes.copy()
+        sizes[1] = int(out_keep.sum())
+        inits.set(node, 3, sizes)
