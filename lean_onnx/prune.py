@@ -34,6 +34,7 @@ class PruneResult:
     report: dict
     selection: Selection = field(repr=False)
     plan: Plan = field(repr=False)
+    graph: ChannelGraph = field(repr=False)
 
 
 class Pruner:
@@ -68,7 +69,7 @@ class Pruner:
         cost_after = model_cost(load_model(pruned, self.loaded.input_shapes))
         timings["check"] = time.perf_counter() - start
         report = build_report(self.graph, selection, plan, pruned, self.cost_before, cost_after, timings)
-        return PruneResult(pruned, masked, report, selection, plan)
+        return PruneResult(pruned, masked, report, selection, plan, self.graph)
 
 
 def prune(source, keep: float, method: str = "lean", *, exclude=(), input_shapes=None,

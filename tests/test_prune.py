@@ -1,0 +1,205 @@
+"""The contract (DESIGN.md 2): pruned(x) == masked(x) under ONNX Runtime, on the zoo and on small graphs."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from lean_onnx.contract import check_contract, random_feeds, run
+from lean_onnx.prune import Pruner, prune
+from models.zoo import ZOO, cached_export
+from tests.helpers import CHAIN, rand, save, text_model
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+IMAGE_SIZE = {"msd": 32, "unet4": 32, "vgg11_bn": 224}
+KEEPS = (1.0, 0.5, 0.1, 0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fold_bn", [False, True], ids=["bnkeep", "bnfold"])
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_contract(name, fold_bn, zoo_cache):
+    path = str(cached_export(name, fold_bn=fold_bn, image_size=IMAGE_SIZE.get(name, 64), cache_dir=zoo_cache))
+    pruner = Pruner(path)
+    original = pruner.loaded.original
+    rng = np.random.default_rng(0)
+    for method in ("lean", "sv", "l1"):
+        for keep in KEEPS:
+            result = pruner.prune(keep, method)
+            errors = check_contract(original, result, pruner.loaded.input_shapes, rng, samples=1)
+            k = result.report["kernels"]
+            assert k["kept"] <= k["in_pruned_model"] or k["kept"] == 0, (method, keep)
+            if keep == 1.0:
+                assert errors["max_rel_err_vs_original"] <= 1e-5 and k["in_pruned_model"] == k["in_original_model"]
+            else:
+                assert result.report["params"]["after"] <= result.report["params"]["before"], (method, keep)
+
+
+def model(text, inits, tmp_path, name="m.onnx"):
+    return save(text_model(text, inits), tmp_path / name)
+
+
+def contract(path, keep, method="lean", **kw):
+    result = prune(path, keep, method, **kw)
+    original = onnx.load(path)
+    shapes = {i.name: [d.dim_value or 1 for d in i.type.tensor_type.shape.dim] for i in original.graph.input}
+    check_contract(original, result, shapes, np.random.default_rng(0))
+    return result
+
+
+def weights_of(model):
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_residual_sum_channels_leave_together(tmp_path):
+    text = """
+    g (float[1,4,6,6] x) => (float[1,2,6,6] y) {
+      a = Conv (x, w1)
+      b = Conv (a, w2)
+      s = Add (a, b)
+      r = Relu (s)
+      y = Conv (r, w3)
+    }"""
+    w2, w3 = rand(4, 4, 1, 1), rand(2, 4, 1, 1)
+    w2[:, 2:] = 0  # channels 2 and 3 of `a` and of the sum are read by nobody once zero kernels are pruned
+    w3[:, 2:] = 0
+    result = contract(model(text, {"w1": rand(4, 4, 1, 1), "w2": w2, "w3": w3}, tmp_path), 0.6, "sv")
+    shapes = {k: v.shape for k, v in weights_of(result.model).items()}
+    assert shapes["w3"][1] == shapes["w2"][0] == shapes["w1"][0] == 2  # a, b and the sum lose the same channels
+
+
+def test_depthwise_conv_follows_its_input(tmp_path):
+    text = """
+    g (float[1,3,6,6] x) => (float[1,2,6,6] y) {
+      a = Conv (x, w1)
+      d = Conv <group = 6, pads = [1,1,1,1]> (a, w2)
+      y = Conv (d, w3)
+    }"""
+    w3 = rand(2, 6, 1, 1)
+    w3[:, ::2] = 0
+    result = contract(model(text, {"w1": rand(6, 3, 1, 1), "w2": rand(6, 1, 3, 3), "w3": w3}, tmp_path), 0.7, "sv")
+    dw = next(n for n in result.model.graph.node if n.input[1].startswith("w2"))
+    assert next(a.i for a in dw.attribute if a.name == "group") == 3
+    assert weights_of(result.model)[dw.input[1]].shape == (3, 1, 3, 3)
+
+
+def test_private_concat_drops_inputs_its_conv_does_not_read(tmp_path):
+    """MS-D style: layer 3 reads concat(x, a, b); its kernels on `a` are pruned, `a` stays for layer 2."""
+    text = """
+    g (float[1,1,6,6] x) => (float[1,1,6,6] y) {
+      a = Conv <pads = [1,1,1,1]> (x, w1)
+      c1 = Concat <axis = 1> (x, a)
+      b = Conv <pads = [1,1,1,1]> (c1, w2)
+      c2 = Concat <axis = 1> (x, a, b)
+      y = Conv <pads = [1,1,1,1]> (c2, w3)
+    }"""
+    w1, w2, w3 = rand(1, 1, 3, 3) * 3, rand(1, 2, 3, 3) * 3, rand(1, 3, 3, 3) * 3
+    w3[0, 1] = 0  # y does not read a
+    result = contract(model(text, {"w1": w1, "w2": w2, "w3": w3}, tmp_path), 5 / 6, "sv")
+    concat2 = next(n for n in result.model.graph.node if n.output[0] == "c2")
+    assert list(concat2.input) == ["x", "b"] and result.report["concat_inputs_dropped"] == 1
+    assert weights_of(result.model)[next(n for n in result.model.graph.node if n.output[0] == "y").input[1]].shape[1] == 2
+
+
+def test_split_sizes_and_batchnorm_follow(tmp_path):
+    text = """
+    g (float[1,2,6,6] x) => (float[1,2,6,6] y, float[1,2,6,6] z) {
+      a = Conv (x, w1)
+      n = BatchNormalization (a, gamma, beta, mean, var)
+      p, q = Split <axis = 1> (n, sizes)
+      y = Conv (p, w2)
+      z = Conv (q, w3)
+    }"""
+    w2, w3 = rand(2, 3, 1, 1), rand(2, 3, 1, 1)
+    w2[:, 0] = 0
+    w3[:, 2] = 0
+    inits = {"w1": rand(6, 2, 1, 1), "gamma": rand(6), "beta": rand(6), "mean": rand(6),
+             "var": np.abs(rand(6)) + 1, "w2": w2, "w3": w3, "sizes": np.array([3, 3])}
+    result = contract(model(text, inits, tmp_path), 1.0 - 2 / 24, "l1")
+    w = weights_of(result.model)
+    split = next(n for n in result.model.graph.node if n.op_type == "Split")
+    assert w[split.input[1]].tolist() == [2, 2] and w["gamma"].shape == (4,)
+
+
+def test_keep_one_returns_the_original_function_and_sizes(tmp_path):
+    path = model(CHAIN, {"w1": rand(3, 2, 3, 3), "w2": rand(4, 3, 1, 1)}, tmp_path)
+    result = contract(path, 1.0)
+    assert {k: v.shape for k, v in weights_of(result.model).items()} == {"w1": (3, 2, 3, 3), "w2": (4, 3, 1, 1)}
+
+
+def test_dynamic_batch_ir_version_and_opset_are_kept(tmp_path):
+    text = CHAIN.replace("float[1,2,8,8] x", "float[N,2,8,8] x").replace("float[1,4,8,8] y", "float[N,4,8,8] y")
+    m = text_model(text, {"w1": rand(3, 2, 3, 3), "w2": rand(4, 3, 1, 1)})
+    m.ir_version = 7
+    path = save(m, tmp_path / "dyn.onnx")
+    result = prune(path, 0.3)
+    assert result.model.ir_version == 7
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    x = np.random.default_rng(0).standard_normal((3, 2, 8, 8)).astype(np.float32)
+    a, b = run(result.masked, {"x": x}), run(result.model, {"x": x})
+    assert np.allclose(a[0], b[0], atol=1e-5 * np.abs(a[0]).max())
+
+
+def test_shared_initializer_is_copied_before_it_changes(tmp_path):
+    text = """
+    g (float[1,2,6,6] x) => (float[1,2,6,6] y) {
+      a = Conv (x, w, bias)
+      r = Relu (a)
+      y = Conv (r, w, bias)
+    }"""
+    result = contract(model(text, {"w": rand(2, 2, 1, 1), "bias": rand(2)}, tmp_path), 0.5, "sv")
+    assert result.report["kernels"]["kept"] >= 1
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+def cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "lean_onnx.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_main_command_writes_model_report_and_masked(tmp_path):
+    src = model(CHAIN, {"w1": rand(3, 2, 3, 3), "w2": rand(4, 3, 1, 1)}, tmp_path)
+    before = pathlib.Path(src).read_bytes()
+    out, rep, masked = tmp_path / "out.onnx", tmp_path / "r.json", tmp_path / "masked.onnx"
+    code, stdout, err = cli(src, out, "--keep", "0.5", "--report", rep, "--emit-masked", masked)
+    assert code == 0, err
+    assert pathlib.Path(src).read_bytes() == before
+    report = json.loads(rep.read_text())
+    assert report["kernels"]["total"] == 18 and report["output"]["path"] == str(out)
+    assert {"schema_version", "tool", "input", "output", "params", "flops", "layers", "timings_s"} <= set(report)
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    x = random_feeds(onnx.load(str(out)), {"x": (1, 2, 8, 8)}, np.random.default_rng(1))
+    assert np.allclose(run(onnx.load(str(out)), x)[0], run(onnx.load(str(masked)), x)[0], atol=1e-5)
+    assert "kernels" in stdout and "MACs" in stdout
+    code2, _, _ = cli("prune", src, tmp_path / "out2.onnx", "--keep", "0.5")
+    assert code2 == 0
+
+
+@pytest.mark.parametrize("target", ["same", "relative", "symlink"])
+def test_out_equal_to_in_is_refused(tmp_path, target):
+    src = model(CHAIN, {"w1": rand(3, 2, 3, 3), "w2": rand(4, 3, 1, 1)}, tmp_path)
+    before = pathlib.Path(src).read_bytes()
+    out = {"same": src, "relative": os.path.relpath(src, ROOT), "symlink": tmp_path / "link.onnx"}[target]
+    if target == "symlink":
+        os.symlink(src, out)
+    code, _, err = cli(src, out, "--keep", "0.5")
+    assert code == 2 and err.startswith("[E]") and "input file" in err and "Traceback" not in err
+    assert pathlib.Path(src).read_bytes() == before
+
+
+def test_failed_run_leaves_existing_output_intact(tmp_path):
+    src = model(CHAIN, {"w1": rand(3, 2, 3, 3), "w2": rand(4, 3, 1, 1)}, tmp_path)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous result")
+    code, _, err = cli(src, out, "--keep", "0.5", "--input-shape", "x=1x9x8x8")
+    assert code == 2 and out.read_bytes() == b"previous result"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    code, _, err = cli(src, out, "--keep", "0.5")
+    assert code == 0 and out.read_bytes() != b"previous result"
