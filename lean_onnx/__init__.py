@@ -16,6 +16,8 @@ _EXPORTS = {
     "compute_edge_weights": "analysis",
     "inspect_summary": "analysis",
     "select_kernels": "selection",
+    "prune": "prune",
+    "Pruner": "prune",
     "LeanOnnxError": "errors",
     "NothingToPrune": "errors",
 }

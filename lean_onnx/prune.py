@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -181,3 +183,14 @@ def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class _CallableModule(types.ModuleType):
+    """Lets `lean_onnx.prune(...)` call `prune()` although `lean_onnx.prune` is also this module
+    (`from lean_onnx.prune import Pruner` keeps working)."""
+
+    def __call__(self, *args, **kwargs):
+        return prune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
