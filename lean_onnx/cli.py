@@ -171,6 +171,10 @@ def cmd_prune(args) -> int:
         warn(w)
     result = pruner.prune(args.keep, args.method, redundancy=not args.no_redundancy)
     _explain(result.selection)
+    if not result.report["inputs_reach_outputs"]:
+        warn("no chain of kept kernels leads from the inputs to the outputs any more (layer collapse: some layer "
+             "kept no kernel): the pruned model computes a constant; use a larger --keep or prune in steps with "
+             "fine-tuning")
     start = time.perf_counter()
     save_model_atomic(result.model, args.output)
     if args.emit_masked:

@@ -24,6 +24,7 @@ from .graph import ChannelGraph, build_channel_graph, check_keep
 from .load import load_model
 from .plan import Plan, make_plan
 from .rewrite import write_models
+from .select import forward_alive
 from .selection import Selection, select_kernels
 
 SCHEMA_VERSION = 1
@@ -140,10 +141,22 @@ def build_report(graph: ChannelGraph, sel: Selection, plan: Plan, pruned, before
         "flops": {"before": before["macs"], "after": after["macs"], "unit": "MACs",
                   "at_input_shapes": {k: list(v) for k, v in graph.loaded.input_shapes.items()}},
         "concat_inputs_dropped": sum(len(v) for v in plan.concat_drop.values()),
+        "inputs_reach_outputs": inputs_reach_outputs(graph, sel),
         "layers": layers,
         "frozen": [{"node": f.node, "op": f.op, "reason": f.reason, "channels": f.channels} for f in graph.frozen],
         "timings_s": timings,
     }
+
+
+def inputs_reach_outputs(graph: ChannelGraph, sel: Selection) -> bool:
+    """Whether some chain of kept kernels (and skippable edges) still leads from a graph input to what
+    the outputs read. False means layer collapse: the pruned model computes a constant."""
+    sources = np.zeros(graph.num_nodes, dtype=bool)
+    for name in graph.loaded.input_shapes:
+        if name in graph.tensor_nodes:
+            sources[graph.tensor_nodes[name]] = True
+    reached, _ = forward_alive(graph.src, graph.indptr, sel.edge_keep.copy(), ~graph.prunable_edges, sources)
+    return bool((reached & graph.is_terminal & ~sources).any())
 
 
 def _versions() -> dict:

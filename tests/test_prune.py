@@ -203,3 +203,13 @@ def test_failed_run_leaves_existing_output_intact(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     code, _, err = cli(src, out, "--keep", "0.5")
     assert code == 0 and out.read_bytes() != b"previous result"
+
+
+def test_layer_collapse_is_reported():
+    """Untrained MS-D: at keep 0.1 no kernel survives redundancy, so the output is a constant."""
+    pruner = Pruner(str(ROOT / "models" / "msd_untrained.onnx"))
+    assert pruner.prune(0.5).report["inputs_reach_outputs"] is True
+    collapsed = pruner.prune(0.1)
+    assert collapsed.report["inputs_reach_outputs"] is False and collapsed.report["kernels"]["kept"] == 0
+    code, _, err = cli(str(ROOT / "models" / "msd_untrained.onnx"), "/tmp/lean_onnx_collapse.onnx", "--keep", "0.1")
+    assert code == 0 and "computes a constant" in err
