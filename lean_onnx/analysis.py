@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -48,9 +49,31 @@ def layer_macs(layer: ConvLayer, loaded: LoadedModel) -> int | None:
     return int(np.prod(shape)) * per_position
 
 
+def float_params(model) -> int:
+    """Elements of the floating-point initializers of a ModelProto (its parameters)."""
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer
+               if np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type), np.floating))
+
+
+def pruned_macs(model, loaded: LoadedModel) -> int:
+    """MACs of a pruned model from its weight shapes and the original's batch/spatial sizes (pruning
+    changes channels only), without loading it again."""
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and node.input[1] in dims:
+            w = dims[node.input[1]]
+            shape = loaded.shape(node.input[0] if node.op_type == "ConvTranspose" else node.output[0])
+            if shape and None not in shape:
+                total += int(np.prod([shape[0]] + list(shape[2:]))) * int(np.prod(w))
+        elif node.op_type in ("Gemm", "MatMul"):
+            total += _node_macs(node, loaded) or 0
+    return total
+
+
 def model_cost(loaded: LoadedModel) -> dict:
     """Parameters (float initializer elements) and MACs of Conv/ConvTranspose/Gemm/MatMul."""
-    params = sum(int(a.size) for a in loaded.initializers.values() if np.issubdtype(a.dtype, np.floating))
+    params = float_params(loaded.original)
     macs, unknown = 0, []
     for node in loaded.graph.node:
         value = _node_macs(node, loaded)

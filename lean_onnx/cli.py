@@ -169,23 +169,25 @@ def cmd_prune(args) -> int:
     pruner = Pruner(args.model, exclude=args.exclude, input_shapes=shapes, norm_grid=_norm_grid(args.norm_grid))
     for w in pruner.loaded.warnings:
         warn(w)
-    result = pruner.prune(args.keep, args.method, redundancy=not args.no_redundancy)
+    result = pruner.prune(args.keep, args.method, redundancy=not args.no_redundancy,
+                          masked=bool(args.emit_masked))
     _explain(result.selection)
     if not result.report["inputs_reach_outputs"]:
         warn("no chain of kept kernels leads from the inputs to the outputs any more (layer collapse: some layer "
              "kept no kernel): the pruned model computes a constant; use a larger --keep or prune in steps with "
              "fine-tuning")
     start = time.perf_counter()
-    save_model_atomic(result.model, args.output)
+    save_model_atomic(result.model_bytes, args.output)
     if args.emit_masked:
         save_model_atomic(result.masked, args.emit_masked)
     report = result.report
     report["timings_s"]["save"] = time.perf_counter() - start
     report["command"] = " ".join(["lean-onnx"] + sys.argv[1:])
-    report["input"] = {"path": args.model, "sha256": sha256(args.model), "bytes": os.path.getsize(args.model)}
-    report["output"] = {"path": args.output, "sha256": sha256(args.output), "bytes": os.path.getsize(args.output)}
+    digest = sha256 if args.report else (lambda path: None)  # hashing 200 MB is not free: only for a report
+    report["input"] = {"path": args.model, "sha256": digest(args.model), "bytes": os.path.getsize(args.model)}
+    report["output"] = {"path": args.output, "sha256": digest(args.output), "bytes": os.path.getsize(args.output)}
     if args.emit_masked:
-        report["masked"] = {"path": args.emit_masked, "sha256": sha256(args.emit_masked)}
+        report["masked"] = {"path": args.emit_masked, "sha256": digest(args.emit_masked)}
     if args.report:
         _write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
     if VERBOSITY >= 1 or args.verbose:

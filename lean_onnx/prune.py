@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .analysis import compute_edge_weights, model_cost
+from .analysis import compute_edge_weights, float_params, model_cost, pruned_macs
 from .errors import LeanOnnxError
 from .graph import ChannelGraph, build_channel_graph, check_keep
-from .load import load_model
+from .load import load_model, structural_copy
 from .plan import Plan, make_plan
-from .rewrite import write_models
+from .rewrite import rewrite
 from .select import forward_alive
 from .selection import Selection, select_kernels
 
@@ -33,11 +33,12 @@ SCHEMA_VERSION = 1
 @dataclass
 class PruneResult:
     model: onnx.ModelProto
-    masked: onnx.ModelProto
+    masked: onnx.ModelProto | None
     report: dict
     selection: Selection = field(repr=False)
     plan: Plan = field(repr=False)
     graph: ChannelGraph = field(repr=False)
+    model_bytes: bytes = field(default=b"", repr=False)  # the serialised pruned model, as checked
 
 
 class Pruner:
@@ -45,10 +46,23 @@ class Pruner:
 
     def __init__(self, source, *, exclude=(), input_shapes=None, norm_grid: int | None = None):
         self.timings: dict[str, float] = {}
+        self._base_bytes: bytes | None = None
+        self._bases_made = 0
         self.loaded = self._timed("load", load_model, source, input_shapes)
         self.graph: ChannelGraph = self._timed("graph", build_channel_graph, self.loaded, list(exclude), norm_grid)
         self._timed("norms", compute_edge_weights, self.graph)
         self.cost_before = model_cost(self.loaded)
+
+    def _base(self) -> onnx.ModelProto:
+        """A fresh structural copy of the original. The first one is made directly (a one-shot prune pays
+        nothing more); from the second on, it is normalised once more, kept serialised and re-parsed,
+        which is much cheaper than normalising again (constant folding is slow on models like MS-D)."""
+        self._bases_made += 1
+        if self._bases_made == 1:
+            return structural_copy(self.loaded.original, self.loaded.path)
+        if self._base_bytes is None:
+            self._base_bytes = structural_copy(self.loaded.original, self.loaded.path).SerializeToString()
+        return onnx.ModelProto.FromString(self._base_bytes)
 
     def _timed(self, stage, fn, *args, **kwargs):
         start = time.perf_counter()
@@ -56,7 +70,8 @@ class Pruner:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
         return value
 
-    def prune(self, keep: float, method: str = "lean", redundancy: bool = True) -> PruneResult:
+    def prune(self, keep: float, method: str = "lean", redundancy: bool = True, masked: bool = True) -> PruneResult:
+        """Prune to `keep`; `masked=False` skips building (and checking) the masked model."""
         check_keep(keep)
         timings = dict(self.timings)
         start = time.perf_counter()
@@ -64,15 +79,18 @@ class Pruner:
         timings["select"] = time.perf_counter() - start
         start = time.perf_counter()
         plan = make_plan(self.graph, selection)
-        masked, pruned = write_models(self.graph, selection, plan)
+        pruned = rewrite(self.graph, selection, plan, True, self._base())
+        masked_model = rewrite(self.graph, selection, plan, False, self._base()) if masked else None
         timings["rewrite"] = time.perf_counter() - start
         start = time.perf_counter()
-        for name, model in (("pruned", pruned), ("masked", masked)):
-            _check(model, name, self.loaded.path)
-        cost_after = model_cost(load_model(pruned, self.loaded.input_shapes))
+        pruned_bytes = pruned.SerializeToString()
+        _check(pruned_bytes, "pruned", self.loaded.path)
+        if masked_model is not None:
+            _check(masked_model, "masked", self.loaded.path)
+        cost_after = {"params": float_params(pruned), "macs": pruned_macs(pruned, self.loaded)}
         timings["check"] = time.perf_counter() - start
         report = build_report(self.graph, selection, plan, pruned, self.cost_before, cost_after, timings)
-        return PruneResult(pruned, masked, report, selection, plan, self.graph)
+        return PruneResult(pruned, masked_model, report, selection, plan, self.graph, pruned_bytes)
 
 
 def prune(source, keep: float, method: str = "lean", *, exclude=(), input_shapes=None,
@@ -82,7 +100,7 @@ def prune(source, keep: float, method: str = "lean", *, exclude=(), input_shapes
         keep, method, redundancy)
 
 
-def _check(model: onnx.ModelProto, what: str, path: str) -> None:
+def _check(model: onnx.ModelProto | bytes, what: str, path: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
@@ -178,7 +196,7 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
+def save_model_atomic(model: onnx.ModelProto | bytes, path: str) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a model, and an
     existing file is replaced only by a complete one."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -187,7 +205,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
+            f.write(model if isinstance(model, bytes) else model.SerializeToString())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -79,15 +79,11 @@ class Initializers:
         graph.initializer.extend(tensors)
 
 
-def write_models(graph: ChannelGraph, selection: Selection, plan: Plan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """(masked model, pruned model)."""
-    masked = _rewrite(graph, selection, plan, slice_channels=False)
-    pruned = _rewrite(graph, selection, plan, slice_channels=True)
-    return masked, pruned
-
-
-def _rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channels: bool) -> onnx.ModelProto:
-    model = structural_copy(graph.loaded.original, graph.loaded.path)
+def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channels: bool,
+            base: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """The pruned model (slice_channels) or the masked model (same shapes), written into `base` (a fresh
+    `structural_copy` of the original, made here when not given; it is modified)."""
+    model = base if base is not None else structural_copy(graph.loaded.original, graph.loaded.path)
     inits = Initializers(model)
     layers = {layer.output: layer for layer in graph.layers}
     keep = (lambda t: _nontrivial(plan.keep(t))) if slice_channels else (lambda t: None)
