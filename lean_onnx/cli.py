@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report", metavar="PATH", help="write the JSON report here")
     g.add_argument("--emit-masked", metavar="PATH",
                    help="also write the masked model (same shapes, pruned kernels zeroed): pruned(x) == masked(x)")
+    g.add_argument("--round-channels", type=int, default=1, metavar="N",
+                   help="keep conv output channel counts at multiples of N (8 or 16 suit ONNX Runtime CPU and "
+                        "TensorRT); default 1: remove every channel that can go")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="per-layer table")
     p = sub.add_parser("inspect", help="channel graph, prunable kernels, coupling groups, frozen parts, FLOPs")
@@ -169,8 +172,10 @@ def cmd_prune(args) -> int:
     pruner = Pruner(args.model, exclude=args.exclude, input_shapes=shapes, norm_grid=_norm_grid(args.norm_grid))
     for w in pruner.loaded.warnings:
         warn(w)
+    if args.round_channels < 1:
+        raise LeanOnnxError(f"--round-channels {args.round_channels}: expected a positive integer")
     result = pruner.prune(args.keep, args.method, redundancy=not args.no_redundancy,
-                          masked=bool(args.emit_masked))
+                          masked=bool(args.emit_masked), round_channels=args.round_channels)
     _explain(result.selection)
     if not result.report["inputs_reach_outputs"]:
         warn("no chain of kept kernels leads from the inputs to the outputs any more (layer collapse: some layer "

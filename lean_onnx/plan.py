@@ -51,19 +51,36 @@ class Plan:
         return keep is not None and not keep.all()
 
 
-def make_plan(graph: ChannelGraph, selection: Selection) -> Plan:
-    """Keep masks for every channel tensor; see the module docstring for the rules."""
+def make_plan(graph: ChannelGraph, selection: Selection, round_channels: int = 1) -> Plan:
+    """Keep masks for every channel tensor; see the module docstring for the rules.
+
+    `round_channels` N > 1 keeps a few removable channels more so that every conv's output channel
+    count is a multiple of N (or unchanged): ONNX Runtime's blocked conv kernels (and TensorRT's tensor
+    cores) want multiples of 8 or 16, and an odd count can make a pruned model slower than the original.
+    """
     must_stay = graph.is_frozen | selection.used
-    for _ in range(100):  # each round keeps at least one more channel, so this ends
+    while True:  # every round keeps at least one more channel, so this ends
         node_keep = _couple(graph, must_stay)
         tensor_keep = {t: node_keep[nodes] for t, nodes in graph.tensor_nodes.items()}
         plan = Plan(node_keep, ~selection.alive, tensor_keep)
         _private_concats(graph, selection, plan)
-        starved = _starved_inputs(graph, plan)
-        if not starved:
+        more = _starved_inputs(graph, plan) or (_round_up(graph, plan, round_channels) if round_channels > 1 else [])
+        if not more:
             return plan
-        must_stay[starved] = True
-    raise RuntimeError("channel plan did not converge")
+        assert not must_stay[more].all(), "channel plan did not progress"
+        must_stay[more] = True
+
+
+def _round_up(graph: ChannelGraph, plan: Plan, multiple: int) -> list[int]:
+    """Removed channels to keep so that each conv output count becomes a multiple of `multiple`."""
+    more = []
+    for layer in graph.layers:
+        keep = plan.tensor_keep[layer.output]
+        kept = int(keep.sum())
+        if 0 < kept < len(keep) and kept % multiple:
+            missing = min(multiple - kept % multiple, len(keep) - kept)
+            more += layer.out_nodes[np.flatnonzero(~keep)[:missing]].tolist()
+    return more
 
 
 def _starved_inputs(graph: ChannelGraph, plan: Plan) -> list[int]:

@@ -70,15 +70,17 @@ class Pruner:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
         return value
 
-    def prune(self, keep: float, method: str = "lean", redundancy: bool = True, masked: bool = True) -> PruneResult:
-        """Prune to `keep`; `masked=False` skips building (and checking) the masked model."""
+    def prune(self, keep: float, method: str = "lean", redundancy: bool = True, masked: bool = True,
+              round_channels: int = 1) -> PruneResult:
+        """Prune to `keep`; `masked=False` skips building (and checking) the masked model;
+        `round_channels` N keeps conv output channel counts at multiples of N (see plan.make_plan)."""
         check_keep(keep)
         timings = dict(self.timings)
         start = time.perf_counter()
         selection = select_kernels(self.graph, keep, method, redundancy)
         timings["select"] = time.perf_counter() - start
         start = time.perf_counter()
-        plan = make_plan(self.graph, selection)
+        plan = make_plan(self.graph, selection, round_channels)
         pruned = rewrite(self.graph, selection, plan, True, self._base())
         masked_model = rewrite(self.graph, selection, plan, False, self._base()) if masked else None
         timings["rewrite"] = time.perf_counter() - start
@@ -94,10 +96,10 @@ class Pruner:
 
 
 def prune(source, keep: float, method: str = "lean", *, exclude=(), input_shapes=None,
-          norm_grid: int | None = None, redundancy: bool = True) -> PruneResult:
+          norm_grid: int | None = None, redundancy: bool = True, round_channels: int = 1) -> PruneResult:
     """Prune an ONNX model (path or ModelProto) to `keep` of its kernels; the source is not modified."""
     return Pruner(source, exclude=exclude, input_shapes=input_shapes, norm_grid=norm_grid).prune(
-        keep, method, redundancy)
+        keep, method, redundancy, round_channels=round_channels)
 
 
 def _check(model: onnx.ModelProto | bytes, what: str, path: str) -> None:

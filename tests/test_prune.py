@@ -227,3 +227,25 @@ def test_reported_macs_equal_a_fresh_count_of_the_pruned_model():
     fresh = model_cost(load_model(result.model, pruner.loaded.input_shapes))
     assert result.report["flops"]["after"] == fresh["macs"] < result.report["flops"]["before"]
     assert result.report["params"]["after"] == fresh["params"]
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_round_channels_keeps_multiples(tmp_path, multiple):
+    text = """
+    g (float[1,3,6,6] x) => (float[1,2,6,6] y) {
+      a = Conv (x, w1)
+      r = Relu (a)
+      d = Conv <group = 24, pads = [1,1,1,1]> (r, w2)
+      y = Conv (d, w3)
+    }"""
+    w3 = rand(2, 24, 1, 1)
+    w3[:, 5:] = 0  # only 5 of the 24 channels are read
+    path = model(text, {"w1": rand(24, 3, 1, 1), "w2": rand(24, 1, 3, 3), "w3": w3}, tmp_path)
+    plain = contract(path, 0.99, "sv")
+    rounded = prune(path, 0.99, "sv", round_channels=multiple)
+    original = onnx.load(path)
+    check_contract(original, rounded, {"x": [1, 3, 6, 6]}, np.random.default_rng(0))
+    channels = lambda r: [weights_of(r.model)[n.input[1]].shape[0] for n in r.model.graph.node if n.op_type == "Conv"]  # noqa: E731
+    assert channels(plain) == [5, 5, 2]
+    rounded_up = -(-5 // multiple) * multiple
+    assert channels(rounded) == [rounded_up, rounded_up, 2]
