@@ -246,12 +246,14 @@ def model_bench(name: str, keeps: list[float], configs: list[str], args, workdir
         return result
     result["analysis_s"] = time.perf_counter() - start
     paths = {"original": path}
-    for keep in keeps:
+    for spec in keeps:  # "0.1" or "0.1r16": keep 0.1 with --round-channels 16
+        keep_text, _, rounding = spec.partition("r")
+        keep = float(keep_text)
         entry: dict = {}
-        result["keeps"][str(keep)] = entry
+        result["keeps"][spec] = entry
         start = time.perf_counter()
         try:
-            r = pruner.prune(keep, method="lean")
+            r = pruner.prune(keep, method="lean", round_channels=int(rounding or 1))
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
             log(f"{name} keep {keep}: {entry['error']}")
@@ -262,8 +264,8 @@ def model_bench(name: str, keeps: list[float], configs: list[str], args, workdir
                      timings_s=rep["timings_s"], channels=rep["channels"])
         result["original"].update(params=rep["params"]["before"], macs=rep["flops"]["before"],
                                   lean_kernels=rep["kernels"]["in_original_model"])
-        out = os.path.join(workdir, f"{name}_k{keep}.onnx")
-        masked = os.path.join(workdir, f"{name}_k{keep}_masked.onnx")
+        out = os.path.join(workdir, f"{name}_k{spec}.onnx")
+        masked = os.path.join(workdir, f"{name}_k{spec}_masked.onnx")
         save_model_atomic(r.model, out)
         save_model_atomic(r.masked, masked)
         del r
@@ -276,7 +278,7 @@ def model_bench(name: str, keeps: list[float], configs: list[str], args, workdir
             continue
         os.unlink(masked)
         entry["layout"] = nchwc_layout(out, workdir)
-        paths[f"keep {keep}"] = out
+        paths[f"keep {spec}"] = out
         k = rep["kernels"]
         log(f"{name} keep {keep}: kept {k['kept']:,}/{k['total']:,} (in model {k['in_pruned_model']:,}), "
             f"MACs {rep['flops']['after'] / rep['flops']['before']:.3f}, {entry['prune_s']:.1f} s, "
@@ -604,7 +606,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="fresh-process runs of the main command")
     parser.add_argument("--e2e-keep", type=float, default=0.1)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--keeps", default="0.5,0.1,0.02")
+    parser.add_argument("--keeps", default="0.5,0.1,0.02",
+                        help="comma-separated keeps; '0.1r16' = keep 0.1 with --round-channels 16")
     parser.add_argument("--configs", default="2,1,1e",
                         help="ORT configs, comma separated: N = intra_op_num_threads N with all graph optimisations; "
                              "Ne = N threads, ORT_ENABLE_EXTENDED (no NCHWc layout transformation)")
@@ -617,7 +620,7 @@ def main() -> None:
     parser.add_argument("--from-json", help="render from a previous --json file instead of measuring")
     parser.add_argument("--write", help="replace (or append) the section in this markdown file")
     args = parser.parse_args()
-    args.keep_list = [float(k) for k in args.keeps.split(",")]
+    args.keep_list = args.keeps.split(",")
     args.block = nchwc_block()
 
     if args.from_json:
@@ -625,7 +628,7 @@ def main() -> None:
         e2e, models, meta = data["e2e"], data["models"], data["meta"]
         for k, v in meta.get("args", {}).items():  # render the command that measured the data
             setattr(args, k, v)
-        args.keep_list = [float(k) for k in args.keeps.split(",")]
+        args.keep_list = args.keeps.split(",")
     else:
         meta = {"load_start": load_average(), "git": git_state(), "args": {k: getattr(args, k) for k in (
             "repeats", "e2e_keep", "models", "keeps", "configs", "rounds", "warmup", "budget_s", "block")}}
