@@ -194,7 +194,7 @@ def cmd_prune(args) -> int:
     if args.emit_masked:
         report["masked"] = {"path": args.emit_masked, "sha256": digest(args.emit_masked)}
     if args.report:
-        _write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
+        save_model_atomic((json.dumps(report, indent=1) + "\n").encode(), args.report)
     if VERBOSITY >= 1 or args.verbose:
         print_prune(report, verbose=args.verbose)
     return 0
@@ -214,15 +214,6 @@ def _check_outputs(args) -> None:
             raise LeanOnnxError(f"{path}: output folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise LeanOnnxError(f"{path}: output folder {folder} is not writable")
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".report.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _explain(selection) -> None:

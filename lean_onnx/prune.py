@@ -199,8 +199,8 @@ def sha256(path: str) -> str:
 
 
 def save_model_atomic(model: onnx.ModelProto | bytes, path: str) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a model, and an
-    existing file is replaced only by a complete one."""
+    """Write a model (or any bytes: the JSON report) to a temporary file beside `path`, then rename: a
+    reader never sees half a file, and an existing file is replaced only by a complete one."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise LeanOnnxError(f"{path}: output folder does not exist")
