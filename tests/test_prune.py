@@ -249,3 +249,23 @@ def test_round_channels_keeps_multiples(tmp_path, multiple):
     assert channels(plain) == [5, 5, 2]
     rounded_up = -(-5 // multiple) * multiple
     assert channels(rounded) == [rounded_up, rounded_up, 2]
+
+
+@pytest.mark.slow
+def test_kill_mid_run_leaves_no_partial_output(tmp_path, zoo_cache):
+    """SIGKILL at several moments: OUT is either the old file or a complete, valid model."""
+    import signal
+    import time
+
+    src = str(cached_export("resnet18", fold_bn=True, image_size=64, cache_dir=zoo_cache))
+    out = tmp_path / "out.onnx"
+    for delay in (0.5, 1.5, 2.5, 3.5):
+        out.write_bytes(b"old")
+        proc = subprocess.Popen([sys.executable, "-m", "lean_onnx.cli", src, str(out), "--keep", "0.1", "-q"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        data = out.read_bytes()
+        if data != b"old":
+            onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
