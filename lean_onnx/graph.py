@@ -14,7 +14,7 @@ The per-op rules live in `handlers.py`.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -248,7 +248,7 @@ def node_name(node) -> str:
 def build_channel_graph(loaded: LoadedModel, exclude: list[str] | None = None,
                         norm_grid: int | None = None) -> ChannelGraph:
     """Build the channel graph of a loaded model (see module docstring). Raises NothingToPrune."""
-    from .handlers import handle_node  # handlers import this module
+    from .registry import handle_node  # handlers import this module
 
     b = GraphBuilder(loaded, exclude or [], norm_grid)
     graph = loaded.graph

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from .errors import LeanOnnxError
 from .graph import ChannelGraph, ConvLayer, node_name
-from .handlers import ALIAS_OPS, attr
+from .registry import ALIAS_OPS
 from .load import structural_copy
 from .plan import Plan
 from .selection import Selection

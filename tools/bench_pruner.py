@@ -32,7 +32,7 @@ def synthetic_model(path: pathlib.Path, channels=1024, layers=12, size=14) -> No
 
     rng = np.random.default_rng(0)
     nodes, inits = [], []
-    x = "input"
+    x = x_res = "input"
     for k in range(layers):
         w = (rng.standard_normal((channels, channels, 3, 3)) * np.sqrt(2 / (9 * channels))).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{k}"))

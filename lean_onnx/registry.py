@@ -1,0 +1,39 @@
+"""The registry of channel-flow rules: one handler per ONNX op type (DESIGN.md sections 3-4)."""
+
+from __future__ import annotations
+
+from .graph import GraphBuilder
+from .handlers import (average_pool, batch_norm, conv, elementwise, global_average_pool, head, reduce_mean,
+                       reduce_other, same_channels, softmax, unknown)
+from .routing import concat, pad, reshape, resize, slice_, split, squeeze, transpose
+
+ALIAS_OPS = (
+    "Relu LeakyRelu PRelu Elu Selu Celu ThresholdedRelu Clip Sigmoid HardSigmoid HardSwish Tanh Softplus "
+    "Softsign Gelu Mish Erf Dropout Identity Cast CastLike MaxPool GlobalMaxPool LpPool GlobalLpPool Abs Neg "
+    "Sqrt Exp Log Reciprocal Floor Ceil Round Sign InstanceNormalization Upsample"
+).split()
+
+HANDLERS = {op: same_channels for op in ALIAS_OPS}
+HANDLERS.update({
+    "Conv": conv, "ConvTranspose": conv, "BatchNormalization": batch_norm,
+    "AveragePool": average_pool, "GlobalAveragePool": global_average_pool, "ReduceMean": reduce_mean,
+    "Add": elementwise, "Sub": elementwise, "Mul": elementwise, "Div": elementwise, "Sum": elementwise,
+    "Max": elementwise, "Min": elementwise, "Mean": elementwise,
+    "Concat": concat, "Split": split, "Slice": slice_, "Pad": pad, "Resize": resize,
+    "Transpose": transpose, "Squeeze": squeeze, "Unsqueeze": squeeze,
+    "Flatten": reshape, "Reshape": reshape, "Gemm": head, "MatMul": head,
+    "Softmax": softmax, "LogSoftmax": softmax, "Hardmax": softmax,
+    "ArgMax": reduce_other, "ArgMin": reduce_other, "ReduceMax": reduce_other, "ReduceMin": reduce_other,
+    "ReduceSum": reduce_other, "ReduceL2": reduce_other,
+})
+
+
+def handle_node(node, b: GraphBuilder) -> None:
+    """Dispatch one ONNX node to its handler; unknown op types (and other domains) are frozen."""
+    handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if node.op_type not in ("Reshape", "Transpose"):
+        for t in node.input:  # split channel axes read by anything but the shuffle ops: freeze them
+            if t in b.split_nodes and t not in b.tensor_nodes:
+                b.set_nodes(t, b.split_nodes[t].ravel())
+                handler = None
+    (handler or unknown)(node, b)
