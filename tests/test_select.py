@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lean_onnx import select
+from lean_onnx import paths
 from lean_onnx.select import (
     PathStats,
     backward_used,
@@ -396,7 +396,7 @@ def random_dag(rng, n, m, skip_frac=0.0, parallel_frac=0.1, weights="lognormal",
 @pytest.mark.parametrize("topk", [1, 2, 8])
 @pytest.mark.parametrize("seed", range(6))
 def test_incremental_equals_full_recompute(seed, topk, monkeypatch):
-    monkeypatch.setattr(select, "TOPK", topk)
+    monkeypatch.setattr(paths, "TOPK", topk)
     rng = random.Random(seed)
     weights = ["lognormal", "discrete", "uniform"][seed % 3]
     edges = random_dag(rng, n=40, m=400, skip_frac=0.1 if seed % 2 else 0.0, weights=weights)
