@@ -88,7 +88,8 @@ def _selection_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--keep", type=float, required=True, help="fraction of prunable kernels to keep, in (0, 1]")
     g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"),
                    help="lean: longest chains (default); sv / l1: individual operator-norm / L1 ranking")
-    g.add_argument("--no-redundancy", action="store_true", help="skip redundancy pruning (lean-spec 3.5)")
+    if not model:  # `select` only: the masked model of `prune` is defined with redundancy (DESIGN.md 2)
+        g.add_argument("--no-redundancy", action="store_true", help="skip redundancy pruning (lean-spec 3.5)")
 
 
 def _norm_grid(value: str) -> int | None:
@@ -174,8 +175,7 @@ def cmd_prune(args) -> int:
         warn(w)
     if args.round_channels < 1:
         raise LeanOnnxError(f"--round-channels {args.round_channels}: expected a positive integer")
-    result = pruner.prune(args.keep, args.method, redundancy=not args.no_redundancy,
-                          masked=bool(args.emit_masked), round_channels=args.round_channels)
+    result = pruner.prune(args.keep, args.method, masked=bool(args.emit_masked), round_channels=args.round_channels)
     _explain(result.selection)
     if not result.report["inputs_reach_outputs"]:
         warn("no chain of kept kernels leads from the inputs to the outputs any more (layer collapse: some layer "
