@@ -50,8 +50,11 @@ def layer_macs(layer: ConvLayer, loaded: LoadedModel) -> int | None:
 
 
 def float_params(model) -> int:
-    """Elements of the floating-point initializers of a ModelProto (its parameters)."""
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer
+    """Elements of the floating-point constants of a ModelProto (its parameters): initializers and
+    Constant nodes alike, so a model and its normalised copy count the same."""
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                               for a in n.attribute if a.name == "value"]
+    return sum(int(np.prod(t.dims)) for t in tensors
                if np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type), np.floating))
 
 

@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report", metavar="PATH", help="write the JSON report here")
     g.add_argument("--emit-masked", metavar="PATH",
                    help="also write the masked model (same shapes, pruned kernels zeroed): pruned(x) == masked(x)")
-    g.add_argument("--round-channels", type=int, default=1, metavar="N",
-                   help="keep conv output channel counts at multiples of N (8 or 16 suit ONNX Runtime CPU and "
-                        "TensorRT); default 1: remove every channel that can go")
+    g.add_argument("--round-channels", type=int, default=16, metavar="N",
+                   help="keep conv output channel counts at multiples of N or unchanged (default 16: ONNX "
+                        "Runtime's blocked CPU kernels and TensorRT want such counts); 1 removes every channel "
+                        "that can go")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="per-layer table")
     p = sub.add_parser("inspect", help="channel graph, prunable kernels, coupling groups, frozen parts, FLOPs")

@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .analysis import float_params
+
 RTOL = 1e-5
 
 
@@ -59,11 +61,6 @@ def _interface(model: onnx.ModelProto):
             [(o.name, dims(o)) for o in model.graph.output])
 
 
-def _float_params(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer
-               if np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type), np.floating))
-
-
 def check_contract(original: onnx.ModelProto, result, input_shapes: dict, rng: np.random.Generator,
                    samples: int = 2, original_session=None) -> dict:
     """Assert the contract for one PruneResult; returns {'max_rel_err_vs_masked', 'max_rel_err_vs_original'}.
@@ -86,7 +83,7 @@ def check_contract(original: onnx.ModelProto, result, input_shapes: dict, rng: n
     if report["keep_requested"] >= 1.0:
         assert err_original <= RTOL, f"keep 1.0 changed the outputs: max relative error {err_original:.3g}"
     _check_kernels_counted(masked, result)
-    params = _float_params(pruned)
+    params = float_params(pruned)
     assert report["params"]["after"] == params, f"reported params {report['params']['after']} != {params}"
     assert report["flops"]["after"] <= report["flops"]["before"], "MACs grew"
     return {"max_rel_err_vs_masked": err_masked, "max_rel_err_vs_original": err_original}

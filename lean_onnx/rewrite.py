@@ -37,6 +37,7 @@ class Initializers:
         self.protos = {t.name: t for t in model.graph.initializer}
         self.users = Counter(name for n in model.graph.node for name in n.input)
         self.changed: dict[str, np.ndarray] = {}
+        self.copies: dict[str, list[str]] = {}  # shared initializer -> the copies made for its readers
 
     def get(self, name: str) -> np.ndarray | None:
         if name in self.changed:
@@ -46,13 +47,23 @@ class Initializers:
 
     def set(self, node, index: int, value: np.ndarray) -> None:
         name = node.input[index]
-        if self.users[name] > 1:  # shared: this node gets its own copy
+        if self.users[name] > 1:  # shared: this node gets its own copy, or an equal copy made before
+            current = self.get(name)
+            if current.shape == value.shape and np.array_equal(current, value):
+                return
+            twin = next((n for n in self.copies.get(name, []) if self.changed[n].shape == value.shape
+                         and np.array_equal(self.changed[n], value)), None)
             self.users[name] -= 1
+            if twin is not None:
+                node.input[index] = twin
+                self.users[twin] += 1
+                return
             new = f"{name}__{node_name(node)}"
             while new in self.protos or new in self.changed:
                 new += "_"
             node.input[index] = new
             self.users[new] = 1
+            self.copies.setdefault(name, []).append(new)
             name = new
         dtype = self.protos[node.input[index]].data_type if node.input[index] in self.protos else None
         self.changed[name] = value.astype(onnx.helper.tensor_dtype_to_np_dtype(dtype)) if dtype else value
