@@ -46,10 +46,6 @@ class Plan:
     def keep(self, tensor: str) -> np.ndarray | None:
         return self.tensor_keep.get(tensor)
 
-    def changes(self, tensor: str) -> bool:
-        keep = self.tensor_keep.get(tensor)
-        return keep is not None and not keep.all()
-
 
 def make_plan(graph: ChannelGraph, selection: Selection, round_channels: int = 1) -> Plan:
     """Keep masks for every channel tensor; see the module docstring for the rules.
