@@ -49,8 +49,8 @@ def main() -> None:
         "`torch.onnx.export(dynamo=False, opset_version=17)`, BN kept or folded by the exporter).",
         "*Coverage* = prunable kernels / all conv kernels. Kernels stay prunable next to frozen channels:",
         "masking a kernel is always exact; *frozen channels* are channels whose count lean-onnx will not",
-        "change (graph inputs/outputs, channels around ops without a channel-flow rule, around grouped convs
-and channel shuffles, and tensors whose shape a Shape op reads). MACs are",
+        "change (graph inputs/outputs, channels around ops without a channel-flow rule, around grouped convs",
+        "and channel shuffles, and tensors whose shape a Shape op reads). MACs are",
         "multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul at the input shape shown.",
         "",
         "| model | BN | input | conv layers | kernels | prunable | coverage | coupling groups | frozen channels | params | MACs |",
