@@ -136,8 +136,9 @@ def build_report(graph: ChannelGraph, sel: Selection, plan: Plan, pruned, before
         kept_rows = plan.node_keep[layer.out_nodes]
         out_keep = plan.keep(layer.output)
         after_channels = int(out_keep.sum()) if out_keep is not None else layer.c_out
-        bias_name = next((n.input[2] for n in graph.loaded.graph.node
-                          if n.output[0] == layer.output and len(n.input) > 2 and n.input[2]), None)
+        producer = graph.loaded.producer.get(layer.output)
+        bias_name = producer.input[2] if producer is not None and len(producer.input) > 2 and producer.input[2] \
+            else None
         if bias_name is not None:
             dead = plan.dead[layer.out_nodes] & kept_rows
             dead_nonzero += int(np.count_nonzero(init[bias_name][dead]))

@@ -46,10 +46,6 @@ def save(model: onnx.ModelProto, path) -> str:
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str] | None = None):
-    import onnxruntime as ort
+    from lean_onnx.contract import session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(outputs, feeds)
+    return session(model).run(outputs, feeds)
