@@ -105,23 +105,16 @@ def _norm_grid(value: str) -> int | None:
     return grid
 
 
-def _timed(timings: dict, stage: str, fn, *args, **kwargs):
-    start = time.perf_counter()
-    value = fn(*args, **kwargs)
-    timings[stage] = time.perf_counter() - start
-    return value
+def _pruner(args, norms: bool = True):
+    """Load, build the graph (and the norms) with the shared model options; warnings go to stderr."""
+    from .load import parse_input_shapes
+    from .prune import Pruner
 
-
-def _analyse(args, timings: dict):
-    from .graph import build_channel_graph
-    from .load import load_model, parse_input_shapes
-
-    shapes = parse_input_shapes(args.input_shape)
-    grid = _norm_grid(args.norm_grid)
-    loaded = _timed(timings, "load", load_model, args.model, shapes)
-    for w in loaded.warnings:
+    pruner = Pruner(args.model, exclude=args.exclude, input_shapes=parse_input_shapes(args.input_shape),
+                    norm_grid=_norm_grid(args.norm_grid), norms=norms)
+    for w in pruner.loaded.warnings:
         warn(w)
-    return _timed(timings, "graph", build_channel_graph, loaded, args.exclude, grid)
+    return pruner
 
 
 def _emit(result: dict, args, printer) -> int:
@@ -136,24 +129,23 @@ def cmd_inspect(args) -> int:
     from .analysis import inspect_summary
     from .report import print_inspect
 
-    timings: dict = {}
-    summary = inspect_summary(_analyse(args, timings))
-    summary["timings_s"] = timings
+    pruner = _pruner(args, norms=False)
+    summary = inspect_summary(pruner.graph)
+    summary["timings_s"] = pruner.timings
     return _emit(summary, args, print_inspect)
 
 
 def cmd_select(args) -> int:
-    from .analysis import compute_edge_weights
     from .graph import check_keep
     from .report import print_selection
     from .selection import select_kernels
 
     check_keep(args.keep)
-    timings: dict = {}
-    graph = _analyse(args, timings)
-    _timed(timings, "norms", compute_edge_weights, graph)
-    selection = _timed(timings, "select", select_kernels, graph, args.keep, args.method,
-                       redundancy=not args.no_redundancy)
+    pruner = _pruner(args)
+    graph, timings = pruner.graph, pruner.timings
+    start = time.perf_counter()
+    selection = select_kernels(graph, args.keep, args.method, redundancy=not args.no_redundancy)
+    timings["select"] = time.perf_counter() - start
     _explain(selection)
     layers = [{"name": layer.name, "kernels": layer.num_kernels, "kept": int(selection.layer_mask(layer).sum()),
                "prunable": layer.prunable} for layer in graph.layers]
@@ -164,16 +156,12 @@ def cmd_select(args) -> int:
 
 def cmd_prune(args) -> int:
     from .graph import check_keep
-    from .load import parse_input_shapes
-    from .prune import Pruner, save_model_atomic, sha256
+    from .prune import save_model_atomic, sha256
     from .report import print_prune
 
     check_keep(args.keep)
     _check_outputs(args)
-    shapes = parse_input_shapes(args.input_shape)
-    pruner = Pruner(args.model, exclude=args.exclude, input_shapes=shapes, norm_grid=_norm_grid(args.norm_grid))
-    for w in pruner.loaded.warnings:
-        warn(w)
+    pruner = _pruner(args)
     if args.round_channels < 1:
         raise LeanOnnxError(f"--round-channels {args.round_channels}: expected a positive integer")
     result = pruner.prune(args.keep, args.method, masked=bool(args.emit_masked), round_channels=args.round_channels)

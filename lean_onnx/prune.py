@@ -48,13 +48,16 @@ class PruneResult:
 class Pruner:
     """Load, build the channel graph and compute the edge weights of one model, once."""
 
-    def __init__(self, source, *, exclude=(), input_shapes=None, norm_grid: int | None = None):
+    def __init__(self, source, *, exclude=(), input_shapes=None, norm_grid: int | None = None,
+                 norms: bool = True):
+        """`norms=False` stops after the graph (`inspect` needs no edge weights)."""
         self.timings: dict[str, float] = {}
         self._base_bytes: bytes | None = None
         self._bases_made = 0
         self.loaded = self._timed("load", load_model, source, input_shapes)
         self.graph: ChannelGraph = self._timed("graph", build_channel_graph, self.loaded, list(exclude), norm_grid)
-        self._timed("norms", compute_edge_weights, self.graph)
+        if norms:
+            self._timed("norms", compute_edge_weights, self.graph)
         self.cost_before = model_cost(self.loaded)
 
     def _base(self) -> onnx.ModelProto:

@@ -31,6 +31,17 @@ def text_model(graph_text: str, inits: dict[str, np.ndarray] | None = None, opse
     return model
 
 
+#: small inputs keep ORT fast; vgg11_bn needs 224 (the exporter's adaptive pooling limit)
+ZOO_IMAGE_SIZE = {"msd": 32, "unet4": 32, "vgg11_bn": 224}
+
+
+def zoo_path(name: str, fold_bn: bool, cache) -> str:
+    """A zoo model exported at the tests' image size (cached in `cache`)."""
+    from models.zoo import cached_export
+
+    return str(cached_export(name, fold_bn=fold_bn, image_size=ZOO_IMAGE_SIZE.get(name, 64), cache_dir=cache))
+
+
 def _as_init(value) -> np.ndarray:
     value = np.asarray(value)
     return value.astype(np.float32) if value.dtype.kind == "f" else value

@@ -12,11 +12,10 @@ import pytest
 
 from lean_onnx.contract import check_contract, random_feeds, run, session
 from lean_onnx.prune import Pruner, prune
-from models.zoo import ZOO, cached_export
-from tests.helpers import CHAIN, rand, save, text_model
+from models.zoo import ZOO
+from tests.helpers import CHAIN, rand, save, text_model, zoo_path
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-IMAGE_SIZE = {"msd": 32, "unet4": 32, "vgg11_bn": 224}
 KEEPS = (1.0, 0.5, 0.1, 0.02)
 #: VGG's 0.5 GB classifier makes each case cost ~25 s on 2 cores: CI runs a cross-section of methods and
 #: keeps; LEAN_ONNX_FULL_GRID=1 runs all 12 cases (recorded in docs/robustness.md)
@@ -27,7 +26,7 @@ VGG_CASES = [("lean", 1.0), ("lean", 0.1), ("sv", 0.5), ("l1", 0.02)]
 @pytest.mark.parametrize("fold_bn", [False, True], ids=["bnkeep", "bnfold"])
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_contract(name, fold_bn, zoo_cache):
-    path = str(cached_export(name, fold_bn=fold_bn, image_size=IMAGE_SIZE.get(name, 64), cache_dir=zoo_cache))
+    path = zoo_path(name, fold_bn, zoo_cache)
     pruner = Pruner(path)
     original = pruner.loaded.original
     reference = session(original)
@@ -260,7 +259,7 @@ def test_kill_mid_run_leaves_no_partial_output(tmp_path, zoo_cache):
     import signal
     import time
 
-    src = str(cached_export("resnet18", fold_bn=True, image_size=64, cache_dir=zoo_cache))
+    src = zoo_path("resnet18", True, zoo_cache)
     out = tmp_path / "out.onnx"
     for delay in (0.5, 1.5, 2.5, 3.5):
         out.write_bytes(b"old")

@@ -7,8 +7,7 @@ from lean_onnx.analysis import compute_edge_weights
 from lean_onnx.graph import build_channel_graph
 from lean_onnx.load import load_model
 from lean_onnx.selection import select_kernels
-from models.zoo import cached_export
-from tests.helpers import save, text_model
+from tests.helpers import save, text_model, zoo_path
 
 TWO_LAYERS = """
 g (float[1,1,4,4] x) => (float[1,1,4,4] y) {
@@ -88,7 +87,7 @@ def test_l1_ignores_batchnorm_and_sv_folds_it(tmp_path):
 @pytest.mark.slow
 def test_reference_mode_on_msd(zoo_cache):
     """--norm-grid 128: max |FFT_128| of the undilated kernel, final 1x1 excluded, K = int(r * 1275)."""
-    path = str(cached_export("msd", fold_bn=True, image_size=32, cache_dir=zoo_cache))
+    path = zoo_path("msd", True, zoo_cache)
     g = build_channel_graph(load_model(path), exclude=["/final/*"], norm_grid=128)
     compute_edge_weights(g)
     init = g.loaded.initializers

@@ -15,16 +15,10 @@ from onnx import helper, numpy_helper
 from lean_onnx.analysis import inspect_summary
 from lean_onnx.graph import build_channel_graph
 from lean_onnx.load import load_model
-from models.zoo import ZOO, cached_export
-from tests.helpers import run_ort
+from models.zoo import ZOO
+from tests.helpers import run_ort, zoo_path
 
-#: small inputs keep ORT fast; vgg11_bn needs 224 (the exporter's adaptive pooling limit)
-IMAGE_SIZE = {"msd": 32, "unet4": 32, "vgg11_bn": 224, "fcn_resnet50": 64}
 SAMPLES_PER_MODEL = 3
-
-
-def zoo_path(name, fold_bn, cache):
-    return str(cached_export(name, fold_bn=fold_bn, image_size=IMAGE_SIZE.get(name, 64), cache_dir=cache))
 
 
 def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
