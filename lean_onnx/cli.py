@@ -7,6 +7,8 @@ cli.py only parses, dispatches and prints; every failure is one `[E]` line and a
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _selection_args(p, model=False)
     _common(p)
+    for name in EXTENSIONS:  # modules that add their own subcommands: register(sub) sets `func`
+        if importlib.util.find_spec(f"{__package__}.{name}") is not None:
+            importlib.import_module(f".{name}", __package__).register(sub)
     return parser
 
 
@@ -221,11 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     global VERBOSITY
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
-        if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        if argv and argv[0] not in COMMANDS and argv[0] not in EXTENSION_COMMANDS and not argv[0].startswith("-"):
             argv.insert(0, "prune")  # `lean-onnx IN OUT --keep R`
         args = build_parser().parse_args(argv)
         VERBOSITY = 0 if args.quiet else (2 if args.verbose else 1)
-        return COMMANDS[args.command](args)
+        command = COMMANDS.get(args.command) or args.func
+        return command(args)
     except LeanOnnxError as exc:
         print(f"[E] {exc}", file=sys.stderr)
         return exc.exit_code
@@ -248,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "select": cmd_select}
+#: modules with a `register(subparsers)` that adds subcommands (each sets `func` on its parser)
+EXTENSIONS = ("bench", "evaluate", "finetune")
+EXTENSION_COMMANDS = {"bench", "eval", "sweep", "finetune"}
 
 if __name__ == "__main__":
     sys.exit(main())
