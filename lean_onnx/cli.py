@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep conv output channel counts at multiples of N or unchanged (default 16: ONNX "
                         "Runtime's blocked CPU kernels and TensorRT want such counts); 1 removes every channel "
                         "that can go")
+    g.add_argument("--fold-constants", action="store_true",
+                   help="dead channels (no kept input kernel) keep their constant act(bias) instead of becoming "
+                        "0, as in the reference's masked network; where such a constant reaches a Gemm head it "
+                        "is folded into the Gemm bias and the channel is removed")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="per-layer table")
     p = sub.add_parser("inspect", help="channel graph, prunable kernels, coupling groups, frozen parts, FLOPs")
@@ -169,7 +173,8 @@ def cmd_prune(args) -> int:
     pruner = _pruner(args)
     if args.round_channels < 1:
         raise LeanOnnxError(f"--round-channels {args.round_channels}: expected a positive integer")
-    result = pruner.prune(args.keep, args.method, masked=bool(args.emit_masked), round_channels=args.round_channels)
+    result = pruner.prune(args.keep, args.method, masked=bool(args.emit_masked), round_channels=args.round_channels,
+                          fold_constants=args.fold_constants)
     _explain(result.selection)
     if not result.report["inputs_reach_outputs"]:
         warn("no chain of kept kernels leads from the inputs to the outputs any more (layer collapse: some layer "

@@ -14,7 +14,7 @@ The per-op rules live in `handlers.py`.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -72,6 +72,17 @@ class ConvLayer:
 
 
 @dataclass
+class HeadRead:
+    """A linear head reads the channels of `tensor`: `reader` (Flatten, Reshape to rank 2, or the
+    Gemm/MatMul itself) with output `reader_output`."""
+
+    reader: str
+    op: str
+    reader_output: str
+    tensor: str
+
+
+@dataclass
 class CouplingRecord:
     """Channels of `tensors` that must be removed together (or with offsets, for Concat/Split)."""
 
@@ -112,6 +123,8 @@ class ChannelGraph:
     loaded: LoadedModel
     norm_grid: int | None = None
     weights_ready: bool = False
+    head_reads: list[HeadRead] = field(default_factory=list)
+    is_hard_terminal: np.ndarray | None = None  # terminals other than linear heads (those can drop columns)
 
     @property
     def num_edges(self) -> int:
@@ -142,6 +155,8 @@ class GraphBuilder:
         self.num_edges = 0
         self.sources: list[np.ndarray] = []
         self.terminals: list[np.ndarray] = []
+        self.head_reads: list[HeadRead] = []
+        self.head_terminals: list[np.ndarray] = []
         self.frozen_nodes: list[np.ndarray] = []
         self.layers: list[ConvLayer] = []
         self.coupling: list[CouplingRecord] = []
@@ -208,6 +223,14 @@ class GraphBuilder:
             self.frozen.append(FrozenPart(node_name(node), node.op_type if node is not None else "-",
                                           frozen_reason, frozen_tensors, channels))
 
+    def linear_head(self, node, tensor: str) -> None:
+        """`node` (Flatten/Reshape to rank 2, Gemm, MatMul) feeds the channels of `tensor` to a linear head;
+        the plan may drop the columns of channels that are constant there (constants.py)."""
+        nodes = self.tensor_nodes.get(tensor)
+        if nodes is not None:
+            self.head_reads.append(HeadRead(node_name(node), node.op_type, node.output[0], tensor))
+            self.head_terminals.append(nodes)
+
     def excluded_by(self, node, weight_name: str) -> str | None:
         for pattern in self.exclude:
             if fnmatch.fnmatchcase(node_name(node), pattern) or fnmatch.fnmatchcase(weight_name, pattern):
@@ -228,15 +251,15 @@ class GraphBuilder:
         skippable = cat([np.full(b[2].size, b[4]) for b in self.blocks], bool)
         edge_layer = cat([np.full(b[2].size, b[5], np.int32) for b in self.blocks], np.int32)
         flags = []
-        for arrays in (self.sources, self.terminals, self.frozen_nodes):
+        for arrays in (self.sources, self.terminals + self.head_terminals, self.frozen_nodes, self.terminals):
             mask = np.zeros(self.num_nodes, dtype=bool)
             for nodes in arrays:
                 mask[nodes] = True
             flags.append(mask)
         pairs = np.concatenate(self.pairs) if self.pairs else np.zeros((0, 2), np.int64)
-        return ChannelGraph(self.num_nodes, src, indptr, weight, skippable, edge_layer, *flags,
+        return ChannelGraph(self.num_nodes, src, indptr, weight, skippable, edge_layer, *flags[:3],
                             self.layers, self.tensor_nodes, self.coupling, pairs, self.frozen, self.loaded,
-                            self.norm_grid)
+                            self.norm_grid, head_reads=self.head_reads, is_hard_terminal=flags[3])
 
 
 def node_name(node) -> str:

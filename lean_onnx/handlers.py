@@ -61,9 +61,17 @@ def same_channels(node, b: GraphBuilder) -> None:
         b.set_nodes(node.output[0], nodes)
 
 
-def head(node, b: GraphBuilder) -> None:
-    """Flatten/Gemm/Softmax over channels: reads its channels (they stay), outputs no channel nodes."""
-    b.terminal([t for t in node.input if t])
+def head(node, b: GraphBuilder, tensors=None) -> None:
+    """Softmax/ReduceMax over channels...: reads its channels (they stay), outputs no channel nodes."""
+    b.terminal([t for t in node.input if t] if tensors is None else tensors)
+
+
+def linear_head(node, b: GraphBuilder) -> None:
+    """Flatten (axis 1) / Reshape to rank 2 / Gemm / MatMul: a linear head reads the channels; the plan
+    may later drop the columns of channels that are constant there."""
+    if node.input and node.input[0] in b.tensor_nodes:
+        b.linear_head(node, node.input[0])
+    head(node, b, [t for t in node.input[1:] if t])
 
 
 def unknown(node, b: GraphBuilder, reason: str | None = None) -> None:

@@ -21,7 +21,9 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .graph import ChannelGraph
+from .constants import channel_constants
+from .graph import ChannelGraph, HeadRead
+from .select import backward_used
 from .selection import Selection
 
 #: ops whose output channel c depends only on input channel c at the same position (for Concat regions)
@@ -34,6 +36,19 @@ POSITIONAL = {
 
 
 @dataclass
+class HeadSlice:
+    """A linear head whose input columns follow the channels of `read.tensor`: `gemm` (node output name)
+    is the Gemm/MatMul, `per_channel` columns per channel (H*W after Flatten), `values` the constant of
+    each channel (NaN: not constant), `droppable` the channels whose columns may go."""
+
+    read: HeadRead
+    gemm: str
+    per_channel: int
+    values: np.ndarray
+    droppable: np.ndarray
+
+
+@dataclass
 class Plan:
     """Channel keep masks per tensor (original channel order) and the Concat inputs to drop."""
 
@@ -42,23 +57,33 @@ class Plan:
     tensor_keep: dict[str, np.ndarray]
     concat_drop: dict[str, list[int]] = field(default_factory=dict)
     private: dict[str, np.ndarray] = field(default_factory=dict)  # Concat-region channels their conv reads
+    zero_dead: bool = True  # False with --fold-constants: dead channels keep their bias (a constant)
+    heads: list[HeadSlice] = field(default_factory=list)  # linear heads that can lose input columns
 
     def keep(self, tensor: str) -> np.ndarray | None:
         return self.tensor_keep.get(tensor)
 
 
-def make_plan(graph: ChannelGraph, selection: Selection, round_channels: int = 1) -> Plan:
+def make_plan(graph: ChannelGraph, selection: Selection, round_channels: int = 1,
+              fold_constants: bool = False) -> Plan:
     """Keep masks for every channel tensor; see the module docstring for the rules.
 
     `round_channels` N > 1 keeps a few removable channels more so that every conv's output channel
     count is a multiple of N (or unchanged): ONNX Runtime's blocked conv kernels (and TensorRT's tensor
     cores) want multiples of 8 or 16, and an odd count can make a pruned model slower than the original.
     """
-    must_stay = graph.is_frozen | selection.used
+    heads = _linear_heads(graph, selection, fold_constants)
+    used = selection.used
+    if any(h.droppable.any() for h in heads):  # constant channels read only by linear heads are unused
+        terminal = graph.is_hard_terminal.copy()
+        for h in heads:
+            terminal[graph.tensor_nodes[h.read.tensor][~h.droppable]] = True
+        used, _ = backward_used(graph.src, graph.indptr, selection.edge_keep, ~graph.prunable_edges, terminal)
+    must_stay = graph.is_frozen | used
     while True:  # every round keeps at least one more channel, so this ends
         node_keep = _couple(graph, must_stay)
         tensor_keep = {t: node_keep[nodes] for t, nodes in graph.tensor_nodes.items()}
-        plan = Plan(node_keep, ~selection.alive, tensor_keep)
+        plan = Plan(node_keep, ~selection.alive, tensor_keep, zero_dead=not fold_constants, heads=heads)
         _private_concats(graph, selection, plan)
         more = _starved_inputs(graph, plan) or (_round_up(graph, plan, round_channels) if round_channels > 1 else [])
         if not more:
@@ -183,3 +208,71 @@ def _spatial_only(loaded, node) -> bool:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(shape_out)
         return axis >= 2
     return True
+
+
+def _linear_heads(graph: ChannelGraph, selection: Selection, fold_constants: bool) -> list[HeadSlice]:
+    """Linear heads (Flatten/Reshape -> Gemm/MatMul with constant weights) and the channels whose columns
+    can go: dead channels that are a known constant there (0, or any constant a Gemm bias can absorb
+    with --fold-constants). A channel that is not constant at the head stays (DESIGN.md section 2)."""
+    if not graph.head_reads:
+        return []
+    values = channel_constants(graph, selection, zero_dead=not fold_constants)
+    dead = ~selection.alive
+    heads = []
+    for read in graph.head_reads:
+        found = _head_layout(graph.loaded, read, len(graph.tensor_nodes[read.tensor]))
+        if found is None:
+            continue
+        gemm, per_channel = found
+        value = values[read.tensor]
+        constant = np.isfinite(value) if fold_constants and gemm.op_type == "Gemm" else value == 0
+        droppable = constant & dead[graph.tensor_nodes[read.tensor]]
+        heads.append(HeadSlice(read, gemm.output[0], per_channel, value, droppable))
+    return heads
+
+
+def _head_layout(loaded, read: HeadRead, channels: int):
+    """(the Gemm/MatMul node, columns per channel) when the head's input columns are channel-major blocks
+    of the tensor it reads and its weight is a constant we can slice; None otherwise."""
+    shape = loaded.shape(read.tensor)
+    if not shape or len(shape) < 2 or any(d is None for d in shape[1:]) or shape[1] != channels:
+        return None
+    per_channel = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
+    outputs = {o.name for o in loaded.graph.output}
+    if read.op in ("Gemm", "MatMul"):
+        gemm, flat = loaded.producer.get(read.reader_output), read.tensor
+        if len(shape) != 2:
+            return None
+    else:
+        if read.op == "Flatten":
+            node = loaded.producer.get(read.reader_output)
+            if node is None or next((a.i for a in node.attribute if a.name == "axis"), 1) != 1:
+                return None
+        elif read.op != "Reshape" or _reshape_target(loaded, read, channels * per_channel) is None:
+            return None
+        flat = read.reader_output
+        readers = loaded.consumers.get(flat, [])
+        if flat in outputs or len(readers) != 1:
+            return None
+        gemm = readers[0]
+    if gemm is None or gemm.op_type not in ("Gemm", "MatMul") or list(gemm.input).count(flat) != 1 \
+            or gemm.input[0] != flat or gemm.input[1] not in loaded.initializers:
+        return None
+    weight = loaded.initializers[gemm.input[1]]
+    trans_a = next((a.i for a in gemm.attribute if a.name == "transA"), 0)
+    trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
+    rows = weight.shape[1] if trans_b else weight.shape[0]
+    if weight.ndim != 2 or trans_a or rows != channels * per_channel:
+        return None
+    return gemm, per_channel
+
+
+def _reshape_target(loaded, read: HeadRead, columns: int):
+    """The constant target shape of a Reshape to (batch, columns), or None."""
+    node = loaded.producer.get(read.reader_output)
+    target = loaded.initializers.get(node.input[1]) if node is not None and len(node.input) > 1 else None
+    if target is None or target.ndim != 1 or len(target) != 2:
+        return None
+    if int(target[1]) in (columns, -1) or (int(target[1]) == 0 and columns == loaded.shape(read.tensor)[1]):
+        return target
+    return None

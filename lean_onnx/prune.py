@@ -78,16 +78,18 @@ class Pruner:
         return value
 
     def prune(self, keep: float, method: str = "lean", redundancy: bool = True, masked: bool = True,
-              round_channels: int = DEFAULT_ROUND_CHANNELS) -> PruneResult:
+              round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False) -> PruneResult:
         """Prune to `keep`; `masked=False` skips building (and checking) the masked model;
-        `round_channels` N keeps conv output channel counts at multiples of N (see plan.make_plan)."""
+        `round_channels` N keeps conv output channel counts at multiples of N (see plan.make_plan);
+        `fold_constants`: dead channels keep their constant act(bias) (the masked model keeps biases, as
+        the reference's does) and constants that reach a Gemm head move into its bias."""
         check_keep(keep)
         timings = dict(self.timings)
         start = time.perf_counter()
         selection = select_kernels(self.graph, keep, method, redundancy)
         timings["select"] = time.perf_counter() - start
         start = time.perf_counter()
-        plan = make_plan(self.graph, selection, round_channels)
+        plan = make_plan(self.graph, selection, round_channels, fold_constants)
         pruned = rewrite(self.graph, selection, plan, True, self._base())
         masked_model = rewrite(self.graph, selection, plan, False, self._base()) if masked else None
         timings["rewrite"] = time.perf_counter() - start
@@ -104,10 +106,10 @@ class Pruner:
 
 def prune(source, keep: float, method: str = "lean", *, exclude=(), input_shapes=None,
           norm_grid: int | None = None, redundancy: bool = True,
-          round_channels: int = DEFAULT_ROUND_CHANNELS) -> PruneResult:
+          round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False) -> PruneResult:
     """Prune an ONNX model (path or ModelProto) to `keep` of its kernels; the source is not modified."""
     return Pruner(source, exclude=exclude, input_shapes=input_shapes, norm_grid=norm_grid).prune(
-        keep, method, redundancy, round_channels=round_channels)
+        keep, method, redundancy, round_channels=round_channels, fold_constants=fold_constants)
 
 
 def _check(model: onnx.ModelProto | bytes, what: str, path: str) -> None:
@@ -170,6 +172,8 @@ def build_report(graph: ChannelGraph, sel: Selection, plan: Plan, pruned, before
         "flops": {"before": before["macs"], "after": after["macs"], "unit": "MACs",
                   "at_input_shapes": {k: list(v) for k, v in graph.loaded.input_shapes.items()}},
         "concat_inputs_dropped": sum(len(v) for v in plan.concat_drop.values()),
+        "head_channels_dropped": sum(int((~plan.keep(h.read.tensor)).sum()) for h in plan.heads),
+        "fold_constants": not plan.zero_dead,
         "inputs_reach_outputs": inputs_reach_outputs(graph, sel),
         "layers": layers,
         "frozen": [{"node": f.node, "op": f.op, "reason": f.reason, "channels": f.channels} for f in graph.frozen],

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .graph import GraphBuilder
-from .handlers import (average_pool, batch_norm, conv, elementwise, global_average_pool, head, reduce_mean,
-                       reduce_other, same_channels, softmax, unknown)
+from .handlers import (average_pool, batch_norm, conv, elementwise, global_average_pool, linear_head,
+                       reduce_mean, reduce_other, same_channels, softmax, unknown)
 from .routing import concat, pad, reshape, resize, slice_, split, squeeze, transpose
 
 ALIAS_OPS = (
@@ -21,7 +21,7 @@ HANDLERS.update({
     "Max": elementwise, "Min": elementwise, "Mean": elementwise,
     "Concat": concat, "Split": split, "Slice": slice_, "Pad": pad, "Resize": resize,
     "Transpose": transpose, "Squeeze": squeeze, "Unsqueeze": squeeze,
-    "Flatten": reshape, "Reshape": reshape, "Gemm": head, "MatMul": head,
+    "Flatten": reshape, "Reshape": reshape, "Gemm": linear_head, "MatMul": linear_head,
     "Softmax": softmax, "LogSoftmax": softmax, "Hardmax": softmax,
     "ArgMax": reduce_other, "ArgMin": reduce_other, "ReduceMax": reduce_other, "ReduceMin": reduce_other,
     "ReduceSum": reduce_other, "ReduceL2": reduce_other,

@@ -99,9 +99,17 @@ def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channel
     layers = {layer.output: layer for layer in graph.layers}
     keep = (lambda t: _nontrivial(plan.keep(t))) if slice_channels else (lambda t: None)
     removed = []
+    head_of_reader = {h.read.reader_output: h for h in plan.heads} if slice_channels else {}
+    head_of_gemm = {h.gemm: h for h in plan.heads} if slice_channels else {}
     for node in model.graph.node:
         if slice_channels and _all_removed(node, plan):
             removed.append(node)
+            continue
+        if node.output and node.output[0] in head_of_gemm:
+            _gemm_columns(node, head_of_gemm[node.output[0]], plan, inits)
+            continue
+        if node.output and node.output[0] in head_of_reader and node.op_type in ("Flatten", "Reshape"):
+            _head_reshape(node, head_of_reader[node.output[0]], plan, inits, graph)
             continue
         layer = layers.get(node.output[0]) if node.op_type in ("Conv", "ConvTranspose") else None
         if layer is not None:
@@ -132,6 +140,57 @@ def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channel
     return model
 
 
+def _gemm_columns(node, head, plan: Plan, inits: Initializers) -> None:
+    """Drop the input columns of channels that left the head's input; with --fold-constants their
+    constant contribution moves into the Gemm bias (it is 0 otherwise)."""
+    keep = _nontrivial(plan.keep(head.read.tensor))
+    if keep is None:
+        return
+    columns = np.repeat(keep, head.per_channel)
+    weight = inits.get(node.input[1])
+    trans_b = node.op_type == "Gemm" and next((a.i for a in node.attribute if a.name == "transB"), 0)
+    rows = weight.T if trans_b else weight  # (in, out)
+    constants = np.repeat(np.where(keep, 0.0, head.values), head.per_channel)
+    if not np.all(np.isfinite(constants)):
+        raise LeanOnnxError(f"{node_name(node)}: internal: a head column that is not constant was dropped "
+                            "(please report); nothing was written")
+    delta = constants @ rows.astype(np.float64)
+    inits.set(node, 1, (rows[columns].T if trans_b else rows[columns]).astype(weight.dtype))
+    if np.any(delta != 0):
+        if node.op_type != "Gemm":
+            raise LeanOnnxError(f"{node_name(node)}: internal: non-zero constant at a MatMul head (please report)")
+        alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0)
+        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+        has_bias = len(node.input) > 2 and node.input[2] and inits.get(node.input[2]) is not None
+        if len(node.input) > 2 and node.input[2] and not has_bias:
+            raise LeanOnnxError(f"{node_name(node)}: internal: Gemm bias is computed at run time (please report)")
+        bias = inits.get(node.input[2]).astype(np.float64) if has_bias else 0.0
+        new_bias = (bias + alpha * delta / (beta if has_bias else 1.0)).astype(weight.dtype)
+        if has_bias:
+            inits.set(node, 2, new_bias)
+        else:
+            for a in list(node.attribute):
+                if a.name == "beta":
+                    node.attribute.remove(a)  # the new bias enters with beta = 1
+            inits.set_new(node, 2, new_bias)
+
+
+def _head_reshape(node, head, plan: Plan, inits: Initializers, graph: ChannelGraph) -> None:
+    """A Reshape to (batch, C*H*W) in front of a head: the column count follows the kept channels."""
+    keep = _nontrivial(plan.keep(head.read.tensor))
+    if keep is None or node.op_type == "Flatten":
+        return
+    target = inits.get(node.input[1])
+    columns = len(keep) * head.per_channel
+    if target is None:
+        raise LeanOnnxError(f"{graph.loaded.path}: node {node_name(node)!r} (Reshape): internal: target shape "
+                            "is not constant but its channels changed (please report); nothing was written")
+    if int(target[1]) == columns:
+        target = target.copy()
+        target[1] = int(keep.sum()) * head.per_channel
+        inits.set(node, 1, target)
+
+
 def _nontrivial(mask):
     return None if mask is None or mask.all() else mask
 
@@ -147,7 +206,7 @@ def _conv(node, layer: ConvLayer, selection: Selection, plan: Plan, inits: Initi
     kernels = layer.kernels(weight).copy()
     mask = selection.layer_mask(layer)
     kernels[~mask] = 0
-    dead_rows = plan.dead[layer.out_nodes]
+    dead_rows = plan.dead[layer.out_nodes] & plan.zero_dead
     bias = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     bias_changed = bias is not None and bool(np.any(bias[dead_rows]))
     if bias_changed:
@@ -193,7 +252,7 @@ def _to_onnx_layout(kernels: np.ndarray, layer: ConvLayer, group: int, ndim: int
 
 def _batch_norm(node, graph: ChannelGraph, plan: Plan, inits: Initializers, keep) -> None:
     nodes = graph.tensor_nodes.get(node.output[0])
-    dead = plan.dead[nodes] if nodes is not None else None
+    dead = plan.dead[nodes] & plan.zero_dead if nodes is not None else None
     in_keep = keep(node.input[0])
     for index in (1, 2, 3, 4):
         value = inits.get(node.input[index])

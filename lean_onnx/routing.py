@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import GraphBuilder
-from .handlers import _axes, attr, const, elementwise, freeze, head, rank, same_channels, unknown
+from .handlers import _axes, attr, const, elementwise, freeze, linear_head, rank, same_channels, unknown
 
 
 # -- channel routing -------------------------------------------------------------------------
@@ -165,5 +165,5 @@ def reshape(node, b: GraphBuilder) -> None:
     if split_nodes is not None:
         b.set_nodes(node.input[0], split_nodes.ravel())
     elif node.op_type == "Flatten" and int(attr(node, "axis", 1)) == 1 or (shape_out and len(shape_out) == 2):
-        return head(node, b)
+        return linear_head(node, b)
     unknown(node, b, f"{node.op_type} to rank {len(shape_out) if shape_out else '?'} changes the channel layout")

@@ -25,8 +25,9 @@ keeps = st.one_of(st.sampled_from(KEEPS), st.floats(0.01, 1.0, exclude_min=True,
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(case=random_cnn(), keep=keeps, method=st.sampled_from(METHODS))
-def test_pruned_equals_masked(case, keep, method):
+@given(case=random_cnn(), keep=keeps, method=st.sampled_from(METHODS), fold=st.booleans(),
+       rounding=st.sampled_from((1, 1, 16)))
+def test_pruned_equals_masked(case, keep, method, fold, rounding):
     model, input_shape = case
     shapes = {"input": tuple(input_shape)}
     if not any(node.op_type in CONV_OPS for node in model.graph.node):
@@ -35,7 +36,8 @@ def test_pruned_equals_masked(case, keep, method):
             prune(model, keep, method, input_shapes=shapes)
         return
     try:
-        result = prune(model, keep, method, input_shapes=shapes)
+        result = prune(model, keep, method, input_shapes=shapes, fold_constants=fold,
+                       round_channels=rounding)
     except NothingToPrune as e:  # every conv frozen (e.g. only grouped convs): a refusal with a reason
         assert "every conv layer is frozen" in str(e), str(e)
         event("outcome: every conv frozen, NothingToPrune")
@@ -44,3 +46,5 @@ def test_pruned_equals_masked(case, keep, method):
     channels = result.report["channels"]
     event("outcome: pruned, channels removed" if channels["after"] < channels["before"]
           else "outcome: pruned, no channel removed")
+    if result.report["head_channels_dropped"]:
+        event("head columns dropped" + (" (constants folded)" if fold else ""))

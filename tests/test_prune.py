@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 KEEPS = (1.0, 0.5, 0.1, 0.02)
 #: VGG's 0.5 GB classifier makes each case cost ~25 s on 2 cores: CI runs a cross-section of methods and
 #: keeps; LEAN_ONNX_FULL_GRID=1 runs all 12 cases (recorded in docs/robustness.md)
-VGG_CASES = [("lean", 1.0), ("lean", 0.1), ("sv", 0.5), ("l1", 0.02)]
+VGG_CASES = [("lean", 1.0, False), ("lean", 0.1, True), ("sv", 0.5, False), ("l1", 0.02, False)]
 
 
 @pytest.mark.slow
@@ -31,9 +31,9 @@ def test_zoo_contract(name, fold_bn, zoo_cache):
     original = pruner.loaded.original
     reference = session(original)
     rng = np.random.default_rng(0)
-    grid = [(m, k) for m in ("lean", "sv", "l1") for k in KEEPS]
-    for method, keep in VGG_CASES if name == "vgg11_bn" and not os.environ.get("LEAN_ONNX_FULL_GRID") else grid:
-        result = pruner.prune(keep, method)
+    grid = [(m, k, False) for m in ("lean", "sv", "l1") for k in KEEPS] + [("lean", 0.1, True)]
+    for method, keep, fold in VGG_CASES if name == "vgg11_bn" and not os.environ.get("LEAN_ONNX_FULL_GRID") else grid:
+        result = pruner.prune(keep, method, fold_constants=fold)
         errors = check_contract(original, result, pruner.loaded.input_shapes, rng, samples=1,
                                 original_session=reference)
         k = result.report["kernels"]
@@ -129,6 +129,69 @@ def test_split_sizes_and_batchnorm_follow(tmp_path):
     w = weights_of(result.model)
     split = next(n for n in result.model.graph.node if n.op_type == "Split")
     assert w[split.input[1]].tolist() == [2, 2] and w["gamma"].shape == (4,)
+
+
+HEAD = """
+g (float[1,3,4,4] x) => (float[1,5] y) {
+  a = Conv <pads = [1,1,1,1]> (x, w1, b1)
+  r = %s (a)
+  p = GlobalAveragePool (r)
+  f = Flatten (p)
+  y = Gemm <transB = 1> (f, fc, fcb)
+}"""
+
+
+def _head_inits(zero_rows=(2, 3)):
+    w1, b1 = rand(4, 3, 3, 3), rand(4) + 0.5
+    w1[list(zero_rows)] = 0  # these channels keep no kernel (sv drops zero-norm kernels first)
+    return {"w1": w1, "b1": b1, "fc": rand(5, 4), "fcb": rand(5)}
+
+
+def test_zero_channels_leave_a_linear_head(tmp_path):
+    inits = _head_inits()
+    result = contract(model(HEAD % "Relu", inits, tmp_path), 0.5, "sv")
+    w = weights_of(result.model)
+    assert w["w1"].shape == (2, 3, 3, 3) and w["fc"].shape == (5, 2)
+    assert result.report["head_channels_dropped"] == 2
+    np.testing.assert_array_equal(w["fcb"], inits["fcb"].astype(np.float32))  # zeros add nothing
+
+
+def test_a_channel_that_is_not_zero_at_the_head_stays(tmp_path):
+    """Sigmoid(0) = 0.5: the dead channels still add to the head, so their columns stay (masked mode)."""
+    result = contract(model(HEAD % "Sigmoid", _head_inits(), tmp_path), 0.5, "sv")
+    assert weights_of(result.model)["fc"].shape == (5, 4) and result.report["head_channels_dropped"] == 0
+
+
+@pytest.mark.parametrize("act", ["Relu", "Sigmoid"])
+def test_fold_constants_moves_dead_channels_into_the_gemm_bias(tmp_path, act):
+    """The pruned kernels were zero already: with --fold-constants the pruned model equals the original."""
+    inits = _head_inits()
+    path = model(HEAD % act, inits, tmp_path)
+    result = contract(path, 0.5, "sv", fold_constants=True)
+    w = weights_of(result.model)
+    assert w["w1"].shape == (2, 3, 3, 3) and w["fc"].shape == (5, 2)
+    assert not np.allclose(w["fcb"], inits["fcb"])
+    feeds = random_feeds(onnx.load(path), {"x": (1, 3, 4, 4)}, np.random.default_rng(1))
+    original, pruned = run(onnx.load(path), feeds)[0], run(result.model, feeds)[0]
+    np.testing.assert_allclose(pruned, original, rtol=1e-5, atol=1e-5 * np.abs(original).max())
+
+
+def test_reshape_and_matmul_head_with_spatial_columns(tmp_path):
+    """Reshape (1,4,2,2) -> (1,16) -> MatMul: each channel owns 4 consecutive columns."""
+    text = """
+    g (float[1,3,4,4] x) => (float[1,5] y) {
+      a = Conv <pads = [1,1,1,1], strides = [2,2]> (x, w1, b1)
+      r = Relu (a)
+      f = Reshape (r, shape)
+      m = MatMul (f, fc)
+      y = Add (m, fcb)
+    }"""
+    inits = _head_inits((0, 2))
+    inits.update({"fc": rand(16, 5), "shape": np.array([1, 16])})
+    result = contract(model(text, inits, tmp_path), 0.5, "sv")
+    w = weights_of(result.model)
+    assert w["fc"].shape == (8, 5) and w["shape"].tolist() == [1, 8]
+    np.testing.assert_array_equal(w["fc"], inits["fc"].astype(np.float32).reshape(4, 4, 5)[[1, 3]].reshape(8, 5))
 
 
 def test_keep_one_returns_the_original_function_and_sizes(tmp_path):

@@ -73,9 +73,11 @@ def check_case(model, input_shape, rng, keep: float | None = None, method: str |
     """Prune one model at `keep` with `method` (each drawn from rng when None) and say which outcome it met."""
     keep = float(rng.choice(KEEPS)) if keep is None else keep
     method = str(rng.choice(METHODS)) if method is None else method
+    fold = bool(rng.integers(2))  # --fold-constants on half of the cases
     shapes = {"input": tuple(input_shape)}
     try:
-        result = prune(model, keep=keep, method=method, input_shapes=shapes)
+        result = prune(model, keep=keep, method=method, input_shapes=shapes, fold_constants=fold,
+                       round_channels=int(rng.choice([1, 16])))
     except LeanOnnxError as e:
         return _refusal(e)
     except Exception as e:
