@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep conv output channel counts at multiples of N or unchanged (default 16: ONNX "
                         "Runtime's blocked CPU kernels and TensorRT want such counts); 1 removes every channel "
                         "that can go")
+    g.add_argument("--gather-below", type=float, default=0.75, metavar="F",
+                   help="a conv whose kept kernels read at most F of the channels its shared input keeps reads "
+                        "them through a channel Gather with a narrower weight (default 0.75, measured to pay "
+                        "for itself below that; 0 never)")
     g.add_argument("--fold-constants", action="store_true",
                    help="dead channels (no kept input kernel) keep their constant act(bias) instead of becoming "
                         "0, as in the reference's masked network; where such a constant reaches a Gemm head it "
@@ -173,8 +177,10 @@ def cmd_prune(args) -> int:
     pruner = _pruner(args)
     if args.round_channels < 1:
         raise LeanOnnxError(f"--round-channels {args.round_channels}: expected a positive integer")
+    if not 0 <= args.gather_below <= 1:
+        raise LeanOnnxError(f"--gather-below {args.gather_below:g}: expected a fraction in [0, 1]")
     result = pruner.prune(args.keep, args.method, masked=bool(args.emit_masked), round_channels=args.round_channels,
-                          fold_constants=args.fold_constants)
+                          fold_constants=args.fold_constants, gather_below=args.gather_below)
     _explain(result.selection)
     if not result.report["inputs_reach_outputs"]:
         warn("no chain of kept kernels leads from the inputs to the outputs any more (layer collapse: some layer "

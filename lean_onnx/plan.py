@@ -59,18 +59,21 @@ class Plan:
     private: dict[str, np.ndarray] = field(default_factory=dict)  # Concat-region channels their conv reads
     zero_dead: bool = True  # False with --fold-constants: dead channels keep their bias (a constant)
     heads: list[HeadSlice] = field(default_factory=list)  # linear heads that can lose input columns
+    gathers: dict[str, np.ndarray] = field(default_factory=dict)  # conv output -> input channels it reads
 
     def keep(self, tensor: str) -> np.ndarray | None:
         return self.tensor_keep.get(tensor)
 
 
 def make_plan(graph: ChannelGraph, selection: Selection, round_channels: int = 1,
-              fold_constants: bool = False) -> Plan:
+              fold_constants: bool = False, gather_below: float = 0.0) -> Plan:
     """Keep masks for every channel tensor; see the module docstring for the rules.
 
     `round_channels` N > 1 keeps a few removable channels more so that every conv's output channel
     count is a multiple of N (or unchanged): ONNX Runtime's blocked conv kernels (and TensorRT's tensor
     cores) want multiples of 8 or 16, and an odd count can make a pruned model slower than the original.
+    `gather_below` F > 0: a conv whose kept kernels read at most F of the channels its (shared) input
+    keeps reads them through a channel Gather and gets a narrower weight (see `_gathers`).
     """
     heads = _linear_heads(graph, selection, fold_constants)
     used = selection.used
@@ -87,9 +90,31 @@ def make_plan(graph: ChannelGraph, selection: Selection, round_channels: int = 1
         _private_concats(graph, selection, plan)
         more = _starved_inputs(graph, plan) or (_round_up(graph, plan, round_channels) if round_channels > 1 else [])
         if not more:
+            if gather_below > 0:
+                plan.gathers = _gathers(graph, selection, plan, gather_below, round_channels)
             return plan
         assert not must_stay[more].all(), "channel plan did not progress"
         must_stay[more] = True
+
+
+def _gathers(graph: ChannelGraph, selection: Selection, plan: Plan, fraction: float, multiple: int) -> dict:
+    """Convs that read few of the channels their input keeps (the input has other readers, so those
+    channels stay): `Gather(x, read, axis=1)` in front and a weight sliced to the read channels is exact
+    (the others have zero kernels) and, measured in docs/benchmarks.md, faster once the conv reads at most
+    ~3/4 of them. The read set is rounded up to a multiple of `multiple` with unread channels."""
+    gathers = {}
+    for layer in graph.layers:
+        kept = plan.tensor_keep.get(layer.input)
+        if layer.group != 1 or not layer.prunable or kept is None or layer.input in plan.private:
+            continue
+        read = selection.layer_mask(layer).any(axis=0) & kept
+        n_kept, n_read = int(kept.sum()), int(read.sum())
+        target = min(n_kept, -(-max(n_read, 1) // multiple) * multiple)
+        if n_kept == 0 or target > fraction * n_kept:
+            continue
+        read[np.flatnonzero(kept & ~read)[:target - n_read]] = True
+        gathers[layer.output] = read
+    return gathers
 
 
 def _round_up(graph: ChannelGraph, plan: Plan, multiple: int) -> list[int]:

@@ -32,6 +32,9 @@ SCHEMA_VERSION = 1
 #: counts push ONNX Runtime's convs off its blocked (NCHWc, AVX-512 block 16) kernels, and a pruned
 #: MobileNetV2 ran at 0.76x the original's speed; 16 also covers AVX2's 8 and TensorRT's multiples of 8
 DEFAULT_ROUND_CHANNELS = 16
+#: a conv that reads at most this fraction of its shared input's channels reads them through a Gather:
+#: measured (tools/bench_gather.py, docs/benchmarks.md) 1.2-5x faster convs at read fractions <= 0.75
+DEFAULT_GATHER_BELOW = 0.75
 
 
 @dataclass
@@ -78,18 +81,20 @@ class Pruner:
         return value
 
     def prune(self, keep: float, method: str = "lean", redundancy: bool = True, masked: bool = True,
-              round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False) -> PruneResult:
+              round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,
+              gather_below: float = DEFAULT_GATHER_BELOW) -> PruneResult:
         """Prune to `keep`; `masked=False` skips building (and checking) the masked model;
         `round_channels` N keeps conv output channel counts at multiples of N (see plan.make_plan);
         `fold_constants`: dead channels keep their constant act(bias) (the masked model keeps biases, as
-        the reference's does) and constants that reach a Gemm head move into its bias."""
+        the reference's does) and constants that reach a Gemm head move into its bias; `gather_below` F: a
+        conv reading at most F of its shared input's channels reads them through a Gather (0: never)."""
         check_keep(keep)
         timings = dict(self.timings)
         start = time.perf_counter()
         selection = select_kernels(self.graph, keep, method, redundancy)
         timings["select"] = time.perf_counter() - start
         start = time.perf_counter()
-        plan = make_plan(self.graph, selection, round_channels, fold_constants)
+        plan = make_plan(self.graph, selection, round_channels, fold_constants, gather_below)
         pruned = rewrite(self.graph, selection, plan, True, self._base())
         masked_model = rewrite(self.graph, selection, plan, False, self._base()) if masked else None
         timings["rewrite"] = time.perf_counter() - start
@@ -106,10 +111,12 @@ class Pruner:
 
 def prune(source, keep: float, method: str = "lean", *, exclude=(), input_shapes=None,
           norm_grid: int | None = None, redundancy: bool = True,
-          round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False) -> PruneResult:
+          round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,
+          gather_below: float = DEFAULT_GATHER_BELOW) -> PruneResult:
     """Prune an ONNX model (path or ModelProto) to `keep` of its kernels; the source is not modified."""
     return Pruner(source, exclude=exclude, input_shapes=input_shapes, norm_grid=norm_grid).prune(
-        keep, method, redundancy, round_channels=round_channels, fold_constants=fold_constants)
+        keep, method, redundancy, round_channels=round_channels, fold_constants=fold_constants,
+        gather_below=gather_below)
 
 
 def _check(model: onnx.ModelProto | bytes, what: str, path: str) -> None:
@@ -174,6 +181,7 @@ def build_report(graph: ChannelGraph, sel: Selection, plan: Plan, pruned, before
         "concat_inputs_dropped": sum(len(v) for v in plan.concat_drop.values()),
         "head_channels_dropped": sum(int((~plan.keep(h.read.tensor)).sum()) for h in plan.heads),
         "fold_constants": not plan.zero_dead,
+        "gathers_inserted": len(plan.gathers),
         "inputs_reach_outputs": inputs_reach_outputs(graph, sel),
         "layers": layers,
         "frozen": [{"node": f.node, "op": f.op, "reason": f.reason, "channels": f.channels} for f in graph.frozen],

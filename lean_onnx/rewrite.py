@@ -113,7 +113,7 @@ def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channel
             continue
         layer = layers.get(node.output[0]) if node.op_type in ("Conv", "ConvTranspose") else None
         if layer is not None:
-            _conv(node, layer, selection, plan, inits, keep)
+            _conv(node, layer, selection, plan, inits, keep, plan.gathers if slice_channels else None)
         elif node.op_type == "BatchNormalization":
             _batch_norm(node, graph, plan, inits, keep)
         elif not slice_channels:
@@ -135,6 +135,8 @@ def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channel
                                 "to remove channels here (please report); nothing was written")
     for node in removed:
         model.graph.node.remove(node)
+    if slice_channels and plan.gathers:
+        _insert_gathers(model, plan, inits)
     inits.finish()
     del model.graph.value_info[:]
     return model
@@ -191,6 +193,25 @@ def _head_reshape(node, head, plan: Plan, inits: Initializers, graph: ChannelGra
         inits.set(node, 1, target)
 
 
+def _insert_gathers(model, plan: Plan, inits: Initializers) -> None:
+    """A conv listed in plan.gathers reads `Gather(x, channels, axis=1)`: the positions, in the pruned
+    x, of the channels its kernels read (its weight was sliced to them in `_conv`)."""
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    for node in nodes:
+        read = plan.gathers.get(node.output[0]) if node.op_type in ("Conv", "ConvTranspose") else None
+        if read is not None:
+            x = node.input[0]
+            kept = plan.keep(x)
+            positions = np.flatnonzero(read[kept] if kept is not None else read).astype(np.int64)
+            gather = onnx.helper.make_node("Gather", [x, ""], [f"{x}__gather__{node_name(node)}"], axis=1,
+                                           name=f"{node_name(node)}__gather")
+            inits.set_new(gather, 1, positions)
+            node.input[0] = gather.output[0]
+            model.graph.node.append(gather)
+        model.graph.node.append(node)
+
+
 def _nontrivial(mask):
     return None if mask is None or mask.all() else mask
 
@@ -201,7 +222,8 @@ def _all_removed(node, plan: Plan) -> bool:
     return bool(outs) and all(k is not None and not k.any() for k in outs)
 
 
-def _conv(node, layer: ConvLayer, selection: Selection, plan: Plan, inits: Initializers, keep) -> None:
+def _conv(node, layer: ConvLayer, selection: Selection, plan: Plan, inits: Initializers, keep,
+          gathers: dict | None = None) -> None:
     weight = inits.get(layer.weight_name)
     kernels = layer.kernels(weight).copy()
     mask = selection.layer_mask(layer)
@@ -213,6 +235,8 @@ def _conv(node, layer: ConvLayer, selection: Selection, plan: Plan, inits: Initi
         bias = bias.copy()
         bias[dead_rows] = 0
     out_keep, in_keep = keep(layer.output), keep(layer.input)
+    if gathers is not None and layer.output in gathers:
+        in_keep = gathers[layer.output]  # it reads a Gather of the channels its kernels use
     group = layer.group
     sliced = out_keep is not None or in_keep is not None
     if not sliced and mask.all() and not bias_changed:

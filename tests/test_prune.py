@@ -194,6 +194,28 @@ def test_reshape_and_matmul_head_with_spatial_columns(tmp_path):
     np.testing.assert_array_equal(w["fc"], inits["fc"].astype(np.float32).reshape(4, 4, 5)[[1, 3]].reshape(8, 5))
 
 
+@pytest.mark.parametrize("gather_below", [0.75, 0.0])
+def test_a_conv_reading_few_shared_channels_reads_them_through_a_gather(tmp_path, gather_below):
+    text = """
+    g (float[1,3,6,6] x) => (float[1,4,6,6] y, float[1,4,6,6] z) {
+      a = Conv <pads = [1,1,1,1]> (x, w1)
+      y = Conv (a, w2)
+      z = Conv (a, w3)
+    }"""
+    w2 = rand(4, 8, 1, 1)
+    w2[:, [0, 1, 2, 4, 6, 7]] = 0  # y reads channels 3 and 5 of a; z reads all of them
+    inits = {"w1": rand(8, 3, 3, 3), "w2": w2, "w3": rand(4, 8, 1, 1)}
+    result = contract(model(text, inits, tmp_path), 1.0 - 24 / (72 + 64), "sv", gather_below=gather_below)
+    gathers = [n for n in result.model.graph.node if n.op_type == "Gather"]
+    y = next(n for n in result.model.graph.node if n.output[0] == "y")
+    if gather_below:
+        assert len(gathers) == 1 and y.input[0] == gathers[0].output[0] and result.report["gathers_inserted"] == 1
+        assert weights_of(result.model)[gathers[0].input[1]].tolist() == [3, 5]
+        assert weights_of(result.model)[y.input[1]].shape == (4, 2, 1, 1)
+    else:
+        assert not gathers and weights_of(result.model)[y.input[1]].shape == (4, 8, 1, 1)
+
+
 def test_keep_one_returns_the_original_function_and_sizes(tmp_path):
     path = model(CHAIN, {"w1": rand(3, 2, 3, 3), "w2": rand(4, 3, 1, 1)}, tmp_path)
     result = contract(path, 1.0)
