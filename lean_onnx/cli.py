@@ -80,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dead channels (no kept input kernel) keep their constant act(bias) instead of becoming "
                         "0, as in the reference's masked network; where such a constant reaches a Gemm head it "
                         "is folded into the Gemm bias and the channel is removed")
+    g = p.add_argument_group("validation (exit 3 when a gate fails; OUT is still written)")
+    g.add_argument("--validate", action="store_true",
+                   help="compare pruned vs masked vs original under ONNX Runtime and time original vs pruned")
+    g.add_argument("--max-error", type=float, metavar="E",
+                   help="gate: max relative error of the pruned model vs the original (implies --validate)")
+    g.add_argument("--min-speedup", type=float, metavar="S",
+                   help="gate: median latency original / pruned at least S (implies --validate)")
+    g.add_argument("--validate-data", metavar="NPZ", help="inputs for the fidelity check: the `inputs` array of "
+                   "an .npz (default: random normal batches)")
+    g.add_argument("--samples", type=int, default=4, help="batches compared (default 4)")
+    g.add_argument("--provider", default="auto", choices=("auto", "cuda", "tensorrt", "cpu"),
+                   help="ONNX Runtime provider for the timing (auto: CUDA when a session really gets it)")
+    g.add_argument("--threads", type=int, default=2, help="intra-op threads, fixed so figures compare (default 2)")
+    g.add_argument("--runs", type=int, default=20, help="timed runs per model (default 20)")
+    g.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="per-layer table")
     p = sub.add_parser("inspect", help="channel graph, prunable kernels, coupling groups, frozen parts, FLOPs")
@@ -177,9 +192,13 @@ def cmd_prune(args) -> int:
     pruner = _pruner(args)
     if args.round_channels < 1:
         raise LeanOnnxError(f"--round-channels {args.round_channels}: expected a positive integer")
+    if args.samples < 1 or args.runs < 1 or args.warmup < 0 or args.threads < 0:
+        raise LeanOnnxError("--samples and --runs must be >= 1, --warmup and --threads >= 0")
     if not 0 <= args.gather_below <= 1:
         raise LeanOnnxError(f"--gather-below {args.gather_below:g}: expected a fraction in [0, 1]")
-    result = pruner.prune(args.keep, args.method, masked=bool(args.emit_masked), round_channels=args.round_channels,
+    validating = args.validate or args.max_error is not None or args.min_speedup is not None
+    result = pruner.prune(args.keep, args.method, masked=bool(args.emit_masked) or validating,
+                          round_channels=args.round_channels,
                           fold_constants=args.fold_constants, gather_below=args.gather_below)
     _explain(result.selection)
     if not result.report["inputs_reach_outputs"]:
@@ -198,10 +217,30 @@ def cmd_prune(args) -> int:
     report["output"] = {"path": args.output, "sha256": digest(args.output), "bytes": os.path.getsize(args.output)}
     if args.emit_masked:
         report["masked"] = {"path": args.emit_masked, "sha256": digest(args.emit_masked)}
+    if validating:
+        from .validate import validate
+
+        start = time.perf_counter()
+        report["validation"] = validate(pruner.loaded.original, result.model_bytes, result.masked,
+                                        pruner.loaded.input_shapes, provider=args.provider, threads=args.threads,
+                                        runs=args.runs, warmup=args.warmup, samples=args.samples,
+                                        data=args.validate_data, max_error=args.max_error,
+                                        min_speedup=args.min_speedup)
+        report["timings_s"]["validate"] = time.perf_counter() - start
+        for w in report["validation"]["warnings"]:
+            warn(w)
     if args.report:
         save_model_atomic((json.dumps(report, indent=1) + "\n").encode(), args.report)
     if VERBOSITY >= 1 or args.verbose:
         print_prune(report, verbose=args.verbose)
+    if validating:
+        from .validate import print_validation
+
+        if VERBOSITY >= 1 or args.verbose:
+            print_validation(report["validation"])
+        failures = report["validation"]["failures"]
+        print("PASSED" if not failures else "FAILED: " + "; ".join(failures))
+        return 0 if not failures else 3
     return 0
 
 
@@ -266,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
 COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "select": cmd_select}
 #: modules with a `register(subparsers)` that adds subcommands (each sets `func` on its parser)
-EXTENSIONS = ("bench", "evaluate", "finetune")
+EXTENSIONS = ("bench", "evaluate", "finetune", "sweep")
 EXTENSION_COMMANDS = {"bench", "eval", "sweep", "finetune"}
 
 if __name__ == "__main__":

@@ -114,8 +114,16 @@ def print_prune(r: dict, verbose: bool = False) -> None:
           f"{sum(k['removed_by_redundancy'].values()):,} removed as redundant")
     print(f"MACs at {shapes}; time " + ", ".join(f"{n} {t:.2f} s" for n, t in r["timings_s"].items()))
     if r["channels"]["dead_nonzero_bias"]:
+        fate = ("they keep that constant (--fold-constants)" if r.get("fold_constants") else
+                "the masked model defines them as zero (DESIGN.md section 2; --fold-constants keeps the constant)")
         print(f"{r['channels']['dead_nonzero_bias']} kept channels lost every input kernel and had a non-zero bias: "
-              "the masked model defines them as zero (DESIGN.md section 2)")
+              + fate)
+    extra = [f"{r[key]} {what}" for key, what in (("head_channels_dropped", "constant channels left a linear head"),
+                                                   ("gathers_inserted", "convs read their input through a Gather"),
+                                                   ("concat_inputs_dropped", "Concat inputs dropped"))
+             if r.get(key)]
+    if extra:
+        print("; ".join(extra))
     if verbose:
         print()
         for layer in r["layers"]:
