@@ -189,6 +189,11 @@ def cmd_prune(args) -> int:
 
     check_keep(args.keep)
     _check_outputs(args)
+    validation_inputs = None
+    if args.validate_data:
+        from .validate import read_inputs
+
+        validation_inputs = read_inputs(args.validate_data)
     pruner = _pruner(args)
     if args.round_channels < 1:
         raise LeanOnnxError(f"--round-channels {args.round_channels}: expected a positive integer")
@@ -225,7 +230,7 @@ def cmd_prune(args) -> int:
                                         pruner.loaded.input_shapes, provider=args.provider, threads=args.threads,
                                         runs=args.runs, warmup=args.warmup, samples=args.samples,
                                         data=args.validate_data, max_error=args.max_error,
-                                        min_speedup=args.min_speedup)
+                                        min_speedup=args.min_speedup, inputs=validation_inputs)
         report["timings_s"]["validate"] = time.perf_counter() - start
         for w in report["validation"]["warnings"]:
             warn(w)

@@ -43,8 +43,19 @@ def argmax_agreement(reference: np.ndarray, other: np.ndarray) -> float:
     return float(np.mean(np.argmax(reference, axis=1) == np.argmax(other, axis=1)))
 
 
+def read_inputs(data: str) -> np.ndarray:
+    """The `inputs` array of an .npz (read before any work, so a bad file is refused early)."""
+    try:
+        with np.load(data, allow_pickle=False) as arrays:
+            return arrays["inputs"]
+    except KeyError:
+        raise LeanOnnxError(f"{data}: no array named 'inputs'") from None
+    except Exception as exc:
+        raise LeanOnnxError(f"{data}: not a readable .npz file ({str(exc).strip().splitlines()[0][:200]})") from None
+
+
 def validation_inputs(model: onnx.ModelProto, input_shapes: dict, samples: int, seed: int,
-                      data: str | None) -> list[dict]:
+                      data: str | None, inputs: np.ndarray | None = None) -> list[dict]:
     """Feeds: `samples` random normal batches, or the `inputs` array of an .npz in batches of the
     model's batch size (one input models only)."""
     from .contract import random_feeds
@@ -52,13 +63,7 @@ def validation_inputs(model: onnx.ModelProto, input_shapes: dict, samples: int, 
     if data is None:
         rng = np.random.default_rng(seed)
         return [random_feeds(model, input_shapes, rng) for _ in range(samples)]
-    try:
-        with np.load(data, allow_pickle=False) as arrays:
-            inputs = arrays["inputs"]
-    except KeyError:
-        raise LeanOnnxError(f"{data}: no array named 'inputs'") from None
-    except Exception as exc:
-        raise LeanOnnxError(f"{data}: not a readable .npz file ({str(exc).strip().splitlines()[0][:200]})") from None
+    inputs = read_inputs(data) if inputs is None else inputs
     names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     if len(names) != 1:
         raise LeanOnnxError(f"{data}: --validate-data needs a model with one input, this one has {len(names)}")
@@ -103,14 +108,14 @@ def fidelity(original, pruned, masked, feeds: list[dict], threads: int = 2) -> d
 def validate(original: onnx.ModelProto | str, pruned, masked, input_shapes: dict, *, provider: str = "auto",
              threads: int = 2, runs: int = 20, warmup: int = 5, samples: int = 4, seed: int = 0,
              data: str | None = None, max_error: float | None = None,
-             min_speedup: float | None = None) -> dict:
+             min_speedup: float | None = None, inputs: np.ndarray | None = None) -> dict:
     """Fidelity, latency and gates (DESIGN.md section 5 `validation`); `passed` is False when the
     contract or a gate fails, and `failures` says why, one line each."""
     from .bench import benchmark
 
     proto = original if isinstance(original, onnx.ModelProto) else onnx.load(original, load_external_data=True)
     pruned_proto = pruned if isinstance(pruned, onnx.ModelProto) else onnx.load_from_string(pruned)
-    feeds = validation_inputs(proto, input_shapes, samples, seed, data)
+    feeds = validation_inputs(proto, input_shapes, samples, seed, data, inputs)
     result = {"inputs": data or f"{samples} random normal batches (seed {seed})", "threads": threads}
     result.update(fidelity(proto, pruned_proto, masked, feeds, threads))
     timing = {}
