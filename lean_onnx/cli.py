@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep conv output channel counts at multiples of N or unchanged (default 16: ONNX "
                         "Runtime's blocked CPU kernels and TensorRT want such counts); 1 removes every channel "
                         "that can go")
+    g.add_argument("--plot", metavar="DIR", help="write PNG pictures: channels per layer before/after and the kept "
+                   "chains (needs matplotlib: pip install 'lean-onnx[plot]')")
     g.add_argument("--gather-below", type=float, default=0.75, metavar="F",
                    help="a conv whose kept kernels read at most F of the channels its shared input keeps reads "
                         "them through a channel Gather with a narrower weight (default 0.75, measured to pay "
@@ -189,6 +191,10 @@ def cmd_prune(args) -> int:
 
     check_keep(args.keep)
     _check_outputs(args)
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
     validation_inputs = None
     if args.validate_data:
         from .validate import read_inputs
@@ -234,6 +240,11 @@ def cmd_prune(args) -> int:
         report["timings_s"]["validate"] = time.perf_counter() - start
         for w in report["validation"]["warnings"]:
             warn(w)
+    if args.plot:
+        from .plots import plot_prune
+
+        os.makedirs(args.plot, exist_ok=True)
+        report["plots"] = plot_prune(result, args.plot)
     if args.report:
         save_model_atomic((json.dumps(report, indent=1) + "\n").encode(), args.report)
     if VERBOSITY >= 1 or args.verbose:
