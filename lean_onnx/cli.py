@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=2, help="intra-op threads, fixed so figures compare (default 2)")
     g.add_argument("--runs", type=int, default=20, help="timed runs per model (default 20)")
     g.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    from .schedule import add_arguments as schedule_arguments
+
+    schedule_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="per-layer table")
     p = sub.add_parser("inspect", help="channel graph, prunable kernels, coupling groups, frozen parts, FLOPs")
@@ -191,6 +194,10 @@ def cmd_prune(args) -> int:
 
     check_keep(args.keep)
     _check_outputs(args)
+    from .schedule import cmd_schedule, wants_schedule
+
+    if wants_schedule(args):
+        return cmd_schedule(args, info, warn)
     if args.plot:
         from .plots import require_matplotlib
 

@@ -1,0 +1,232 @@
+"""The paper's iterative schedule: prune in steps, fine-tune after each (lean-spec section 5).
+
+`lean-onnx IN OUT --keep 0.05 --steps 15 --finetune-data train.npz --epochs-per-step 3`: step t keeps
+r_t = keep^(t/T) of the ORIGINAL prunable kernels (0.8190, 0.6707, ... 0.05 for keep 0.05, T = 15).
+Each step prunes the previous step's fine-tuned model (physically, so it gets faster as it goes), with
+redundancy pruning; its zero kernels have norm 0, so LEAN never puts them back on a chain and the
+fallback ranks them last. Fine-tuning holds every zero kernel (and dead channel) at zero
+(finetune.py), so the contract pruned == masked holds at every step, which each step checks.
+
+Every step's model and a `state.json` go to a checkpoint folder; a run that stops (interrupt, crash,
+lost machine) resumes after the last finished step when started again with the same settings, and
+gives the same result as an uninterrupted run: pruning is deterministic and step t fine-tunes with
+seed `seed + t`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import LeanOnnxError
+
+STATE = "state.json"
+
+
+@dataclass
+class ScheduleConfig:
+    """What defines a schedule's result; a checkpoint folder is resumed only with the same config."""
+
+    keep: float
+    steps: int
+    method: str = "lean"
+    epochs_per_step: int = 3
+    lr: float = 1e-3
+    batch: int = 5
+    crop: int | None = None
+    seed: int = 0
+    round_channels: int = 16
+    fold_constants: bool = False
+    gather_below: float = 0.75
+    exclude: list[str] = field(default_factory=list)
+    input_shapes: dict | None = None
+    norm_grid: int | None = None
+    train_data: str | None = None  # sha256 of the training/validation arrays, not their paths
+    val_data: str | None = None
+
+
+def step_keeps(keep: float, steps: int) -> list[float]:
+    """r_t = keep^(t / steps), t = 1..steps: a geometric schedule ending exactly at `keep`."""
+    return [keep ** (t / steps) for t in range(1, steps)] + [keep]
+
+
+def data_digest(arrays: dict | None) -> str | None:
+    if arrays is None:
+        return None
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(key.encode() + str(value.dtype).encode() + str(value.shape).encode() + value.tobytes())
+    return digest.hexdigest()
+
+
+def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train: dict | None = None,
+                 val: dict | None = None, progress=None, stop_after: int | None = None,
+                 verify: bool = True) -> dict:
+    """Run (or resume) the schedule; returns the state: config, original kernel count and one row per
+    finished step (its checkpoint file, keep target/achieved, kernels, params, MACs, fine-tuning history,
+    contract error). `stop_after` k stops after step k (as an interruption would)."""
+    from .load import read_model
+    from .prune import save_model_atomic, sha256
+
+    say = progress or (lambda line: None)
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    config.train_data, config.val_data = data_digest(train), data_digest(val)
+    state = _resume(checkpoint_dir, source, config, sha256(source), say)
+    current = read_model(os.path.join(checkpoint_dir, state["steps"][-1]["model"])) if state["steps"] \
+        else read_model(source)
+    keeps = step_keeps(config.keep, config.steps)
+    for t in range(len(state["steps"]) + 1, config.steps + 1):
+        if stop_after is not None and t > stop_after:
+            break
+        start = time.perf_counter()
+        row, current = _step(current, t, keeps[t - 1], state, config, train, val, verify, say)
+        row["model"] = f"step_{t:02d}.onnx"
+        save_model_atomic(current, os.path.join(checkpoint_dir, row["model"]))
+        row["seconds"] = time.perf_counter() - start
+        state["steps"].append(row)
+        save_model_atomic((json.dumps(state, indent=1) + "\n").encode(), os.path.join(checkpoint_dir, STATE))
+        say(_step_line(row, config.steps))
+    state["finished"] = len(state["steps"]) == config.steps
+    return state
+
+
+def _resume(folder: str, source: str, config: ScheduleConfig, digest: str, say) -> dict:
+    path = os.path.join(folder, STATE)
+    fresh = {"schema_version": 1, "input": source, "input_sha256": digest, "config": asdict(config),
+             "original_kernels": None, "steps": []}
+    if not os.path.exists(path):
+        return fresh
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        raise LeanOnnxError(f"{path}: unreadable schedule state; remove the folder to start again") from None
+    if state.get("input_sha256") != digest or state.get("config") != json.loads(json.dumps(asdict(config))):
+        raise LeanOnnxError(f"{folder}: holds a schedule with other settings or another input; use another "
+                            "--checkpoint-dir, or remove it to start again")
+    done = [row for row in state["steps"] if os.path.exists(os.path.join(folder, row["model"]))]
+    if len(done) != len(state["steps"]):
+        raise LeanOnnxError(f"{folder}: a step's checkpoint model is missing; remove the folder to start again")
+    if done:
+        say(f"resuming after step {len(done)}/{config.steps} from {folder}")
+    return state
+
+
+def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, train, val, verify: bool, say):
+    """Prune `model` to `target` of the original kernels, then fine-tune; returns (row, new model)."""
+    from .prune import Pruner
+
+    pruner = Pruner(model, exclude=config.exclude, input_shapes=config.input_shapes, norm_grid=config.norm_grid)
+    prunable = int(pruner.graph.prunable_edges.sum())
+    if state["original_kernels"] is None:
+        state["original_kernels"] = prunable
+    keep_here = min(1.0, target * state["original_kernels"] / prunable)
+    result = pruner.prune(keep_here, config.method, masked=verify, round_channels=config.round_channels,
+                          fold_constants=config.fold_constants, gather_below=config.gather_below)
+    report = result.report
+    row = {"step": t, "keep_target": target, "keep_in_step": keep_here, "kernels_kept": report["kernels"]["kept"],
+           "keep_achieved": report["kernels"]["kept"] / state["original_kernels"],
+           "kernels_in_model": report["kernels"]["in_pruned_model"], "params": report["params"]["after"],
+           "macs": report["flops"]["after"], "inputs_reach_outputs": report["inputs_reach_outputs"]}
+    if verify:
+        from .contract import check_contract
+
+        try:
+            errors = check_contract(pruner.loaded.original, result, pruner.loaded.input_shapes,
+                                    np.random.default_rng(t), samples=1)
+        except AssertionError as exc:
+            raise LeanOnnxError(f"step {t}: internal: {exc} (please report)") from None
+        row["max_rel_err_vs_masked"] = errors["max_rel_err_vs_masked"]
+    model = result.model
+    row["finetune"] = []
+    if train is not None and config.epochs_per_step > 0:
+        from .finetune import finetune
+
+        model, row["finetune"] = finetune(model, train, val, epochs=config.epochs_per_step, lr=config.lr,
+                                          batch=config.batch, seed=config.seed + t, crop=config.crop,
+                                          path=f"step {t}")
+    return row, model
+
+
+def _step_line(row: dict, steps: int) -> str:
+    parts = [f"step {row['step']}/{steps}: keep {row['keep_achieved']:.4f} (target {row['keep_target']:.4f})",
+             f"{row['kernels_kept']:,} kernels", f"params {row['params']:,}"]
+    if row["finetune"]:
+        last = row["finetune"][-1]
+        parts += [f"{k} {last[k]:.4f}" for k in ("train_loss", "val_loss", "val_accuracy") if k in last]
+    return " | ".join(parts) + f" | {row['seconds']:.1f} s"
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def add_arguments(p) -> None:
+    """The schedule's options on the main command."""
+    g = p.add_argument_group("iterative schedule (lean-spec section 5)")
+    g.add_argument("--steps", type=int, default=1, help="prune in N steps of geometric keep, keep^(t/N) (default 1)")
+    g.add_argument("--finetune-data", metavar="NPZ", help="fine-tune after each step on this .npz (inputs, targets)")
+    g.add_argument("--val-data", metavar="NPZ", help="validation data, evaluated after each fine-tuning epoch")
+    g.add_argument("--epochs-per-step", type=int, default=3, help="fine-tuning epochs after each step (default 3)")
+    g.add_argument("--checkpoint-dir", metavar="DIR", help="step models and state (default OUT.steps/); a run "
+                   "started again with the same settings resumes after the last finished step")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--batch", type=int, default=5, help="fine-tuning batch size (default 5)")
+    g.add_argument("--crop", type=int, default=0, metavar="PIXELS", help="fine-tune on random crops (0: full inputs)")
+    g.add_argument("--seed", type=int, default=0, help="step t fine-tunes with seed + t (default 0)")
+
+
+def wants_schedule(args) -> bool:
+    return args.steps > 1 or bool(args.finetune_data)
+
+
+def cmd_schedule(args, info, warn) -> int:
+    """`lean-onnx IN OUT --keep R --steps N [--finetune-data ...]`: run or resume, then write OUT."""
+    from .load import parse_input_shapes, read_model
+    from .prune import save_model_atomic
+
+    if args.steps < 1 or args.epochs_per_step < 0 or args.batch < 1 or args.lr <= 0 or args.crop < 0:
+        raise LeanOnnxError("--steps and --batch must be >= 1, --epochs-per-step and --crop >= 0, --lr > 0")
+    if args.val_data and not args.finetune_data:
+        raise LeanOnnxError("--val-data needs --finetune-data")
+    train = val = None
+    if args.finetune_data:
+        from .finetune import load_data
+
+        train = load_data(args.finetune_data, "--finetune-data")
+        val = load_data(args.val_data, "--val-data") if args.val_data else None
+    else:
+        warn("--steps without --finetune-data: pruning in steps without fine-tuning in between")
+    shapes = parse_input_shapes(args.input_shape)
+    if not shapes and train is not None:  # the data fix the input shape (one input, batch 1)
+        model = read_model(args.model)
+        inits = {t.name for t in model.graph.initializer}
+        name = next(i.name for i in model.graph.input if i.name not in inits)
+        shapes = {name: (1,) + tuple(train["inputs"].shape[1:])}
+    config = ScheduleConfig(keep=args.keep, steps=args.steps, method=args.method,
+                            epochs_per_step=args.epochs_per_step if train is not None else 0, lr=args.lr,
+                            batch=args.batch, crop=args.crop or None, seed=args.seed,
+                            round_channels=args.round_channels, fold_constants=args.fold_constants,
+                            gather_below=args.gather_below, exclude=list(args.exclude),
+                            input_shapes={k: list(v) for k, v in shapes.items()} or None,
+                            norm_grid=None if args.norm_grid == "auto" else int(args.norm_grid))
+    folder = args.checkpoint_dir or args.output + ".steps"
+    info(f"schedule: {args.steps} step(s) to keep {args.keep:g} "
+         f"({', '.join(f'{k:.4f}' for k in step_keeps(args.keep, args.steps))}); checkpoints in {folder}")
+    state = run_schedule(args.model, config, folder, train, val, progress=info)
+    final = os.path.join(folder, state["steps"][-1]["model"])
+    with open(final, "rb") as f:
+        save_model_atomic(f.read(), args.output)
+    state["output"] = args.output
+    if args.report:
+        save_model_atomic((json.dumps(state, indent=1) + "\n").encode(), args.report)
+    print(f"{'step':>4}  {'keep target':>11}  {'achieved':>8}  {'kernels':>9}  {'params':>9}  val metrics")
+    for row in state["steps"]:
+        last = row["finetune"][-1] if row["finetune"] else {}
+        metrics = ", ".join(f"{k} {last[k]:.4f}" for k in ("train_loss", "val_loss", "val_accuracy") if k in last)
+        print(f"{row['step']:>4}  {row['keep_target']:>11.4f}  {row['keep_achieved']:>8.4f}  "
+              f"{row['kernels_kept']:>9,}  {row['params']:>9,}  {metrics or '-'}")
+    return 0
