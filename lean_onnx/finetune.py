@@ -1,0 +1,282 @@
+"""Fine-tune an ONNX model in torch and write it back: `lean-onnx finetune IN OUT --data train.npz`.
+
+The library function `finetune(model, train, val, ...)` is what an iterative prune / fine-tune schedule
+calls after every pruning step (lean-spec.md section 5: Adam with torch defaults, batch 5, shuffled,
+cross-entropy on the logits). It is deterministic for a fixed seed: torch is seeded, a numpy Generator
+draws the shuffles and crops, and torch's deterministic algorithms are on while it runs, so a schedule
+that is stopped and restarted from the step's model reproduces it bit for bit.
+
+Pruned kernels stay pruned: `zero_kernel_masks` is taken from the input model, the masked gradients are
+zeroed before each Adam step and the masked weights after it, so DESIGN.md's pruned == masked contract
+still holds for the fine-tuned model. BatchNormalization keeps its running statistics (bridge.py).
+Data: `.npz` files with `inputs` (N, ...) float32 and `targets`: integer class maps or labels for
+cross-entropy, floats of the output's shape for MSE (lean_onnx.data writes Circle-Square in this form).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import onnx
+
+from .errors import LeanOnnxError
+
+LOSSES = ("auto", "ce", "mse")
+
+
+def finetune(model: onnx.ModelProto, train: dict, val: dict | None = None, epochs: int = 3, lr: float = 1e-3,
+             batch: int = 5, seed: int = 0, crop: int | None = None, loss: str = "auto",
+             keep_zero_kernels: bool = True, progress=None, path: str = "<model>"):
+    """Train `model` on `train` ({"inputs", "targets"} arrays) for `epochs`; returns (trained ModelProto
+    with the template's interface, history: one dict per epoch with train_loss, val_loss, val_accuracy
+    (classification/segmentation), seconds). `crop`: random crops of crop x crop pixels for training
+    (dense targets only); validation always runs on full inputs. `progress(str)` receives one line per
+    epoch."""
+    import torch
+
+    from .bridge import apply_masks, export_onnx, mask_gradients, to_torch, zero_kernel_masks
+
+    train = _checked(train, "train", crop, path)
+    val = _checked(val, "val", None, path) if val is not None else None
+    loss_kind = _loss_kind(loss, train["targets"], path)
+    with _deterministic(seed):
+        module = to_torch(model, path)
+        if len(module.input_names) != 1:
+            raise LeanOnnxError(f"{path}: finetune needs a model with one input, not {module.input_names}")
+        masks = zero_kernel_masks(module) if keep_zero_kernels else {}
+        if progress:
+            progress(_summary(module, masks))
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+        rng = np.random.default_rng(seed)
+        history = []
+        for epoch in range(1, epochs + 1):
+            start = time.perf_counter()
+            module.train()
+            train_loss = _train_epoch(module, optimizer, masks, train, batch, crop, loss_kind, rng,
+                                      apply_masks, mask_gradients)
+            row = {"epoch": epoch, "train_loss": train_loss}
+            if val is not None:
+                row.update(evaluate(module, val, batch, loss_kind))
+            row["seconds"] = time.perf_counter() - start
+            history.append(row)
+            if progress:
+                progress(_epoch_line(row, epochs))
+        module.eval()
+        return export_onnx(module, model), history
+
+
+def _train_epoch(module, optimizer, masks, data, batch, crop, loss_kind, rng, apply_masks, mask_gradients) -> float:
+    """One shuffled pass; returns the training loss averaged over the samples."""
+    import torch
+
+    order = rng.permutation(len(data["inputs"]))
+    total, count = 0.0, 0
+    for first in range(0, len(order), batch):
+        index = np.sort(order[first:first + batch])  # sorted: npz-backed arrays read faster
+        x, y = data["inputs"][index], data["targets"][index]
+        if crop:
+            x, y = _random_crops(x, y, crop, rng)
+        loss = _loss(module(torch.from_numpy(np.ascontiguousarray(x))), torch.from_numpy(np.ascontiguousarray(y)),
+                     loss_kind)
+        optimizer.zero_grad()
+        loss.backward()
+        mask_gradients(module, masks)
+        optimizer.step()
+        apply_masks(module, masks)
+        total += loss.item() * len(index)
+        count += len(index)
+    return total / max(count, 1)
+
+
+def evaluate(module, data: dict, batch: int = 5, loss_kind: str = "ce") -> dict:
+    """Mean loss per element over `data` and, for cross-entropy, global accuracy (correct / total
+    target elements: the paper's pixel accuracy for segmentation)."""
+    import torch
+
+    module.eval()
+    loss_sum, correct, elements = 0.0, 0, 0
+    with torch.no_grad():
+        for first in range(0, len(data["inputs"]), batch):
+            x = torch.from_numpy(np.ascontiguousarray(data["inputs"][first:first + batch]))
+            y = torch.from_numpy(np.ascontiguousarray(data["targets"][first:first + batch]))
+            out = _first_output(module(x))
+            n = y.numel()
+            loss_sum += _loss(out, y, loss_kind).item() * n
+            elements += n
+            if loss_kind == "ce":
+                correct += int((out.argmax(1) == y).sum())
+    result = {"val_loss": loss_sum / max(elements, 1)}
+    if loss_kind == "ce":
+        result["val_accuracy"] = correct / max(elements, 1)
+    return result
+
+
+def _loss(output, target, loss_kind: str):
+    import torch.nn.functional as F
+
+    output = _first_output(output)
+    if loss_kind == "ce":
+        return F.cross_entropy(output, target.long())
+    return F.mse_loss(output, target.to(output.dtype))
+
+
+def _first_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _random_crops(x: np.ndarray, y: np.ndarray, crop: int, rng: np.random.Generator):
+    """One random crop x crop window per sample, the same window in input and target."""
+    height, width = x.shape[-2:]
+    xs, ys = [], []
+    for k in range(len(x)):
+        top, left = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
+        xs.append(x[k, ..., top:top + crop, left:left + crop])
+        ys.append(y[k, ..., top:top + crop, left:left + crop])
+    return np.stack(xs), np.stack(ys)
+
+
+def _loss_kind(loss: str, targets: np.ndarray, path: str) -> str:
+    if loss not in LOSSES:
+        raise LeanOnnxError(f"--loss {loss!r}: choose from {', '.join(LOSSES)}")
+    if loss != "auto":
+        return loss
+    return "ce" if np.issubdtype(targets.dtype, np.integer) else "mse"
+
+
+def _checked(data: dict, what: str, crop: int | None, path: str) -> dict:
+    """The data with float32 inputs, or one LeanOnnxError saying what is wrong with it."""
+    for key in ("inputs", "targets"):
+        if key not in data:
+            raise LeanOnnxError(f"{path}: {what} data has no {key!r} array (has {sorted(data)})")
+    if len(data["inputs"]) != len(data["targets"]) or len(data["inputs"]) == 0:
+        raise LeanOnnxError(f"{path}: {what} data: {len(data['inputs'])} inputs but {len(data['targets'])} targets")
+    if crop:
+        x, y = data["inputs"], data["targets"]
+        if x.ndim < 3 or y.ndim < 3 or x.shape[-2:] != y.shape[-2:]:
+            raise LeanOnnxError(f"{path}: --crop needs targets with the inputs' spatial size "
+                                f"(inputs {x.shape}, targets {y.shape})")
+        if crop > min(x.shape[-2:]):
+            raise LeanOnnxError(f"{path}: --crop {crop} is larger than the images {x.shape[-2:]}")
+    return {"inputs": np.asarray(data["inputs"], dtype=np.float32), "targets": np.asarray(data["targets"])}
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int):
+    """Seed torch, switch deterministic algorithms on; restore the caller's settings afterwards."""
+    import torch
+
+    was = torch.are_deterministic_algorithms_enabled()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.random.set_rng_state(state)
+
+
+def _summary(module, masks: dict) -> str:
+    params = sum(p.numel() for p in module.parameters())
+    held = sum(int(mask.numel() - mask.sum()) for key, mask in masks.items() if mask.dim() > 1)
+    return (f"{params:,} trainable parameters in {len(list(module.parameters()))} tensors; "
+            f"{held:,} zero kernels held at zero")
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"train_loss {row['train_loss']:.5f}"]
+    parts += [f"{k} {row[k]:.5f}" for k in ("val_loss", "val_accuracy") if k in row]
+    return " | ".join(parts) + f" | {row['seconds']:.1f} s"
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def load_data(path: str, flag: str) -> dict:
+    """An `.npz` with `inputs` and `targets`; every failure is one LeanOnnxError naming the file."""
+    if not os.path.isfile(path):
+        raise LeanOnnxError(f"{path}: {flag}: no such file")
+    try:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+    except Exception as exc:
+        raise LeanOnnxError(f"{path}: {flag}: not a readable .npz file ({str(exc).splitlines()[0][:200]})") from None
+    return _checked(arrays, flag, None, path)
+
+
+def register(sub) -> None:
+    """Add `finetune` to the lean-onnx subcommands (cli.py calls this)."""
+    p = sub.add_parser("finetune", help="fine-tune IN on data (Adam, cross-entropy/MSE) and write OUT; "
+                                        "pruned kernels stay zero")
+    p.add_argument("model", metavar="IN", help="input .onnx file (never modified)")
+    p.add_argument("output", metavar="OUT", help="fine-tuned .onnx file (written atomically; same interface)")
+    p.add_argument("--data", required=True, metavar="NPZ", help="training data: .npz with inputs and targets")
+    p.add_argument("--val-data", metavar="NPZ", help="validation data, evaluated on full inputs after each epoch")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3, as the "
+                                                         "paper's schedule per pruning step)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--batch", type=int, default=5, help="batch size (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of torch and of the shuffles/crops (default 0)")
+    p.add_argument("--crop", type=int, default=0, metavar="PIXELS",
+                   help="train on random PIXELS x PIXELS crops (dense targets; 0 = full inputs, the default)")
+    p.add_argument("--loss", choices=LOSSES, default="auto",
+                   help="ce: cross-entropy on logits (integer targets), mse: float targets; auto (default) "
+                        "picks by the targets' dtype")
+    p.add_argument("--train-zero-kernels", action="store_true",
+                   help="let exactly-zero kernels train (default: they are pruned and stay zero)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--report", metavar="PATH", help="write per-epoch metrics as JSON here")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="no extra detail yet (every lean-onnx command takes -v)")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args) -> int:
+    from .load import read_model
+    from .prune import save_model_atomic
+
+    _check_args(args)
+    model = read_model(args.model)
+    train = load_data(args.data, "--data")
+    val = load_data(args.val_data, "--val-data") if args.val_data else None
+    try:
+        import torch
+    except ImportError:
+        raise LeanOnnxError("torch is required for finetune (pip install 'lean-onnx[train]')") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    say = (lambda line: None) if args.quiet else (lambda line: print(f"[I] {line}", file=sys.stderr, flush=True))
+    say(f"fine-tuning {args.model} on {len(train['inputs'])} samples for {args.epochs} epoch(s)")
+    started = time.perf_counter()
+    trained, history = finetune(model, train, val, epochs=args.epochs, lr=args.lr, batch=args.batch,
+                                seed=args.seed, crop=args.crop or None, loss=args.loss,
+                                keep_zero_kernels=not args.train_zero_kernels, progress=say, path=args.model)
+    save_model_atomic(trained, args.output)
+    say(f"wrote {args.output}")
+    if args.report:
+        report = {"schema_version": 1, "command": "finetune", "input": args.model, "output": args.output,
+                  "data": args.data, "val_data": args.val_data,
+                  "settings": {k: getattr(args, k) for k in ("epochs", "lr", "batch", "seed", "crop", "loss",
+                                                             "train_zero_kernels")},
+                  "epochs": history, "seconds": time.perf_counter() - started}
+        save_model_atomic((json.dumps(report, indent=1) + "\n").encode(), args.report)
+    return 0
+
+
+def _check_args(args) -> None:
+    """Refuse before any work (training can take hours): bad numbers, OUT equal to IN, no output folder."""
+    if args.epochs < 0 or args.batch < 1 or args.lr <= 0 or args.crop < 0:
+        raise LeanOnnxError("--epochs must be >= 0, --batch >= 1, --lr > 0 and --crop >= 0")
+    for flag, path in (("OUT", args.output), ("--report", args.report)):
+        if not path:
+            continue
+        if os.path.realpath(path) == os.path.realpath(args.model):
+            raise LeanOnnxError(f"{path}: {flag} is the input file; lean-onnx never overwrites its input")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise LeanOnnxError(f"{path}: output folder {folder} does not exist or is not writable")
+
