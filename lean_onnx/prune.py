@@ -22,6 +22,7 @@ from .analysis import compute_edge_weights, float_params, model_cost, pruned_mac
 from .errors import LeanOnnxError
 from .graph import ChannelGraph, build_channel_graph, check_keep
 from .load import load_model, structural_copy
+from .storage import checker_view, data_bytes, external_data_threshold
 from .plan import Plan, make_plan
 from .rewrite import rewrite
 from .select import forward_alive
@@ -45,7 +46,9 @@ class PruneResult:
     selection: Selection = field(repr=False)
     plan: Plan = field(repr=False)
     graph: ChannelGraph = field(repr=False)
-    model_bytes: bytes = field(default=b"", repr=False)  # the serialised pruned model, as checked
+    #: the serialised pruned model, as checked; the ModelProto itself when it is too large for one protobuf
+    #: (save_model_atomic then writes it with external data)
+    model_bytes: bytes | onnx.ModelProto = field(default=b"", repr=False)
 
 
 class Pruner:
@@ -69,9 +72,10 @@ class Pruner:
         which is much cheaper than normalising again (constant folding is slow on models like MS-D)."""
         self._bases_made += 1
         if self._bases_made == 1:
-            return structural_copy(self.loaded.original, self.loaded.path)
-        if self._base_bytes is None:
-            self._base_bytes = structural_copy(self.loaded.original, self.loaded.path).SerializeToString()
+            return structural_copy(self.loaded.skeleton, self.loaded.path, stub_large=True)
+        if self._base_bytes is None:  # large weights are stubs (storage.py): these bytes are the graph only
+            self._base_bytes = structural_copy(self.loaded.skeleton, self.loaded.path, stub_large=True
+                                               ).SerializeToString()
         return onnx.ModelProto.FromString(self._base_bytes)
 
     def _timed(self, stage, fn, *args, **kwargs):
@@ -82,16 +86,17 @@ class Pruner:
 
     def prune(self, keep: float, method: str = "lean", redundancy: bool = True, masked: bool = True,
               round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,
-              gather_below: float = DEFAULT_GATHER_BELOW) -> PruneResult:
+              gather_below: float = DEFAULT_GATHER_BELOW, zeros_are_pruned: bool = False) -> PruneResult:
         """Prune to `keep`; `masked=False` skips building (and checking) the masked model;
         `round_channels` N keeps conv output channel counts at multiples of N (see plan.make_plan);
         `fold_constants`: dead channels keep their constant act(bias) (the masked model keeps biases, as
         the reference's does) and constants that reach a Gemm head move into its bias; `gather_below` F: a
-        conv reading at most F of its shared input's channels reads them through a Gather (0: never)."""
+        conv reading at most F of its shared input's channels reads them through a Gather (0: never);
+        `zeros_are_pruned`: exactly-zero kernels count as pruned already (steps of a schedule)."""
         check_keep(keep)
         timings = dict(self.timings)
         start = time.perf_counter()
-        selection = select_kernels(self.graph, keep, method, redundancy)
+        selection = select_kernels(self.graph, keep, method, redundancy, zeros_are_pruned)
         timings["select"] = time.perf_counter() - start
         start = time.perf_counter()
         plan = make_plan(self.graph, selection, round_channels, fold_constants, gather_below)
@@ -99,8 +104,8 @@ class Pruner:
         masked_model = rewrite(self.graph, selection, plan, False, self._base()) if masked else None
         timings["rewrite"] = time.perf_counter() - start
         start = time.perf_counter()
-        pruned_bytes = pruned.SerializeToString()
-        _check(pruned_bytes, "pruned", self.loaded.path)
+        _check(pruned, "pruned", self.loaded.path)
+        pruned_bytes = pruned if data_bytes(pruned) > external_data_threshold() else pruned.SerializeToString()
         if masked_model is not None:
             _check(masked_model, "masked", self.loaded.path)
         cost_after = {"params": float_params(pruned), "macs": pruned_macs(pruned, self.loaded)}
@@ -119,9 +124,11 @@ def prune(source, keep: float, method: str = "lean", *, exclude=(), input_shapes
         gather_below=gather_below)
 
 
-def _check(model: onnx.ModelProto | bytes, what: str, path: str) -> None:
+def _check(model: onnx.ModelProto, what: str, path: str) -> None:
+    """Full onnx.checker on the model; large weights are typed inputs there (storage.checker_view): they
+    were checked in the input file or made by numpy_helper.from_array, and checking them would copy them."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(checker_view(model), full_check=True)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise LeanOnnxError(f"{path}: internal: the {what} model fails onnx.checker ({first}); nothing was "

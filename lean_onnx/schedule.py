@@ -3,8 +3,7 @@
 `lean-onnx IN OUT --keep 0.05 --steps 15 --finetune-data train.npz --epochs-per-step 3`: step t keeps
 r_t = keep^(t/T) of the ORIGINAL prunable kernels (0.8190, 0.6707, ... 0.05 for keep 0.05, T = 15).
 Each step prunes the previous step's fine-tuned model (physically, so it gets faster as it goes), with
-redundancy pruning; its zero kernels have norm 0, so LEAN never puts them back on a chain and the
-fallback ranks them last. Fine-tuning holds every zero kernel (and dead channel) at zero
+redundancy pruning; its zero kernels count as pruned already (never kept again, as in the reference). Fine-tuning holds every zero kernel (and dead channel) at zero
 (finetune.py), so the contract pruned == masked holds at every step, which each step checks.
 
 Every step's model and a `state.json` go to a checkpoint folder; a run that stops (interrupt, crash,
@@ -128,7 +127,8 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
         state["original_kernels"] = prunable
     keep_here = min(1.0, target * state["original_kernels"] / prunable)
     result = pruner.prune(keep_here, config.method, masked=verify, round_channels=config.round_channels,
-                          fold_constants=config.fold_constants, gather_below=config.gather_below)
+                          fold_constants=config.fold_constants, gather_below=config.gather_below,
+                          zeros_are_pruned=True)
     report = result.report
     row = {"step": t, "keep_target": target, "keep_in_step": keep_here, "kernels_kept": report["kernels"]["kept"],
            "keep_achieved": report["kernels"]["kept"] / state["original_kernels"],

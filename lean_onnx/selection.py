@@ -70,12 +70,15 @@ class Selection:
         }
 
 
-def select_kernels(graph: ChannelGraph, keep: float, method: str = "lean", redundancy: bool = True) -> Selection:
+def select_kernels(graph: ChannelGraph, keep: float, method: str = "lean", redundancy: bool = True,
+                   zeros_are_pruned: bool = False) -> Selection:
     """Keep `int(keep * prunable kernels)` kernels by `method` (lean | sv | l1), then prune redundancy.
 
     Redundancy (lean-spec 3.5, both directions): a channel with no kept incoming kernel is dead and
     the kernels reading it go; a channel that no kept kernel, head or graph output reads is unused and
     the kernels writing it go. So the achieved keep can fall below the request, as in the reference.
+    `zeros_are_pruned`: kernels that are exactly zero count as pruned already (the reference's iterative
+    schedule excludes them): they are never kept, and at most the non-zero ones are requested.
     """
     check_keep(keep)
     if method not in METHODS:
@@ -87,6 +90,11 @@ def select_kernels(graph: ChannelGraph, keep: float, method: str = "lean", redun
     num_keep = int(keep * total)
     if keep >= 1.0:
         num_keep = total
+    nonzero = None
+    if zeros_are_pruned:
+        scores = graph.weight if method != "l1" else l1_scores(graph)
+        nonzero = prunable & (scores > 0)
+        num_keep = min(num_keep, int(nonzero.sum()))
     from_paths = np.zeros(graph.num_edges, dtype=bool)
     num_paths = longest = 0
     longest_product = 0.0
@@ -97,7 +105,7 @@ def select_kernels(graph: ChannelGraph, keep: float, method: str = "lean", redun
     else:
         scores = graph.weight if method == "sv" else l1_scores(graph)
         edge_keep = threshold_keep_mask(scores, prunable, num_keep)
-    edge_keep &= prunable
+    edge_keep &= prunable if nonzero is None else nonzero
     selected = int(edge_keep.sum())
     alive = np.ones(graph.num_nodes, dtype=bool)
     used = np.ones(graph.num_nodes, dtype=bool)
