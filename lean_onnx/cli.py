@@ -12,7 +12,9 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
+import warnings
 
 from . import __version__
 from .errors import LeanOnnxError
@@ -268,19 +270,41 @@ def cmd_prune(args) -> int:
 
 
 def _check_outputs(args) -> None:
-    """Refuse before any work: OUT (or --emit-masked/--report) equal to IN, or an unwritable folder."""
+    """Refuse before any work: an output (OUT, --emit-masked, --report) that is the input file (also through
+    a symlink, a hard link or a relative path) or one of its external data files, two outputs that are the
+    same file, an output that is a directory, a missing folder, or a folder where no file can be created."""
     source = os.path.realpath(args.model)
+    from .storage import external_locations
+
+    in_folder = os.path.dirname(source)
+    input_data = {os.path.realpath(os.path.join(in_folder, loc)) for loc in external_locations(source)}
+    seen: dict[str, str] = {}
     for flag, path in (("OUT", args.output), ("--emit-masked", args.emit_masked), ("--report", args.report)):
         if not path:
             continue
-        if os.path.realpath(path) == source or (os.path.exists(path) and os.path.exists(args.model)
-                                                and os.path.samefile(path, args.model)):
+        real = os.path.realpath(path)
+        if real == source or (os.path.exists(path) and os.path.exists(args.model)
+                              and os.path.samefile(path, args.model)):
             raise LeanOnnxError(f"{path}: {flag} is the input file; lean-onnx never overwrites its input")
+        if real in input_data:
+            raise LeanOnnxError(f"{path}: {flag} is an external data file of the input; lean-onnx never "
+                                "overwrites its input")
+        if real in seen:
+            raise LeanOnnxError(f"{path}: {flag} and {seen[real]} are the same file")
+        seen[real] = flag
+        if os.path.isdir(path):
+            raise LeanOnnxError(f"{path}: {flag} is a directory; give a file name")
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise LeanOnnxError(f"{path}: output folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise LeanOnnxError(f"{path}: output folder {folder} is not writable")
+        try:  # root passes os.access everywhere; read-only file systems and sysfs refuse the file itself
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise LeanOnnxError(f"{path}: cannot create files in the output folder {folder} "
+                                f"({exc.strerror or exc})") from None
 
 
 def _explain(selection) -> None:
@@ -295,8 +319,20 @@ def _explain(selection) -> None:
              f"fed channels nothing reads); kept {100 * selection.keep_achieved:.2f} %")
 
 
+def _one_line(text: str) -> str:
+    """Messages go out as one line: a pipeline reads the first line of stderr."""
+    return " ".join(str(text).split())[:2000]
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings from the libraries (numpy, onnx) become one `[W]` line each, never a stack."""
+    warn(_one_line(f"{category.__name__}: {message}"))
+
+
 def main(argv: list[str] | None = None) -> int:
     global VERBOSITY
+    if not os.environ.get("LEAN_ONNX_DEBUG"):
+        warnings.showwarning = _show_warning
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         if argv and argv[0] not in COMMANDS and argv[0] not in EXTENSION_COMMANDS and not argv[0].startswith("-"):
@@ -306,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         command = COMMANDS.get(args.command) or args.func
         return command(args)
     except LeanOnnxError as exc:
-        print(f"[E] {exc}", file=sys.stderr)
+        print(f"[E] {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("[E] interrupted", file=sys.stderr)
@@ -314,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("[E] out of memory", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file that cannot be read or written (disk full, permissions): exit 2
+        if os.environ.get("LEAN_ONNX_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"[E] {_one_line(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug: one line, traceback only on request
         if os.environ.get("LEAN_ONNX_DEBUG"):
             raise
@@ -321,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         while where and where.tb_next:
             where = where.tb_next
         loc = f" at {os.path.basename(where.tb_frame.f_code.co_filename)}:{where.tb_lineno}" if where else ""
-        print(f"[E] internal error: {type(exc).__name__}: {exc}{loc} (set LEAN_ONNX_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        print(_one_line(f"[E] internal error: {type(exc).__name__}: {exc}{loc} (set LEAN_ONNX_DEBUG=1 for a "
+                        "traceback)"), file=sys.stderr)
         return 1
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
+from . import storage
 from .errors import LeanOnnxError
 
 #: Symbolic dims without --input-shape: batch (axis 0) becomes 1, every other symbolic dim 224.
@@ -42,66 +44,192 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str | None, tuple[int, .
     return shapes
 
 
+#: op types of quantized models (QDQ, QLinear*, integer convs/matmuls): refused, prune before quantizing
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul",
+                 "MatMulIntegerToFloat", "DynamicQuantizeLSTM"}
+
+
 @dataclass
 class LoadedModel:
-    """The original model (untouched) and its normalised, shape-inferred analysis copy."""
+    """The original model (untouched) and its normalised, shape-inferred analysis copy.
+
+    Large float weights are read from the file only when needed (storage.py): `skeleton` is the original
+    with those weights as stubs, `source_tensors()` reads them one at a time, `initializers` gives every
+    initializer of the analysis copy as a numpy array, and `original` (the whole model) is read on first
+    use only: pruning never needs it, --validate does."""
 
     path: str
-    original: onnx.ModelProto
     model: onnx.ModelProto
     input_shapes: dict[str, tuple[int, ...]]
     assumed_shape: bool
     warnings: list[str] = field(default_factory=list)
-    initializers: dict[str, np.ndarray] = field(default_factory=dict)
+    initializers: Mapping = field(default_factory=dict)
     shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     shape_reads: dict[str, str] = field(default_factory=dict)  # tensor -> Shape node folded on it
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    skeleton: onnx.ModelProto | None = field(default=None, repr=False)
+    _original: onnx.ModelProto | None = field(default=None, repr=False)
+    _tensors: Mapping = field(default_factory=dict, repr=False)
+    _file_id: tuple | None = field(default=None, repr=False)
 
     @property
     def graph(self) -> onnx.GraphProto:
         return self.model.graph
 
+    @property
+    def original(self) -> onnx.ModelProto:
+        if self._original is None:
+            if storage.file_id(self.path) != self._file_id:
+                raise LeanOnnxError(f"{self.path}: the file changed on disk while lean-onnx was using it; nothing "
+                                    "was written (run again)")
+            self._original = read_model(self.path)
+        return self._original
+
+    def source_tensors(self) -> Mapping:
+        """Name -> the original TensorProto of each stub (read from the file on access)."""
+        return self._tensors
+
     def shape(self, name: str) -> tuple[int | None, ...] | None:
         return self.shapes.get(name)
 
 
-def read_model(path: str) -> onnx.ModelProto:
-    """Read an ONNX file; every failure is one LeanOnnxError line naming the file."""
+class TensorArrays(Mapping):
+    """Initializers of the analysis copy as numpy arrays: small ones converted once, large ones (stubs)
+    converted from the original on each access, so the weights are not held twice."""
+
+    def __init__(self, loaded: LoadedModel, small: dict[str, np.ndarray], large: set[str]):
+        self._loaded, self._small, self._large = loaded, small, large
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._small:
+            return self._small[name]
+        if name in self._large:
+            return numpy_helper.to_array(self._loaded.source_tensors()[name])
+        raise KeyError(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self._small or name in self._large
+
+    def __iter__(self):
+        yield from self._small
+        yield from self._large
+
+    def __len__(self) -> int:
+        return len(self._small) + len(self._large)
+
+
+def _check_file(path: str) -> None:
     if not os.path.exists(path):
         raise LeanOnnxError(f"{path}: no such file")
     if os.path.isdir(path):
         raise LeanOnnxError(f"{path}: is a directory, not an ONNX file")
+    if not os.path.isfile(path):
+        raise LeanOnnxError(f"{path}: not a regular file")
     if os.path.getsize(path) == 0:
         raise LeanOnnxError(f"{path}: empty file, not an ONNX model")
+
+
+def read_model(path: str) -> onnx.ModelProto:
+    """Read an ONNX file; every failure is one LeanOnnxError line naming the file. External data is read
+    only after every location was checked (storage.check_external_locations)."""
+    _check_file(path)
     try:
-        model = onnx.load(path)
-    except Exception as exc:  # protobuf DecodeError, truncated files, bad external data
-        raise LeanOnnxError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError (random bytes, truncated files, nesting bombs), OSError
+        text = _first_line(exc)
+        hint = "; nested deeper than protobuf allows" if "MaxDepth" in text or "recursion" in text.lower() else ""
+        raise LeanOnnxError(f"{path}: not a readable ONNX model ({text}{hint})") from None
     if not model.graph.node:
         raise LeanOnnxError(f"{path}: not an ONNX model (no graph nodes; is this really a .onnx file?)")
+    if storage.uses_external_data(model):
+        storage.check_external_locations(model, path)
+        try:
+            onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        except Exception as exc:
+            raise LeanOnnxError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
     return model
 
 
-def check_model(model: onnx.ModelProto, path: str, on_disk: bool = True) -> None:
-    """onnx.checker on the file (C++, no re-serialisation), else on the normalised (sorted) copy."""
-    if on_disk:
+def read_skeleton(path: str) -> tuple[onnx.ModelProto, Mapping, onnx.ModelProto | None]:
+    """(the model with large float initializers as stubs, their data source, the full model when it had to
+    be read after all). External data locations are checked before anything is read from them."""
+    _check_file(path)
+    try:
+        skeleton, offsets = storage.scan_model_file(path)
+    except Exception:  # not a protobuf this scanner follows: onnx.load says what is wrong, or reads it
+        original = read_model(path)
+        return _copy_with_stubs(original), storage.source_tensors(original), original
+    if not skeleton.graph.node:
+        raise LeanOnnxError(f"{path}: not an ONNX model (no graph nodes; is this really a .onnx file?)")
+    external: dict[str, onnx.TensorProto] = {}
+    if storage.uses_external_data(skeleton, offsets):
+        storage.check_external_locations(skeleton, path, offsets)
+        folder = os.path.dirname(os.path.abspath(path))
+        for k, t in enumerate(skeleton.graph.initializer):
+            if t.data_location == onnx.TensorProto.EXTERNAL and t.name not in offsets and storage.is_large(t):
+                external[t.name] = onnx.TensorProto()
+                external[t.name].CopyFrom(t)
+                skeleton.graph.initializer[k].CopyFrom(storage.stub(t))
         try:
-            onnx.checker.check_model(path)
+            for _, t in storage.all_tensors(skeleton):
+                if t.data_location == onnx.TensorProto.EXTERNAL and t.name not in offsets and t.name not in external:
+                    t.CopyFrom(storage.load_external_tensor(t, folder))
+        except Exception as exc:
+            raise LeanOnnxError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
+    constants = storage.source_tensors(skeleton)
+    tensors = storage.FileTensors(path, offsets, external, constants, storage.file_id(path))
+    return skeleton, tensors, None
+
+
+def refuse_quantized(model: onnx.ModelProto, path: str) -> None:
+    """Quantized models (QDQ pairs, QLinearConv, ConvInteger, ...) are refused with exit 2: LEAN's norms and
+    the contract are defined on float weights."""
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    while nodes:
+        node = nodes.pop(0)
+        if node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+            raise LeanOnnxError(
+                f"{path}: node {storage.node_label(node)!r} ({node.op_type}): this is a quantized model; lean-onnx "
+                "prunes float models: prune the float model first, then quantize the pruned one")
+        for sub in storage.subgraphs(node):
+            nodes.extend(sub.node)
+
+
+def check_model(model: onnx.ModelProto, path: str, on_disk: bool = True, tensors: Mapping | None = None) -> None:
+    """onnx.checker on the file (C++, no re-serialisation), else on the normalised (sorted) copy, whose
+    large weights are stubs: storage.checker_view makes them typed inputs, and each one is then read
+    once to see that its data fits its type and dims."""
+    if on_disk:  # full: strict shape inference too, as the pruned model will get (prune._check)
+        try:
+            onnx.checker.check_model(path, full_check=True)
             return
         except Exception:
             pass  # e.g. unsorted nodes, which the copy has fixed
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(storage.checker_view(model), full_check=True)
+        for t in model.graph.initializer:
+            if storage.is_stub(t) and tensors is not None:
+                onnx.checker.check_tensor(tensors[t.name])
+                numpy_helper.to_array(tensors[t.name])
+    except LeanOnnxError:
+        raise
     except Exception as exc:
         raise LeanOnnxError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
 
 
-def structural_copy(original: onnx.ModelProto, path: str = "<model>") -> onnx.ModelProto:
-    """A copy with exporter leftovers normalised, valid for any input shape: Constant nodes become
-    initializers, nodes are sorted, small constant arithmetic is folded, Identity(initializer) is bypassed.
-    The rewrite starts from this copy (so the pruned model keeps dynamic dims, IR version and opsets)."""
-    model = copy.deepcopy(original)
+def structural_copy(original: onnx.ModelProto, path: str = "<model>", stub_large: bool = False
+                    ) -> onnx.ModelProto:
+    """A copy with exporter leftovers normalised, valid for any input shape: local functions are inlined,
+    Constant nodes become initializers, nodes are sorted, small constant arithmetic is folded,
+    Identity(initializer) is bypassed. The rewrite starts from this copy (so the pruned model keeps dynamic
+    dims, IR version and opsets). `stub_large`: large float tensors are stubs (storage.py), no weights are
+    copied; `storage.fill_stubs` puts them back."""
+    model = _copy_with_stubs(original) if stub_large else copy.deepcopy(original)
+    if model.functions:
+        model = _inline_functions(model, path)
+    _unique_node_names(model.graph)
     _constants_to_initializers(model.graph)
     _toposort(model.graph, path)
     _fold_constant_arithmetic(model, fold_shapes=False)
@@ -109,21 +237,84 @@ def structural_copy(original: onnx.ModelProto, path: str = "<model>") -> onnx.Mo
     return model
 
 
+def _copy_with_stubs(original: onnx.ModelProto) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    storage.copy_fields(original, model, ("graph",))
+    storage.copy_fields(original.graph, model.graph, ("initializer", "node"))
+    for t in original.graph.initializer:
+        model.graph.initializer.append(storage.stub(t) if storage.is_large(t) else t)
+    for node in original.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None) \
+            if node.op_type == "Constant" and len(node.output) == 1 else None
+        if value is not None and storage.is_large(value):
+            model.graph.initializer.append(storage.stub(value, node.output[0]))
+            continue
+        model.graph.node.append(node)
+    return model
+
+
+def _unique_node_names(graph: onnx.GraphProto) -> list[str]:
+    """Duplicate node names (ONNX Runtime refuses them) get a suffix: `conv`, `conv__2`, ...; returns them."""
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        if node.name:
+            counts[node.name] = counts.get(node.name, 0) + 1
+    duplicates = [name for name, n in counts.items() if n > 1]
+    if duplicates:
+        taken = set(counts)
+        seen: dict[str, int] = {}
+        for node in graph.node:
+            if node.name in duplicates:
+                seen[node.name] = seen.get(node.name, 0) + 1
+                if seen[node.name] > 1:
+                    new, k = f"{node.name}__{seen[node.name]}", seen[node.name]
+                    while new in taken:
+                        k += 1
+                        new = f"{node.name}__{k}"
+                    taken.add(new)
+                    node.name = new
+    return duplicates
+
+
+def _inline_functions(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
+    """Local functions are inlined (onnx.inliner), so the convs inside them are prunable like any other;
+    the opset imports stay as they were."""
+    import onnx.inliner
+
+    try:
+        inlined = onnx.inliner.inline_local_functions(model)
+    except Exception as exc:
+        raise LeanOnnxError(f"{path}: cannot inline its local functions ({_first_line(exc)})") from None
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(model.opset_import)
+    return inlined
+
+
 def load_model(source: str | onnx.ModelProto, input_shapes: dict[str | None, tuple[int, ...]] | None = None,
                ) -> LoadedModel:
     """Read (a path) or take (a ModelProto), check and normalise into a LoadedModel (module docstring)."""
     on_disk = not isinstance(source, onnx.ModelProto)
     path = source if on_disk else (source.graph.name or "<model>")
-    original = read_model(path) if on_disk else source
-    model = structural_copy(original, path)
-    check_model(model, path, on_disk)
+    file_id = storage.file_id(path) if on_disk else None
+    if on_disk:
+        skeleton, tensors, original = read_skeleton(path)
+    else:
+        original, skeleton, tensors = source, _copy_with_stubs(source), storage.source_tensors(source)
+    refuse_quantized(skeleton, path)
+    model = structural_copy(skeleton, path, stub_large=True)
+    duplicates = _unique_node_names(onnx.GraphProto(node=skeleton.graph.node))
+    check_model(model, path, on_disk, tensors)
     used, assumed, warnings = _fix_input_shapes(model.graph, input_shapes or {}, path)
+    if duplicates:
+        warnings.append(f"{path}: node names used more than once ({', '.join(map(repr, duplicates[:5]))}): made "
+                        "unique in the pruned model with a __2, __3... suffix (ONNX Runtime refuses duplicates)")
     model = _infer(model, path)
     shape_reads = _fold_constant_arithmetic(model, fold_shapes=True)
     _bypass_identity_of_initializers(model.graph)
     if shape_reads:
         model = _infer(model, path)
-    loaded = LoadedModel(path, original, model, used, assumed, warnings)
+    loaded = LoadedModel(path, model, used, assumed, warnings, skeleton=skeleton, _original=original,
+                         _tensors=tensors, _file_id=file_id)
     loaded.shape_reads = shape_reads
     _index(loaded)
     return loaded
@@ -230,7 +421,7 @@ def _fold_constant_arithmetic(model: onnx.ModelProto, fold_shapes: bool) -> dict
             shape_reads[inputs[0]] = node.name or node.output[0]
             continue
         if (node.op_type not in FOLDABLE or node.domain not in ("", "ai.onnx") or not inputs
-                or any(i not in values for i in inputs)
+                or any(i not in values or storage.is_stub(values[i]) for i in inputs)
                 or sum(int(np.prod(values[i].dims)) for i in inputs) > FOLD_MAX_ELEMENTS):
             keep.append(node)
             continue
@@ -254,9 +445,10 @@ def _fold_constant_arithmetic(model: onnx.ModelProto, fold_shapes: bool) -> dict
 
 
 def _bypass_identity_of_initializers(graph: onnx.GraphProto) -> None:
-    """`Identity(initializer)` is rewired so that consumers read the initializer itself."""
+    """`Identity(initializer)` is rewired so that consumers read the initializer itself (not when a
+    subgraph reads the Identity's output: its reference would dangle)."""
     inits = {t.name for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
+    outputs = {o.name for o in graph.output} | subgraph_reads(graph)
     rename: dict[str, str] = {}
     keep = []
     for node in graph.node:
@@ -275,6 +467,15 @@ def _bypass_identity_of_initializers(graph: onnx.GraphProto) -> None:
     graph.node.extend(keep)
 
 
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names that subgraphs (If/Loop/Scan bodies) of the graph's nodes read from outer scopes (or define)."""
+    names: set[str] = set()
+    for node in graph.node:
+        if any(True for _ in storage.subgraphs(node)):
+            names.update(all_inputs(node))
+    return names
+
+
 def _toposort(graph: onnx.GraphProto, path: str) -> None:
     """Sort nodes so that every node comes after the producers of its inputs (Kahn's algorithm)."""
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
@@ -282,7 +483,7 @@ def _toposort(graph: onnx.GraphProto, path: str) -> None:
     waiting = [0] * len(graph.node)
     users: dict[int, list[int]] = {}
     for k, node in enumerate(graph.node):
-        deps = {producer_of[i] for i in _all_inputs(node) if i not in available and i in producer_of}
+        deps = {producer_of[i] for i in all_inputs(node) if i not in available and i in producer_of}
         waiting[k] = len(deps)
         for d in deps:
             users.setdefault(d, []).append(k)
@@ -304,14 +505,13 @@ def _toposort(graph: onnx.GraphProto, path: str) -> None:
         graph.node.extend(nodes)
 
 
-def _all_inputs(node: onnx.NodeProto) -> list[str]:
+def all_inputs(node: onnx.NodeProto) -> list[str]:
     """Inputs of a node, including the outer-scope names its subgraphs (If/Loop/Scan) read."""
     names = list(node.input)
-    for attr in node.attribute:
-        subgraphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
-        for sub in subgraphs:
-            for inner in sub.node:
-                names.extend(_all_inputs(inner))
+    for sub in storage.subgraphs(node):
+        for inner in sub.node:
+            names.extend(all_inputs(inner))
+        names.extend(o.name for o in sub.output)  # a body output may be an outer-scope name itself
     return names
 
 
@@ -368,14 +568,21 @@ def _fix_input_shapes(graph, requested, path):
 
 def _index(loaded: LoadedModel) -> None:
     graph = loaded.graph
-    loaded.initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    small, large = {}, set()
+    for t in graph.initializer:
+        if storage.is_stub(t):
+            large.add(t.name)
+        else:
+            small[t.name] = numpy_helper.to_array(t)
+        loaded.shapes[t.name] = tuple(int(d) for d in t.dims)
+    loaded.initializers = TensorArrays(loaded, small, large)
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if vi.name in loaded.initializers:
+            continue
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
             loaded.shapes[vi.name] = tuple(
                 d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim
             )
-    for name, arr in loaded.initializers.items():
-        loaded.shapes[name] = tuple(arr.shape)
     for node in graph.node:
         for out in node.output:
             loaded.producer[out] = node

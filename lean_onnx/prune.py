@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import re
+import secrets
+import shutil
 import sys
+import tempfile
 import time
 import types
 from dataclasses import dataclass, field
@@ -22,7 +25,8 @@ from .analysis import compute_edge_weights, float_params, model_cost, pruned_mac
 from .errors import LeanOnnxError
 from .graph import ChannelGraph, build_channel_graph, check_keep
 from .load import load_model, structural_copy
-from .storage import checker_view, data_bytes, external_data_threshold
+from . import storage
+from .storage import checker_view, data_bytes, external_data_threshold, write_streamed
 from .plan import Plan, make_plan
 from .rewrite import rewrite
 from .select import forward_alive
@@ -38,9 +42,15 @@ DEFAULT_ROUND_CHANNELS = 16
 DEFAULT_GATHER_BELOW = 0.75
 
 
+#: a pruned model with more data than this is serialised through a temporary file (storage.write_streamed),
+#: so its proto and its bytes are never both in memory (upb's SerializeToString holds the proto, a growing
+#: buffer and the result: three copies); `PruneResult.model` is then parsed from the bytes on first use
+STREAM_BYTES = 128 << 20
+
+
 @dataclass
 class PruneResult:
-    model: onnx.ModelProto
+    _model: onnx.ModelProto | None
     masked: onnx.ModelProto | None
     report: dict
     selection: Selection = field(repr=False)
@@ -49,6 +59,13 @@ class PruneResult:
     #: the serialised pruned model, as checked; the ModelProto itself when it is too large for one protobuf
     #: (save_model_atomic then writes it with external data)
     model_bytes: bytes | onnx.ModelProto = field(default=b"", repr=False)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The pruned model (parsed from `model_bytes` on first use when it was streamed)."""
+        if self._model is None:
+            self._model = onnx.load_from_string(self.model_bytes)
+        return self._model
 
 
 class Pruner:
@@ -105,12 +122,22 @@ class Pruner:
         timings["rewrite"] = time.perf_counter() - start
         start = time.perf_counter()
         _check(pruned, "pruned", self.loaded.path)
-        pruned_bytes = pruned if data_bytes(pruned) > external_data_threshold() else pruned.SerializeToString()
         if masked_model is not None:
             _check(masked_model, "masked", self.loaded.path)
         cost_after = {"params": float_params(pruned), "macs": pruned_macs(pruned, self.loaded)}
         timings["check"] = time.perf_counter() - start
         report = build_report(self.graph, selection, plan, pruned, self.cost_before, cost_after, timings)
+        size = data_bytes(pruned)
+        if size > external_data_threshold():
+            pruned_bytes = pruned  # too large for one protobuf: save_model_atomic writes external data
+        elif size > STREAM_BYTES:  # the file first, then the proto goes, then the bytes come back
+            with tempfile.TemporaryFile() as f:
+                write_streamed(pruned, f)
+                pruned = None  # upb frees a message's memory only with the whole message
+                f.seek(0)
+                pruned_bytes = f.read()
+        else:
+            pruned_bytes = pruned.SerializeToString()
         return PruneResult(pruned, masked_model, report, selection, plan, self.graph, pruned_bytes)
 
 
@@ -227,23 +254,77 @@ def sha256(path: str) -> str:
 
 
 def save_model_atomic(model: onnx.ModelProto | bytes, path: str) -> None:
-    """Write a model (or any bytes: the JSON report) to a temporary file beside `path`, then rename: a
-    reader never sees half a file, and an existing file is replaced only by a complete one."""
+    """Write a model (or any bytes: the JSON report) atomically: temporary files in the target folder, then
+    rename, so a reader never sees half a file and an existing file is replaced only by a complete one.
+
+    A model whose data exceeds `storage.external_data_threshold()` (protobuf's 2 GiB limit) is written with
+    its tensors in `OUT.<random hex>.data` beside OUT (a unique name: a reader of the old OUT keeps its own
+    data file): both are written into a temporary folder beside OUT, pass onnx.checker (full, by path),
+    then the data file is renamed first and the model last. The data file of an OUT written like that
+    before is removed only after OUT was replaced."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise LeanOnnxError(f"{path}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    if os.path.isdir(path):
+        raise LeanOnnxError(f"{path}: is a directory")
+    base = os.path.basename(path)
+    ours = re.compile(re.escape(base) + r"\.[0-9a-f]{16}\.data")
+    old_data = {loc for loc in storage.external_locations(path) if ours.fullmatch(loc)}
     try:
+        if isinstance(model, onnx.ModelProto) and data_bytes(model) > external_data_threshold():
+            new_data = _save_external(model, path, folder, f"{base}.{secrets.token_hex(8)}.data")
+        else:
+            _save_single(model, path, folder)
+            new_data = None
+    except OSError as exc:
+        raise LeanOnnxError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    for loc in old_data - {new_data}:
+        try:
+            os.unlink(os.path.join(folder, loc))
+        except OSError:
+            pass
+
+
+def _save_single(model: onnx.ModelProto | bytes, path: str, folder: str) -> None:
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            f.write(model if isinstance(model, bytes) else model.SerializeToString())
+            if not isinstance(model, onnx.ModelProto):
+                f.write(model)
+            elif data_bytes(model) > STREAM_BYTES:
+                write_streamed(model, f)  # no second copy of the weights as bytes
+            else:
+                f.write(model.SerializeToString())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        raise LeanOnnxError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _save_external(model: onnx.ModelProto, path: str, folder: str, data_name: str) -> str:
+    tmpdir = tempfile.mkdtemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    renamed = None
+    try:
+        tmp_model = os.path.join(tmpdir, "model.onnx")
+        storage.write_external(model, tmp_model, data_name)
+        try:
+            onnx.checker.check_model(tmp_model, full_check=True)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise LeanOnnxError(f"{path}: internal: the model written with external data fails onnx.checker "
+                                f"({first}); nothing was written (please report)") from None
+        renamed = os.path.join(folder, data_name)
+        os.replace(os.path.join(tmpdir, data_name), renamed)
+        os.replace(tmp_model, path)
+        renamed = None
+        return data_name
+    finally:
+        if renamed is not None and os.path.exists(renamed):  # the model did not follow its data
+            os.unlink(renamed)
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 class _CallableModule(types.ModuleType):

@@ -28,8 +28,22 @@ HANDLERS.update({
 })
 
 
+class _ReadsOfControlFlow:
+    """An If/Loop/Scan node seen with every name its bodies read from the outer graph as an input."""
+
+    def __init__(self, node):
+        from .load import all_inputs
+
+        self.name, self.op_type, self.output = node.name, node.op_type, node.output
+        self.input = [t for t in dict.fromkeys(all_inputs(node)) if t]
+
+
 def handle_node(node, b: GraphBuilder) -> None:
-    """Dispatch one ONNX node to its handler; unknown op types (and other domains) are frozen."""
+    """Dispatch one ONNX node to its handler; unknown op types (and other domains) are frozen, and so is
+    everything a node with subgraphs (If/Loop/Scan) reads, also from inside its bodies."""
+    if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
+        return unknown(_ReadsOfControlFlow(node), b, f"{node.op_type} with subgraphs: control flow is frozen, "
+                                                     "with every tensor its bodies read")
     handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     if node.op_type not in ("Reshape", "Transpose"):
         for t in node.input:  # split channel axes read by anything but the shuffle ops: freeze them

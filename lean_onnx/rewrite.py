@@ -18,24 +18,27 @@ from onnx import numpy_helper
 from .errors import LeanOnnxError
 from .graph import ChannelGraph, ConvLayer, node_name
 from .registry import ALIAS_OPS
-from .load import structural_copy
+from .load import LoadedModel, all_inputs, structural_copy
+from .storage import fill_stubs, is_stub
 from .plan import Plan
 from .selection import Selection
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "PRelu", "Pow"}
 #: ops that carry channels through without parameters to slice
 PASS_THROUGH = set(ALIAS_OPS) | {"Concat", "GlobalAveragePool", "AveragePool", "ReduceMean", "ReduceMax",
-                                 "ReduceMin", "ReduceSum", "ReduceL2", "Transpose", "Squeeze", "Unsqueeze"}
+                                 "ReduceMin", "ReduceSum", "ReduceL2", "Transpose", "Squeeze", "Unsqueeze",
+                                 "Pad"}  # Pad: routing.pad freezes it unless its pads leave the channels alone
 
 
 class Initializers:
     """Initializer arrays of a model copy, read lazily; changed ones are written back by `finish`.
-    An initializer read by several nodes is copied before one of them changes it."""
+    An initializer read by several nodes is copied before one of them changes it. Stubs (large weights,
+    storage.py) are read from the loaded original and filled in by `finish` when they did not change."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
+    def __init__(self, model: onnx.ModelProto, loaded: LoadedModel | None = None):
+        self.model, self.loaded = model, loaded
         self.protos = {t.name: t for t in model.graph.initializer}
-        self.users = Counter(name for n in model.graph.node for name in n.input)
+        self.users = Counter(name for n in model.graph.node for name in all_inputs(n))
         self.changed: dict[str, np.ndarray] = {}
         self.copies: dict[str, list[str]] = {}  # shared initializer -> the copies made for its readers
 
@@ -43,7 +46,11 @@ class Initializers:
         if name in self.changed:
             return self.changed[name]
         proto = self.protos.get(name)
-        return None if proto is None else numpy_helper.to_array(proto)
+        if proto is None:
+            return None
+        if is_stub(proto):
+            return numpy_helper.to_array(self.loaded.source_tensors()[name])
+        return numpy_helper.to_array(proto)
 
     def set(self, node, index: int, value: np.ndarray) -> None:
         name = node.input[index]
@@ -66,7 +73,7 @@ class Initializers:
             self.copies.setdefault(name, []).append(new)
             name = new
         dtype = self.protos[node.input[index]].data_type if node.input[index] in self.protos else None
-        self.changed[name] = value.astype(onnx.helper.tensor_dtype_to_np_dtype(dtype)) if dtype else value
+        self.changed[name] = value.astype(onnx.helper.tensor_dtype_to_np_dtype(dtype), copy=False) if dtype else value
 
     def set_new(self, node, index: int, value: np.ndarray) -> None:
         """Point input `index` at a fresh initializer (for sizes/bounds that were not initializers)."""
@@ -81,13 +88,21 @@ class Initializers:
         self.changed[name] = value
 
     def finish(self) -> None:
+        """Unchanged initializers stay (stubs filled from the original), changed ones are converted one at
+        a time and dropped from `changed`, so the weights are never held twice here."""
         graph = self.model.graph
-        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        used = {name for n in graph.node for name in all_inputs(n)} | {o.name for o in graph.output}
         tensors = [t for t in graph.initializer if t.name in used and t.name not in self.changed]
-        tensors += [numpy_helper.from_array(np.ascontiguousarray(v), name) for name, v in self.changed.items()
-                    if name in used]
         del graph.initializer[:]
         graph.initializer.extend(tensors)
+        del tensors
+        if self.loaded is not None and any(is_stub(t) for t in graph.initializer):
+            fill_stubs(self.model, self.loaded.source_tensors())
+        for name in list(self.changed):
+            value = self.changed.pop(name)
+            if name in used:
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+            del value
 
 
 def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channels: bool,
@@ -95,7 +110,7 @@ def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channel
     """The pruned model (slice_channels) or the masked model (same shapes), written into `base` (a fresh
     `structural_copy` of the original, made here when not given; it is modified)."""
     model = base if base is not None else structural_copy(graph.loaded.original, graph.loaded.path)
-    inits = Initializers(model)
+    inits = Initializers(model, graph.loaded)
     layers = {layer.output: layer for layer in graph.layers}
     keep = (lambda t: _nontrivial(plan.keep(t))) if slice_channels else (lambda t: None)
     removed = []

@@ -1,0 +1,117 @@
+"""Peak resident memory of `lean-onnx IN OUT --keep 0.1` on a plain conv stack with ~500 MB of weights.
+
+    python tools/bench_memory.py [--weights-mb 500] [--keep 0.1] [--write docs/benchmarks.md]
+
+Builds a chain of 3x3 Convs (C -> C, Relu between them; float32, random weights, 1x64x8x8 input) with
+about `--weights-mb` MB of weights in a temporary folder, runs the CLI in a child process under
+`/usr/bin/time -v` (or, without it, reads `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`), and prints
+the child's peak RSS and its ratio to the weight size. `--write` replaces (or appends) the "## Memory"
+section of the given markdown file. The target (issue 6): peak <= 3x the weight size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+INPUT_CHANNELS, SIZE = 64, 8
+
+
+def build_stack(weights_mb: float, path: str, channels: int = 1536, seed: int = 0) -> int:
+    """Write a Conv 3x3 stack with about `weights_mb` MB of float32 weights to `path`; returns weight bytes."""
+    rng = np.random.default_rng(seed)
+    per_layer = channels * channels * 9
+    middle = max(1, round((weights_mb * 1e6 / 4 - 2 * INPUT_CHANNELS * channels * 9) / per_layer))
+    shapes = [(channels, INPUT_CHANNELS)] + [(channels, channels)] * middle + [(INPUT_CHANNELS, channels)]
+    nodes, inits, x = [], [], "input"
+    for k, (c_out, c_in) in enumerate(shapes):
+        w = (rng.standard_normal((c_out, c_in, 3, 3), dtype=np.float32) * np.float32(np.sqrt(2 / (9 * c_in))))
+        inits.append(numpy_helper.from_array(w, f"w{k}"))
+        del w
+        inits.append(numpy_helper.from_array(rng.standard_normal(c_out, dtype=np.float32) * 0.1, f"b{k}"))
+        nodes.append(helper.make_node("Conv", [x, f"w{k}", f"b{k}"], [f"conv{k}"], pads=[1, 1, 1, 1], name=f"conv{k}"))
+        x = f"conv{k}"
+        if k < len(shapes) - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"relu{k}"], name=f"relu{k}"))
+            x = f"relu{k}"
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "conv_stack", [helper.make_tensor_value_info("input", f32, [1, INPUT_CHANNELS, SIZE, SIZE])],
+                              [helper.make_tensor_value_info(x, f32, [1, INPUT_CHANNELS, SIZE, SIZE])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in inits)
+    onnx.save(model, path)
+    return weight_bytes
+
+
+def run_measured(cmd: list[str]) -> tuple[int, float, int, str]:
+    """(return code, seconds, peak RSS in bytes, stderr) of `cmd` as a child process."""
+    time_bin = shutil.which("time") if os.path.exists("/usr/bin/time") else None
+    start = time.perf_counter()
+    if time_bin:
+        proc = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, cwd=ROOT)
+        match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+        peak = int(match.group(1)) * 1024 if match else -1
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kB on Linux
+    return proc.returncode, time.perf_counter() - start, peak, proc.stderr
+
+
+def write_section(path: str, text: str) -> None:
+    """Replace the '## Memory' section of a markdown file (up to the next '## '), or append it."""
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    section = "## Memory\n\n" + text.strip() + "\n"
+    pattern = re.compile(r"^## Memory\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: section + "\n", old, count=1) if pattern.search(old) else old.rstrip() + "\n\n" + section
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new.rstrip() + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights-mb", type=float, default=500)
+    ap.add_argument("--keep", type=float, default=0.1)
+    ap.add_argument("--write", metavar="MD", help="replace the '## Memory' section of this markdown file")
+    ap.add_argument("--notes", default="", help="extra text for the written section")
+    args = ap.parse_args(argv)
+    folder = tempfile.mkdtemp(prefix="lean_onnx_mem_")
+    try:
+        src, out = os.path.join(folder, "stack.onnx"), os.path.join(folder, "pruned.onnx")
+        weight_bytes = build_stack(args.weights_mb, src)
+        cmd = [sys.executable, "-m", "lean_onnx.cli", src, out, "--keep", str(args.keep), "-q"]
+        code, seconds, peak, err = run_measured(cmd)
+        if code != 0:
+            print(err, file=sys.stderr)
+            return code
+        ratio = peak / weight_bytes
+        out_mb = os.path.getsize(out) / 1e6
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    line = (f"weights {weight_bytes / 1e6:.0f} MB; peak RSS {peak / 1e6:.0f} MB = {ratio:.2f}x the weights "
+            f"(target <= 3x); {seconds:.0f} s; pruned file {out_mb:.0f} MB")
+    print(line)
+    if args.write:
+        tool = "/usr/bin/time -v" if os.path.exists("/usr/bin/time") else "getrusage(RUSAGE_CHILDREN)"
+        text = (f"`python tools/bench_memory.py --weights-mb {args.weights_mb:g} --keep {args.keep:g} --write "
+                f"{args.write}` builds a chain of 3x3 Convs (1536 channels, Relu between them, 1x64x8x8 input) "
+                f"and runs `lean-onnx IN OUT --keep {args.keep:g} -q` under {tool} ({platform.machine()}, "
+                f"Python {platform.python_version()}, onnx {onnx.__version__}):\n\n{line}.\n\n{args.notes}")
+        write_section(args.write, text)
+    return 0 if ratio <= 3 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
