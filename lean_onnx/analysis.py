@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from .errors import LeanOnnxError
 from .graph import ChannelGraph, ConvLayer
 from .load import LoadedModel
 from .norms import kernel_operator_norms
@@ -20,11 +21,33 @@ def compute_edge_weights(graph: ChannelGraph, reference_mode: bool | None = None
         reference_mode = graph.norm_grid is not None
     for layer in graph.layers:
         kernels = layer.kernels(init[layer.weight_name]).astype(np.float32, copy=False)
+        if not np.isfinite(kernels).all():
+            raise LeanOnnxError(f"{graph.loaded.path}: node {layer.name!r} ({layer.op}): weight {layer.weight_name!r} "
+                                "has NaN or infinite values: not a usable model")
         dilation = (1, 1) if reference_mode else layer.dilation
-        layer.norms = kernel_operator_norms(kernels, stride=layer.stride, dilation=dilation, grid=layer.grid)
-        weight = layer.norms if layer.bn_scale is None else layer.norms * layer.bn_scale[:, None]
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught below, as a refusal
+            layer.norms = kernel_operator_norms(kernels, stride=layer.stride, dilation=dilation, grid=layer.grid)
+            weight = layer.norms if layer.bn_scale is None else layer.norms * layer.bn_scale[:, None]
         graph.weight[layer.edges] = weight.ravel()
+    _check_edge_weights(graph)
     graph.weights_ready = True
+
+
+def _check_edge_weights(graph: ChannelGraph) -> None:
+    """Edge weights must be finite and >= 0: NaN/inf weights, BatchNormalization variances below -eps, or
+    weights so large that their norms overflow make a model LEAN cannot rank (exit 2, naming the layer)."""
+    bad = ~(np.isfinite(graph.weight) & (graph.weight >= 0))
+    if not bad.any():
+        return
+    edge = int(np.flatnonzero(bad)[0])
+    layer_index = int(graph.edge_layer[edge])
+    if layer_index >= 0:
+        layer = graph.layers[layer_index]
+        what = f"node {layer.name!r} ({layer.op})" + (f" with BatchNormalization {layer.bn_name!r}" if layer.bn_name else "")
+    else:
+        what = "a per-channel scale (BatchNormalization, pooling or Mul/Div by a constant)"
+    raise LeanOnnxError(f"{graph.loaded.path}: {what}: the operator norms are NaN, infinite or negative (NaN or "
+                        "huge weights, or a negative variance): not a usable model")
 
 
 def l1_scores(graph: ChannelGraph) -> np.ndarray:
@@ -64,7 +87,8 @@ def pruned_macs(model, loaded: LoadedModel) -> int:
         if node.op_type in ("Conv", "ConvTranspose") and node.input[1] in dims:
             w = dims[node.input[1]]
             shape = loaded.shape(node.input[0] if node.op_type == "ConvTranspose" else node.output[0])
-            if shape and None not in shape:
+            original = loaded.producer.get(node.output[0])  # count what model_cost counted, no more
+            if shape and None not in shape and original is not None and _node_macs(original, loaded) is not None:
                 total += int(np.prod([shape[0]] + list(shape[2:]))) * int(np.prod(w))
         elif node.op_type in ("Gemm", "MatMul"):
             total += _node_macs(node, loaded) or 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
+from .errors import LeanOnnxError
 from .graph import ConvLayer, FrozenPart, GraphBuilder, node_name
 from .norms import pool_operator_norm
 
@@ -121,6 +122,7 @@ def conv(node, b: GraphBuilder) -> None:
         return unknown(node, b, f"{weight.ndim - 2}-D convolution: no operator-norm rule")
     group = int(attr(node, "group", 1))
     c_in, c_out = (weight.shape[0], weight.shape[1] * group) if transposed else (weight.shape[1] * group, weight.shape[0])
+    _check_conv_channels(node, b, c_in, c_out, group)
     if in_nodes is None:  # produced by something without a channel rule: fresh, frozen input channels
         in_nodes = b.new_sources(c_in)
         b.set_nodes(x, in_nodes)
@@ -156,6 +158,17 @@ def conv(node, b: GraphBuilder) -> None:
                  [x, node.output[0]])
         freeze(b, node, [x, node.output[0]], f"grouped conv (group={group}): removing channels would unbalance "
                                              "the groups")
+
+
+def _check_conv_channels(node, b: GraphBuilder, c_in: int, c_out: int, group: int) -> None:
+    """A conv whose weight does not fit its input's channels or its group is an invalid model (onnx.checker
+    does not see it, ONNX Runtime refuses it): exit 2, not a frozen layer in a model nobody can run."""
+    shape = b.loaded.shape(node.input[0])
+    channels = shape[1] if shape and len(shape) > 1 else None
+    if group < 1 or c_in % group or c_out % group or (channels is not None and channels != c_in):
+        raise LeanOnnxError(f"{b.loaded.path}: node {node_name(node)!r} ({node.op_type}): invalid model: the weight "
+                            f"{node.input[1]!r} fits {c_in} input channels in {group} group(s), the input has "
+                            f"{channels if channels is not None else 'unknown'}")
 
 
 def _grid(b: GraphBuilder, x: str, stride, transposed: bool) -> tuple[int, int]:

@@ -106,7 +106,7 @@ class TensorArrays(Mapping):
         if name in self._small:
             return self._small[name]
         if name in self._large:
-            return numpy_helper.to_array(self._loaded.source_tensors()[name])
+            return storage.tensor_array(self._loaded.source_tensors()[name], self._loaded.path)
         raise KeyError(name)
 
     def __contains__(self, name) -> bool:
@@ -158,9 +158,13 @@ def read_skeleton(path: str) -> tuple[onnx.ModelProto, Mapping, onnx.ModelProto 
     _check_file(path)
     try:
         skeleton, offsets = storage.scan_model_file(path)
+    except LeanOnnxError:
+        raise
     except Exception:  # not a protobuf this scanner follows: onnx.load says what is wrong, or reads it
         original = read_model(path)
+        storage.check_strings(original, path)
         return _copy_with_stubs(original), storage.source_tensors(original), original
+    storage.check_strings(skeleton, path)
     if not skeleton.graph.node:
         raise LeanOnnxError(f"{path}: not an ONNX model (no graph nodes; is this really a .onnx file?)")
     external: dict[str, onnx.TensorProto] = {}
@@ -212,7 +216,7 @@ def check_model(model: onnx.ModelProto, path: str, on_disk: bool = True, tensors
         for t in model.graph.initializer:
             if storage.is_stub(t) and tensors is not None:
                 onnx.checker.check_tensor(tensors[t.name])
-                numpy_helper.to_array(tensors[t.name])
+                storage.tensor_array(tensors[t.name], path)
     except LeanOnnxError:
         raise
     except Exception as exc:
@@ -299,6 +303,7 @@ def load_model(source: str | onnx.ModelProto, input_shapes: dict[str | None, tup
     if on_disk:
         skeleton, tensors, original = read_skeleton(path)
     else:
+        storage.check_strings(source, path)
         original, skeleton, tensors = source, _copy_with_stubs(source), storage.source_tensors(source)
     refuse_quantized(skeleton, path)
     model = structural_copy(skeleton, path, stub_large=True)
@@ -573,7 +578,9 @@ def _index(loaded: LoadedModel) -> None:
         if storage.is_stub(t):
             large.add(t.name)
         else:
-            small[t.name] = numpy_helper.to_array(t)
+            small[t.name] = storage.tensor_array(t, loaded.path)
+            if small[t.name].dtype.kind == "f" and np.isnan(small[t.name]).any():
+                raise LeanOnnxError(f"{loaded.path}: initializer {t.name!r} has NaN values: not a usable model")
         loaded.shapes[t.name] = tuple(int(d) for d in t.dims)
     loaded.initializers = TensorArrays(loaded, small, large)
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):

@@ -19,7 +19,7 @@ from .errors import LeanOnnxError
 from .graph import ChannelGraph, ConvLayer, node_name
 from .registry import ALIAS_OPS
 from .load import LoadedModel, all_inputs, structural_copy
-from .storage import fill_stubs, is_stub
+from .storage import fill_stubs, is_stub, tensor_array
 from .plan import Plan
 from .selection import Selection
 
@@ -49,8 +49,8 @@ class Initializers:
         if proto is None:
             return None
         if is_stub(proto):
-            return numpy_helper.to_array(self.loaded.source_tensors()[name])
-        return numpy_helper.to_array(proto)
+            return tensor_array(self.loaded.source_tensors()[name], self.loaded.path)
+        return tensor_array(proto, self.loaded.path if self.loaded is not None else "<model>")
 
     def set(self, node, index: int, value: np.ndarray) -> None:
         name = node.input[index]

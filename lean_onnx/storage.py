@@ -125,6 +125,16 @@ def check_external_locations(model: onnx.ModelProto, path: str, own_stubs=()) ->
 
 # -- stubs ---------------------------------------------------------------------------------------
 
+def tensor_array(t: TensorProto, path: str) -> np.ndarray:
+    """numpy_helper.to_array, with a tensor whose data does not fit its type and dims (which onnx.checker
+    lets through when there is too much of it) refused as one line naming the tensor."""
+    try:
+        return onnx.numpy_helper.to_array(t)
+    except (ValueError, TypeError) as exc:
+        raise LeanOnnxError(f"{path}: tensor {t.name!r}: its data does not fit its type and dims "
+                            f"{list(t.dims)} ({str(exc).splitlines()[0][:200]})") from None
+
+
 def is_large(t: TensorProto) -> bool:
     return t.data_type in FLOAT_TYPES and int(np.prod(t.dims, dtype=np.int64)) > LARGE_ELEMENTS
 
@@ -175,6 +185,26 @@ def copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
             getattr(dst, fd.name).CopyFrom(value)
         else:
             setattr(dst, fd.name, value)
+
+
+def check_strings(message, path: str) -> None:
+    """Every string field of a message (recursively) must be UTF-8. protobuf parses proto2 strings without
+    checking and then fails on access (or returns bytes), anywhere later: this refuses the model here."""
+    try:
+        if isinstance(message, TensorProto):  # not ListFields: it would copy raw_data
+            message = TensorProto(name=message.name, doc_string=message.doc_string,
+                                  external_data=message.external_data)
+        fields = message.ListFields()
+    except (UnicodeDecodeError, TypeError) as exc:
+        raise LeanOnnxError(f"{path}: not a valid ONNX model (a name or string is not UTF-8: {exc})") from None
+    for fd, value in fields:
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        items = value if repeated else [value]
+        if fd.type == fd.TYPE_STRING and not all(isinstance(v, str) for v in items):
+            raise LeanOnnxError(f"{path}: not a valid ONNX model ({message.DESCRIPTOR.name}.{fd.name} is not UTF-8)")
+        if fd.message_type is not None:
+            for item in items:
+                check_strings(item, path)
 
 
 def checker_view(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -344,14 +374,23 @@ def scan_model_file(path: str) -> tuple[onnx.ModelProto, dict[str, tuple[int, in
                     continue
                 length = _read_varint(f)
                 body = f.tell()
-                header = bytearray()
+                header, raw_length = bytearray(), None
                 for tfield, twire, tstart in _fields(f, body + length):
                     if tfield in _PAYLOAD_FIELDS:
-                        _skip_value(f, twire, body + length)
+                        if tfield == 9 and twire == 2:  # raw_data: its length is checked below
+                            raw_length = _read_varint(f)
+                            f.seek(raw_length, os.SEEK_CUR)
+                        else:
+                            _skip_value(f, twire, body + length)
                     else:
                         header += _raw_field(f, tstart, twire, body + length)
                 head = TensorProto.FromString(bytes(header))
                 if is_large(head) and head.data_location != TensorProto.EXTERNAL:
+                    expected = int(np.prod(head.dims, dtype=np.int64)) * np.dtype(
+                        helper.tensor_dtype_to_np_dtype(head.data_type)).itemsize
+                    if raw_length is not None and raw_length != expected:
+                        raise LeanOnnxError(f"{path}: initializer {head.name!r}: {raw_length} bytes of data for "
+                                            f"dims {list(head.dims)} ({expected} bytes)")
                     large[head.name] = (body, length)
                     encoded = stub(head).SerializeToString()
                 else:

@@ -490,6 +490,18 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_tensor_data_that_does_not_fit_its_dims(tmp_path, size):
+    """onnx.checker lets a tensor with more data than its dims through; lean-onnx names it."""
+    model = chain_model() if size == "small" else large_model()
+    w2 = next(t for t in model.graph.initializer if t.name == "w2")
+    w2.dims[0] -= 1
+    src = tmp_path / "misfit.onnx"
+    src.write_bytes(model.SerializeToString())
+    code, _, err = cli(src, tmp_path / "out.onnx", "--keep", "0.5")
+    assert_refused(code, err, 2, "misfit.onnx", "'w2'")
+
+
 def test_protobuf_nesting_bomb(tmp_path):
     bomb = tmp_path / "bomb.onnx"
     bomb.write_bytes(_nested_if_bytes(20000))
@@ -634,3 +646,18 @@ def test_failed_external_data_write_leaves_the_old_output(tmp_path, monkeypatch)
         save_model_atomic(second, str(out))
     assert (out.read_bytes(), data_files(tmp_path)) == before
     assert sorted(os.listdir(tmp_path)) == sorted(["out.onnx"] + before[1])
+
+
+# -- 4. the fuzzer, as CI runs it --------------------------------------------------------------------
+
+def test_fuzz_200_cases():
+    """tools/fuzz.py on 200 cases (random CNNs, op mutations and mutated bytes, method and keep drawn per
+    case): no crash, no invalid model, no contract violation (docs/robustness.md has the 2,000-case run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lean_onnx_fuzz", ROOT / "tools" / "fuzz.py")
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    counts, by_kind = fuzz.fuzz(200, seed=600000, method=None)
+    assert sum(counts[k] for k in fuzz.FAILURES) == 0, counts
+    assert counts["pruned-and-equal"] > 100 and set(by_kind) == set(fuzz.MUTATIONS), (counts, by_kind)
