@@ -106,7 +106,9 @@ class TensorArrays(Mapping):
         if name in self._small:
             return self._small[name]
         if name in self._large:
-            return storage.tensor_array(self._loaded.source_tensors()[name], self._loaded.path)
+            sources = self._loaded.source_tensors()
+            direct = sources.array(name) if isinstance(sources, storage.FileTensors) else None
+            return direct if direct is not None else storage.tensor_array(sources[name], self._loaded.path)
         raise KeyError(name)
 
     def __contains__(self, name) -> bool:
@@ -183,7 +185,8 @@ def read_skeleton(path: str) -> tuple[onnx.ModelProto, Mapping, onnx.ModelProto 
         except Exception as exc:
             raise LeanOnnxError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
     constants = storage.source_tensors(skeleton)
-    tensors = storage.FileTensors(path, offsets, external, constants, storage.file_id(path))
+    stubs = {t.name: t for t in skeleton.graph.initializer if t.name in offsets}
+    tensors = storage.FileTensors(path, offsets, external, constants, storage.file_id(path), stubs)
     return skeleton, tensors, None
 
 

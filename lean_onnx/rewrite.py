@@ -19,7 +19,7 @@ from .errors import LeanOnnxError
 from .graph import ChannelGraph, ConvLayer, node_name
 from .registry import ALIAS_OPS
 from .load import LoadedModel, all_inputs, structural_copy
-from .storage import fill_stubs, is_stub, tensor_array
+from .storage import LARGE_ELEMENTS, fill_stubs, is_stub, tensor_array
 from .plan import Plan
 from .selection import Selection
 
@@ -49,6 +49,8 @@ class Initializers:
         if proto is None:
             return None
         if is_stub(proto):
+            if name in self.loaded.initializers:  # read from the file into one array
+                return self.loaded.initializers[name]
             return tensor_array(self.loaded.source_tensors()[name], self.loaded.path)
         return tensor_array(proto, self.loaded.path if self.loaded is not None else "<model>")
 
@@ -99,10 +101,23 @@ class Initializers:
         if self.loaded is not None and any(is_stub(t) for t in graph.initializer):
             fill_stubs(self.model, self.loaded.source_tensors())
         for name in list(self.changed):
-            value = self.changed.pop(name)
-            if name in used:
-                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-            del value
+            if name in used:  # popped into the call: _to_tensor holds the only reference
+                graph.initializer.append(_to_tensor(self.changed.pop(name), name))
+            else:
+                del self.changed[name]
+
+
+def _to_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
+    """numpy_helper.from_array, except that a large array is dropped before its bytes are copied into the
+    proto (two copies of it at a time, not three)."""
+    if value.size <= LARGE_ELEMENTS or value.dtype.byteorder == ">" or value.dtype.kind not in "fiub":
+        return numpy_helper.from_array(np.ascontiguousarray(value), name)
+    tensor = onnx.TensorProto(name=name, dims=value.shape,
+                              data_type=onnx.helper.np_dtype_to_tensor_dtype(value.dtype))
+    raw = np.ascontiguousarray(value).tobytes()
+    del value  # the caller holds no other reference
+    tensor.raw_data = raw
+    return tensor
 
 
 def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channels: bool,

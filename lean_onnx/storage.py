@@ -352,11 +352,12 @@ def _raw_field(f, start: int, wire_type: int, end: int) -> bytes:
     return f.read(stop - start)
 
 
-def scan_model_file(path: str) -> tuple[onnx.ModelProto, dict[str, tuple[int, int]]]:
+def scan_model_file(path: str) -> tuple[onnx.ModelProto, dict[str, tuple[int, int, int]]]:
     """Parse an ONNX file with its large float initializers left on disk: returns the model with those
-    initializers as stubs, and {name: (offset, length)} of each one's TensorProto in the file. The graph
+    initializers as stubs, and {name: (offset, length, raw data offset or -1)} of each one's TensorProto
+    in the file. The graph
     is re-assembled from the file's bytes, so everything else is exactly what onnx.load would give."""
-    large: dict[str, tuple[int, int]] = {}
+    large: dict[str, tuple[int, int, int]] = {}
     top, graph = bytearray(), bytearray()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -379,6 +380,7 @@ def scan_model_file(path: str) -> tuple[onnx.ModelProto, dict[str, tuple[int, in
                     if tfield in _PAYLOAD_FIELDS:
                         if tfield == 9 and twire == 2:  # raw_data: its length is checked below
                             raw_length = _read_varint(f)
+                            raw_start = f.tell()
                             f.seek(raw_length, os.SEEK_CUR)
                         else:
                             _skip_value(f, twire, body + length)
@@ -391,7 +393,7 @@ def scan_model_file(path: str) -> tuple[onnx.ModelProto, dict[str, tuple[int, in
                     if raw_length is not None and raw_length != expected:
                         raise LeanOnnxError(f"{path}: initializer {head.name!r}: {raw_length} bytes of data for "
                                             f"dims {list(head.dims)} ({expected} bytes)")
-                    large[head.name] = (body, length)
+                    large[head.name] = (body, length, raw_start if raw_length is not None else -1)
                     encoded = stub(head).SerializeToString()
                 else:
                     f.seek(body)
@@ -408,23 +410,42 @@ class FileTensors(Mapping):
     """The original data of stub tensors: read from the model file (or its external data files) one at a
     time, on each access; refuses to read when the file changed since it was scanned."""
 
-    def __init__(self, path: str, offsets: dict[str, tuple[int, int]], external: dict[str, TensorProto],
-                 constants: dict[str, TensorProto], file_id: tuple | None):
+    def __init__(self, path: str, offsets: dict[str, tuple[int, int, int]], external: dict[str, TensorProto],
+                 constants: dict[str, TensorProto], file_id: tuple | None, stubs: dict[str, TensorProto]):
         self.path, self.offsets, self.external, self.constants = path, offsets, external, constants
-        self.file_id = file_id
+        self.file_id, self.stubs = file_id, stubs
+
+    def _unchanged(self) -> None:
+        if file_id(self.path) != self.file_id:
+            raise LeanOnnxError(f"{self.path}: the file changed on disk while lean-onnx was reading it; "
+                                "nothing was written (run again)")
 
     def __getitem__(self, name: str) -> TensorProto:
         if name in self.offsets:
-            if file_id(self.path) != self.file_id:
-                raise LeanOnnxError(f"{self.path}: the file changed on disk while lean-onnx was reading it; "
-                                    "nothing was written (run again)")
-            offset, length = self.offsets[name]
+            self._unchanged()
+            offset, length, _ = self.offsets[name]
             with open(self.path, "rb") as f:
                 f.seek(offset)
                 return TensorProto.FromString(f.read(length))
         if name in self.external:
             return load_external_tensor(self.external[name], os.path.dirname(os.path.abspath(self.path)))
         return self.constants[name]
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The data of a stub stored as raw_data in the model file, read straight into one array (None when
+        it is stored otherwise)."""
+        if name not in self.offsets or self.offsets[name][2] < 0:
+            return None
+        self._unchanged()
+        head = self.stubs[name]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(head.data_type)).newbyteorder("<")
+        count = int(np.prod(head.dims, dtype=np.int64))
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[name][2])
+            data = np.fromfile(f, dtype=dtype, count=count)
+        if data.size != count:
+            raise LeanOnnxError(f"{self.path}: initializer {name!r}: the file ends inside its data")
+        return data.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(head.dims))
 
     def __contains__(self, name) -> bool:
         return name in self.offsets or name in self.external or name in self.constants
