@@ -274,7 +274,7 @@ def _check_outputs(args) -> None:
     a symlink, a hard link or a relative path) or one of its external data files, two outputs that are the
     same file, an output that is a directory, a missing folder, or a folder where no file can be created."""
     source = os.path.realpath(args.model)
-    from .storage import external_locations
+    from .ondisk import external_locations
 
     in_folder = os.path.dirname(source)
     input_data = {os.path.realpath(os.path.join(in_folder, loc)) for loc in external_locations(source)}

@@ -11,3 +11,9 @@ class NothingToPrune(LeanOnnxError):
     """Every kernel is frozen or the model has no Conv at all: exit code 4."""
 
     exit_code = 4
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for one-line errors."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

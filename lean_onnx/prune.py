@@ -25,8 +25,9 @@ from .analysis import compute_edge_weights, float_params, model_cost, pruned_mac
 from .errors import LeanOnnxError
 from .graph import ChannelGraph, build_channel_graph, check_keep
 from .load import load_model, structural_copy
-from . import storage
-from .storage import checker_view, data_bytes, external_data_threshold, write_streamed
+from . import ondisk
+from .ondisk import write_streamed
+from .storage import checker_view, data_bytes, external_data_threshold
 from .plan import Plan, make_plan
 from .rewrite import rewrite
 from .select import forward_alive
@@ -42,7 +43,7 @@ DEFAULT_ROUND_CHANNELS = 16
 DEFAULT_GATHER_BELOW = 0.75
 
 
-#: a pruned model with more data than this is serialised through a temporary file (storage.write_streamed),
+#: a pruned model with more data than this is serialised through a temporary file (ondisk.write_streamed),
 #: so its proto and its bytes are never both in memory (upb's SerializeToString holds the proto, a growing
 #: buffer and the result: three copies); `PruneResult.model` is then parsed from the bytes on first use
 STREAM_BYTES = 128 << 20
@@ -269,7 +270,7 @@ def save_model_atomic(model: onnx.ModelProto | bytes, path: str) -> None:
         raise LeanOnnxError(f"{path}: is a directory")
     base = os.path.basename(path)
     ours = re.compile(re.escape(base) + r"\.[0-9a-f]{16}\.data")
-    old_data = {loc for loc in storage.external_locations(path) if ours.fullmatch(loc)}
+    old_data = {loc for loc in ondisk.external_locations(path) if ours.fullmatch(loc)}
     try:
         if isinstance(model, onnx.ModelProto) and data_bytes(model) > external_data_threshold():
             new_data = _save_external(model, path, folder, f"{base}.{secrets.token_hex(8)}.data")
@@ -309,7 +310,7 @@ def _save_external(model: onnx.ModelProto, path: str, folder: str, data_name: st
     renamed = None
     try:
         tmp_model = os.path.join(tmpdir, "model.onnx")
-        storage.write_external(model, tmp_model, data_name)
+        ondisk.write_external(model, tmp_model, data_name)
         try:
             onnx.checker.check_model(tmp_model, full_check=True)
         except Exception as exc:

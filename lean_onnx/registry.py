@@ -32,7 +32,7 @@ class _ReadsOfControlFlow:
     """An If/Loop/Scan node seen with every name its bodies read from the outer graph as an input."""
 
     def __init__(self, node):
-        from .load import all_inputs
+        from .normalise import all_inputs
 
         self.name, self.op_type, self.output = node.name, node.op_type, node.output
         self.input = [t for t in dict.fromkeys(all_inputs(node)) if t]

@@ -18,7 +18,8 @@ from onnx import numpy_helper
 from .errors import LeanOnnxError
 from .graph import ChannelGraph, ConvLayer, node_name
 from .registry import ALIAS_OPS
-from .load import LoadedModel, all_inputs, structural_copy
+from .load import LoadedModel, structural_copy
+from .normalise import all_inputs
 from .storage import LARGE_ELEMENTS, fill_stubs, is_stub, tensor_array
 from .plan import Plan
 from .selection import Selection
