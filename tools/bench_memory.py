@@ -30,16 +30,27 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 INPUT_CHANNELS, SIZE = 64, 8
 
 
-def build_stack(weights_mb: float, path: str, channels: int = 1536, seed: int = 0) -> int:
-    """Write a Conv 3x3 stack with about `weights_mb` MB of float32 weights to `path`; returns weight bytes."""
+def build_stack(weights_mb: float, path: str, channels: int = 1536, seed: int = 0, external: bool = False) -> int:
+    """Write a Conv 3x3 stack with about `weights_mb` MB of float32 weights to `path`; returns weight bytes.
+    `external`: the weights go to `path + ".data"` one layer at a time (models over 2 GiB need this)."""
     rng = np.random.default_rng(seed)
     per_layer = channels * channels * 9
     middle = max(1, round((weights_mb * 1e6 / 4 - 2 * INPUT_CHANNELS * channels * 9) / per_layer))
     shapes = [(channels, INPUT_CHANNELS)] + [(channels, channels)] * middle + [(INPUT_CHANNELS, channels)]
     nodes, inits, x = [], [], "input"
+    data = open(path + ".data", "wb") if external else None
     for k, (c_out, c_in) in enumerate(shapes):
         w = (rng.standard_normal((c_out, c_in, 3, 3), dtype=np.float32) * np.float32(np.sqrt(2 / (9 * c_in))))
-        inits.append(numpy_helper.from_array(w, f"w{k}"))
+        if data is None:
+            inits.append(numpy_helper.from_array(w, f"w{k}"))
+        else:
+            tensor = TensorProto(name=f"w{k}", data_type=TensorProto.FLOAT, dims=w.shape)
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", os.path.basename(path) + ".data"), ("offset", str(data.tell())),
+                               ("length", str(w.nbytes))):
+                tensor.external_data.add(key=key, value=value)
+            data.write(w.tobytes())
+            inits.append(tensor)
         del w
         inits.append(numpy_helper.from_array(rng.standard_normal(c_out, dtype=np.float32) * 0.1, f"b{k}"))
         nodes.append(helper.make_node("Conv", [x, f"w{k}", f"b{k}"], [f"conv{k}"], pads=[1, 1, 1, 1], name=f"conv{k}"))
@@ -52,6 +63,8 @@ def build_stack(weights_mb: float, path: str, channels: int = 1536, seed: int = 
                               [helper.make_tensor_value_info(x, f32, [1, INPUT_CHANNELS, SIZE, SIZE])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in inits)
+    if data is not None:
+        data.close()
     onnx.save(model, path)
     return weight_bytes
 
@@ -84,20 +97,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights-mb", type=float, default=500)
     ap.add_argument("--keep", type=float, default=0.1)
+    ap.add_argument("--external", action="store_true",
+                    help="write the input with external data (needed over 2 GiB; OUT then has external data too)")
     ap.add_argument("--write", metavar="MD", help="replace the '## Memory' section of this markdown file")
     ap.add_argument("--notes", default="", help="extra text for the written section")
     args = ap.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="lean_onnx_mem_")
     try:
         src, out = os.path.join(folder, "stack.onnx"), os.path.join(folder, "pruned.onnx")
-        weight_bytes = build_stack(args.weights_mb, src)
+        weight_bytes = build_stack(args.weights_mb, src, external=args.external)
         cmd = [sys.executable, "-m", "lean_onnx.cli", src, out, "--keep", str(args.keep), "-q"]
         code, seconds, peak, err = run_measured(cmd)
         if code != 0:
             print(err, file=sys.stderr)
             return code
         ratio = peak / weight_bytes
-        out_mb = os.path.getsize(out) / 1e6
+        data_files = [f for f in os.listdir(folder) if f.startswith("pruned.onnx.") and f.endswith(".data")]
+        out_mb = sum(os.path.getsize(os.path.join(folder, f)) for f in ["pruned.onnx"] + data_files) / 1e6
+        if data_files:
+            onnx.checker.check_model(out, full_check=True)
+            print(f"OUT has external data: {data_files[0]}; onnx.checker (full, by path) passes")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     line = (f"weights {weight_bytes / 1e6:.0f} MB; peak RSS {peak / 1e6:.0f} MB = {ratio:.2f}x the weights "
