@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(ROOT / "models" / "msd_cs.onnx"))
     ap.add_argument("--checkpoint", default=str(ROOT / ".cache" / "train" / "msd_cs.pt"))
     ap.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    ap.add_argument("--steps", type=int, default=2500, help="optimizer steps in total")
+    ap.add_argument("--steps", type=int, default=2000, help="optimizer steps in total (models/msd_cs.onnx: 2000)")
     ap.add_argument("--crop", type=int, default=128, help="training crop side (0 = full images)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
