@@ -49,7 +49,7 @@ def run_method(method: str, args, train, val, test) -> list[dict]:
 
     config = ScheduleConfig(keep=args.keep, steps=args.steps, method=method, epochs_per_step=args.epochs_per_step,
                             batch=args.batch, crop=args.crop or None, seed=args.seed,
-                            round_channels=args.round_channels,
+                            round_channels=args.round_channels, exclude=[args.exclude] if args.exclude else [],
                             input_shapes={"input": [1] + list(test["inputs"].shape[1:])})
     folder = os.path.join(args.work, method)
     state = run_schedule(args.model, config, folder, train, val,
@@ -80,7 +80,10 @@ def write_results(path: str, rows: list[dict], unpruned: float, args, elapsed_s:
              f"{args.steps} steps to keep {args.keep}, {args.epochs_per_step} epochs of Adam (lr 1e-3, batch "
              f"{args.batch}) per step on the 500 training images"
              + (f" as random {args.crop} x {args.crop} crops" if args.crop else "")
-             + f", round-channels {args.round_channels}, seed {args.seed}. Accuracy is global pixel accuracy "
+             + f", round-channels {args.round_channels}, seed {args.seed}, "
+             + (f"`--exclude {args.exclude}` (the final 1x1 layer is left out of pruning and of the counts, as the "
+                "reference's LEAN_MSD_3x3 does)" if args.exclude else "no layer excluded")
+             + ". Accuracy is global pixel accuracy "
              "(correct / all pixels); achieved keep in brackets. Reference numbers: lean-spec section 7.", "",
              "| step | target keep | " + " | ".join(f"{m} (ours)" for m in methods) + " | "
              + " | ".join(f"{m} (reference)" for m in methods) + " |",
@@ -141,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--crop", type=int, default=0, help="train on random crops (0: full 256 x 256 images)")
     ap.add_argument("--round-channels", type=int, default=1, help="MS-D layers have one channel (default 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--exclude", default="/final/*", help="layers left out of pruning and of the counts: the "
+                    "reference's LEAN_MSD_3x3 leaves out MS-D's final 1x1 layer (1275 kernels); '' for none")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     ap.add_argument("--stop-after", type=int, help="stop each method after this step (resume later)")
     ap.add_argument("--write", metavar="MD", help="write the results table here (and results.png beside it)")
