@@ -52,9 +52,13 @@ def run_method(method: str, args, train, val, test) -> list[dict]:
                             round_channels=args.round_channels, exclude=[args.exclude] if args.exclude else [],
                             input_shapes={"input": [1] + list(test["inputs"].shape[1:])})
     folder = os.path.join(args.work, method)
-    state = run_schedule(args.model, config, folder, train, val,
-                         progress=lambda line: print(f"[{method}] {line}", flush=True),
-                         stop_after=args.stop_after)
+    if args.report_only:  # the steps finished so far (by runs in progress or stopped), without training
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+    else:
+        state = run_schedule(args.model, config, folder, train, val,
+                             progress=lambda line: print(f"[{method}] {line}", flush=True),
+                             stop_after=args.stop_after)
     rows = []
     for row in state["steps"]:
         accuracy = row.get("test_accuracy")
@@ -148,6 +152,7 @@ def main(argv=None) -> int:
                     "reference's LEAN_MSD_3x3 leaves out MS-D's final 1x1 layer (1275 kernels); '' for none")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     ap.add_argument("--stop-after", type=int, help="stop each method after this step (resume later)")
+    ap.add_argument("--report-only", action="store_true", help="write the table from the finished steps only")
     ap.add_argument("--write", metavar="MD", help="write the results table here (and results.png beside it)")
     args = ap.parse_args(argv)
     import torch
