@@ -124,6 +124,9 @@ def _selection_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--keep", type=float, required=True, help="fraction of prunable kernels to keep, in (0, 1]")
     g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"),
                    help="lean: longest chains (default); sv / l1: individual operator-norm / L1 ranking")
+    g.add_argument("--keep-connected", action="store_true",
+                   help="if the selection cuts every chain from the inputs to the outputs (layer collapse), also "
+                        "keep the kernels of the input-to-output chain with the largest product of norms")
     if not model:  # `select` only: the masked model of `prune` is defined with redundancy (DESIGN.md 2)
         g.add_argument("--no-redundancy", action="store_true", help="skip redundancy pruning (lean-spec 3.5)")
 
@@ -179,7 +182,8 @@ def cmd_select(args) -> int:
     pruner = _pruner(args)
     graph, timings = pruner.graph, pruner.timings
     start = time.perf_counter()
-    selection = select_kernels(graph, args.keep, args.method, redundancy=not args.no_redundancy)
+    selection = select_kernels(graph, args.keep, args.method, redundancy=not args.no_redundancy,
+                               keep_connected=args.keep_connected)
     timings["select"] = time.perf_counter() - start
     _explain(selection)
     layers = [{"name": layer.name, "kernels": layer.num_kernels, "kept": int(selection.layer_mask(layer).sum()),
@@ -219,12 +223,13 @@ def cmd_prune(args) -> int:
     validating = args.validate or args.max_error is not None or args.min_speedup is not None
     result = pruner.prune(args.keep, args.method, masked=bool(args.emit_masked) or validating,
                           round_channels=args.round_channels,
-                          fold_constants=args.fold_constants, gather_below=args.gather_below)
+                          fold_constants=args.fold_constants, gather_below=args.gather_below,
+                          keep_connected=args.keep_connected)
     _explain(result.selection)
     if not result.report["inputs_reach_outputs"]:
         warn("no chain of kept kernels leads from the inputs to the outputs any more (layer collapse: some layer "
-             "kept no kernel): the pruned model computes a constant; use a larger --keep or prune in steps with "
-             "fine-tuning")
+             "kept no kernel): the pruned model computes a constant; use a larger --keep, --keep-connected, "
+             "--exclude the collapsing layer, or prune in steps with fine-tuning")
     start = time.perf_counter()
     save_model_atomic(result.model_bytes, args.output)
     if args.emit_masked:

@@ -104,17 +104,19 @@ class Pruner:
 
     def prune(self, keep: float, method: str = "lean", redundancy: bool = True, masked: bool = True,
               round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,
-              gather_below: float = DEFAULT_GATHER_BELOW, zeros_are_pruned: bool = False) -> PruneResult:
+              gather_below: float = DEFAULT_GATHER_BELOW, zeros_are_pruned: bool = False,
+              keep_connected: bool = False) -> PruneResult:
         """Prune to `keep`; `masked=False` skips building (and checking) the masked model;
         `round_channels` N keeps conv output channel counts at multiples of N (see plan.make_plan);
         `fold_constants`: dead channels keep their constant act(bias) (the masked model keeps biases, as
         the reference's does) and constants that reach a Gemm head move into its bias; `gather_below` F: a
         conv reading at most F of its shared input's channels reads them through a Gather (0: never);
-        `zeros_are_pruned`: exactly-zero kernels count as pruned already (steps of a schedule)."""
+        `zeros_are_pruned`: exactly-zero kernels count as pruned already (steps of a schedule);
+        `keep_connected`: add the best input-to-output chain when the selection collapsed a layer."""
         check_keep(keep)
         timings = dict(self.timings)
         start = time.perf_counter()
-        selection = select_kernels(self.graph, keep, method, redundancy, zeros_are_pruned)
+        selection = select_kernels(self.graph, keep, method, redundancy, zeros_are_pruned, keep_connected)
         timings["select"] = time.perf_counter() - start
         start = time.perf_counter()
         plan = make_plan(self.graph, selection, round_channels, fold_constants, gather_below)

@@ -71,7 +71,7 @@ class Selection:
 
 
 def select_kernels(graph: ChannelGraph, keep: float, method: str = "lean", redundancy: bool = True,
-                   zeros_are_pruned: bool = False) -> Selection:
+                   zeros_are_pruned: bool = False, keep_connected: bool = False) -> Selection:
     """Keep `int(keep * prunable kernels)` kernels by `method` (lean | sv | l1), then prune redundancy.
 
     Redundancy (lean-spec 3.5, both directions): a channel with no kept incoming kernel is dead and
@@ -79,6 +79,9 @@ def select_kernels(graph: ChannelGraph, keep: float, method: str = "lean", redun
     the kernels writing it go. So the achieved keep can fall below the request, as in the reference.
     `zeros_are_pruned`: kernels that are exactly zero count as pruned already (the reference's iterative
     schedule excludes them): they are never kept, and at most the non-zero ones are requested.
+    `keep_connected`: when no chain of kept kernels links a graph input to an output any more (layer
+    collapse), the kernels of the input-to-output chain with the largest product of edge weights are
+    added (a few kernels more than requested), so the pruned model still depends on its input.
     """
     check_keep(keep)
     if method not in METHODS:
@@ -106,6 +109,8 @@ def select_kernels(graph: ChannelGraph, keep: float, method: str = "lean", redun
         scores = graph.weight if method == "sv" else l1_scores(graph)
         edge_keep = threshold_keep_mask(scores, prunable, num_keep)
     edge_keep &= prunable if nonzero is None else nonzero
+    if keep_connected:
+        edge_keep |= _rescue_chain(graph, edge_keep, prunable)
     selected = int(edge_keep.sum())
     alive = np.ones(graph.num_nodes, dtype=bool)
     used = np.ones(graph.num_nodes, dtype=bool)
@@ -118,3 +123,41 @@ def select_kernels(graph: ChannelGraph, keep: float, method: str = "lean", redun
         removed_bwd = selected - removed_fwd - int(edge_keep.sum())
     return Selection(method, keep, total, num_keep, selected, edge_keep, from_paths, num_paths, longest,
                      longest_product, removed_fwd, removed_bwd, alive, used)
+
+
+def _input_nodes(graph: ChannelGraph) -> np.ndarray:
+    sources = np.zeros(graph.num_nodes, dtype=bool)
+    for name in graph.loaded.input_shapes:
+        if name in graph.tensor_nodes:
+            sources[graph.tensor_nodes[name]] = True
+    return sources
+
+
+def _rescue_chain(graph: ChannelGraph, edge_keep: np.ndarray, prunable: np.ndarray) -> np.ndarray:
+    """The prunable edges of the best input-to-output chain when the kept edges link no input to an
+    output (else nothing). Best = largest sum of log edge weights; node ids are topological, so one
+    pass in id order is the longest-path DP."""
+    sources = _input_nodes(graph)
+    reached, _ = forward_alive(graph.src, graph.indptr, edge_keep.copy(), ~prunable, sources)
+    rescue = np.zeros(graph.num_edges, dtype=bool)
+    if not sources.any() or (reached & graph.is_terminal & ~sources).any():
+        return rescue
+    with np.errstate(divide="ignore"):
+        logw = np.log(np.where(graph.weight > 0, graph.weight, 0.0))
+    best = np.where(sources, 0.0, -np.inf)
+    parent_edge = np.full(graph.num_nodes, -1, dtype=np.int64)
+    src, indptr = graph.src, graph.indptr
+    for v in np.flatnonzero(np.diff(indptr) > 0):
+        lo, hi = indptr[v], indptr[v + 1]
+        cand = best[src[lo:hi]] + logw[lo:hi]
+        k = int(np.argmax(cand))
+        if cand[k] > best[v]:
+            best[v], parent_edge[v] = cand[k], lo + k
+    sinks = np.flatnonzero(graph.is_terminal & ~sources & np.isfinite(best))
+    if not sinks.size:
+        return rescue
+    v = int(sinks[np.argmax(best[sinks])])
+    while parent_edge[v] >= 0:
+        rescue[parent_edge[v]] = prunable[parent_edge[v]]
+        v = int(src[parent_edge[v]])
+    return rescue

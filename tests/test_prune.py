@@ -305,6 +305,19 @@ def test_layer_collapse_is_reported():
     assert code == 0 and "computes a constant" in err
 
 
+def test_keep_connected_adds_one_chain_after_a_collapse():
+    pruner = Pruner(str(ROOT / "models" / "msd_untrained.onnx"))
+    rescued = pruner.prune(0.1, keep_connected=True)
+    report = rescued.report
+    assert report["inputs_reach_outputs"] is True and 0 < report["kernels"]["kept"] <= 51  # one chain
+    check_contract(pruner.loaded.original, rescued, pruner.loaded.input_shapes, np.random.default_rng(0), 1)
+    x = random_feeds(rescued.model, pruner.loaded.input_shapes, np.random.default_rng(1))
+    y = random_feeds(rescued.model, pruner.loaded.input_shapes, np.random.default_rng(2))
+    assert not np.array_equal(run(rescued.model, x)[0], run(rescued.model, y)[0])  # depends on the input
+    kept = pruner.prune(0.5, keep_connected=True).report["kernels"]["kept"]
+    assert kept == pruner.prune(0.5).report["kernels"]["kept"]  # no collapse: nothing added
+
+
 def test_reported_macs_equal_a_fresh_count_of_the_pruned_model():
     from lean_onnx.analysis import model_cost
     from lean_onnx.load import load_model
