@@ -111,3 +111,15 @@ def test_model_without_conv_exits_4(tmp_path):
 def test_everything_excluded_exits_4(chain):
     code, _, err = cli("select", chain, "--keep", "0.1", "--exclude", "*")
     assert_one_line_error(code, err, 4, "nothing to prune", "--exclude")
+
+
+def test_readme_main_command_on_the_shipped_trained_model(tmp_path):
+    """README's first command: the trained MS-D, half of its 3x3 kernels, the final 1x1 layer left out."""
+    out, report = tmp_path / "msd_pruned.onnx", tmp_path / "report.json"
+    code, stdout, err = cli(ROOT / "models" / "msd_cs.onnx", out, "--keep", "0.5", "--exclude", "/final/*",
+                            "--report", report)
+    assert code == 0, err
+    r = json.loads(report.read_text())
+    assert r["inputs_reach_outputs"] and r["kernels"]["total"] == 1275  # the paper's count: 3x3 kernels only
+    assert 0.4 < r["kernels"]["keep_achieved"] <= 0.5 and r["flops"]["after"] < 0.6 * r["flops"]["before"]
+    assert "kernels in the model" in stdout
