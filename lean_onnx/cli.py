@@ -199,6 +199,7 @@ def cmd_prune(args) -> int:
     from .report import print_prune
 
     check_keep(args.keep)
+    check_prune_options(args)
     _check_outputs(args)
     from .schedule import cmd_schedule, wants_schedule
 
@@ -214,12 +215,6 @@ def cmd_prune(args) -> int:
 
         validation_inputs = read_inputs(args.validate_data)
     pruner = _pruner(args)
-    if args.round_channels < 1:
-        raise LeanOnnxError(f"--round-channels {args.round_channels}: expected a positive integer")
-    if args.samples < 1 or args.runs < 1 or args.warmup < 0 or args.threads < 0:
-        raise LeanOnnxError("--samples and --runs must be >= 1, --warmup and --threads >= 0")
-    if not 0 <= args.gather_below <= 1:
-        raise LeanOnnxError(f"--gather-below {args.gather_below:g}: expected a fraction in [0, 1]")
     validating = args.validate or args.max_error is not None or args.min_speedup is not None
     result = pruner.prune(args.keep, args.method, masked=bool(args.emit_masked) or validating,
                           round_channels=args.round_channels,
@@ -272,6 +267,16 @@ def cmd_prune(args) -> int:
         print("PASSED" if not failures else "FAILED: " + "; ".join(failures))
         return 0 if not failures else 3
     return 0
+
+
+def check_prune_options(args) -> None:
+    """Numbers shared by `prune` and `sweep`, refused before any work."""
+    if args.round_channels < 1:
+        raise LeanOnnxError(f"--round-channels {args.round_channels}: expected a positive integer")
+    if args.samples < 1 or args.runs < 1 or args.warmup < 0 or args.threads < 0:
+        raise LeanOnnxError("--samples and --runs must be >= 1, --warmup and --threads >= 0")
+    if not 0 <= args.gather_below <= 1:
+        raise LeanOnnxError(f"--gather-below {args.gather_below:g}: expected a fraction in [0, 1]")
 
 
 def _check_outputs(args) -> None:

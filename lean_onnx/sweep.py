@@ -355,12 +355,9 @@ def register(sub) -> None:
 
 
 def _check_options(args) -> None:
-    if args.round_channels < 1:
-        raise LeanOnnxError(f"--round-channels {args.round_channels}: expected a positive integer")
-    if args.samples < 1 or args.runs < 1 or args.warmup < 0 or args.threads < 0:
-        raise LeanOnnxError("--samples and --runs must be >= 1, --warmup and --threads >= 0")
-    if not 0 <= args.gather_below <= 1:
-        raise LeanOnnxError(f"--gather-below {args.gather_below:g}: expected a fraction in [0, 1]")
+    from .cli import check_prune_options
+
+    check_prune_options(args)
     source = os.path.realpath(args.model)
     if args.report and os.path.realpath(args.report) == source:
         raise LeanOnnxError(f"{args.report}: --report is the input file; lean-onnx never overwrites its input")

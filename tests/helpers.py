@@ -60,3 +60,13 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[
     from lean_onnx.contract import session
 
     return session(model).run(outputs, feeds)
+
+
+def assert_one_line_error(code, err, expected_code, *needles):
+    """The CLI failed with `expected_code` and one `[E]` line (no traceback) containing every needle."""
+    assert code == expected_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[E] "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]

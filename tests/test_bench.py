@@ -10,7 +10,7 @@ import pytest
 
 from lean_onnx.bench import benchmark, random_inputs, time_on_device
 from lean_onnx.cli import main
-from tests.helpers import CHAIN, rand, save, text_model
+from tests.helpers import CHAIN, assert_one_line_error, rand, save, text_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FAST = ("--runs", "5", "--warmup", "1")
@@ -34,15 +34,6 @@ def run_cli(capsys, *args):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("[E] "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_table_has_the_documented_columns(capsys, models):
@@ -103,7 +94,7 @@ def test_gpu_request_without_gpu_warns_and_times_on_cpu(capsys, models, provider
     assert report["provider_requested"] == provider
     assert report["models"][0]["provider"] == "CPUExecutionProvider"
     code, out, err = run_cli(capsys, "bench", models["chain"], *FAST, "--provider", provider, "--strict")
-    assert_one_line_error(code, err, "chain.onnx", "--strict")
+    assert_one_line_error(code, err, 2, "chain.onnx", "--strict")
     assert out == ""
 
 
@@ -140,7 +131,7 @@ def test_batch_and_symbolic_dims(capsys, models):
 ])
 def test_bad_options_are_one_line_and_exit_2(capsys, models, args, needles):
     code, out, err = run_cli(capsys, "bench", models["chain"], *FAST, *args)
-    assert_one_line_error(code, err, *needles)
+    assert_one_line_error(code, err, 2, *needles)
 
 
 def test_missing_and_invalid_files_exit_2_without_traceback(models):
@@ -150,7 +141,7 @@ def test_missing_and_invalid_files_exit_2_without_traceback(models):
         proc = subprocess.run([sys.executable, "-m", "lean_onnx.cli", "bench", str(path), *FAST],
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert proc.stdout == ""
-        assert_one_line_error(proc.returncode, proc.stderr, str(path), needle)
+        assert_one_line_error(proc.returncode, proc.stderr, 2, str(path), needle)
 
 
 def test_library_takes_protos_and_bytes(models):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import CHAIN, rand, save, text_model
+from tests.helpers import CHAIN, assert_one_line_error, rand, save, text_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED = str(ROOT / "models" / "msd_untrained.onnx")
@@ -17,15 +17,6 @@ def cli(*args):
     proc = subprocess.run([sys.executable, "-m", "lean_onnx.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=600)
     return proc.returncode, proc.stdout, proc.stderr
-
-
-def assert_one_line_error(code, err, expected_code, *needles):
-    assert code == expected_code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("[E] "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from lean_onnx.cli import main
 from lean_onnx.errors import LeanOnnxError
 from lean_onnx.evaluate import (Accumulator, confusion_matrix, evaluate, global_accuracy, miou, mse, normalise,
                                 psnr, top1)
-from tests.helpers import save, text_model
+from tests.helpers import assert_one_line_error, save, text_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -63,15 +63,6 @@ def eval_json(capsys, *args):
     code, out, err = run_cli(capsys, "eval", *args, "--json")
     assert code == 0, err
     return json.loads(out)
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("[E] "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +199,7 @@ def test_image_folder(capsys, files):
     assert result["value"] == pytest.approx(3 / 4)
     io.imsave(root / "c_blue" / "odd.png", np.zeros((4, 4, 3), np.uint8), check_contrast=False)
     code, out, err = run_cli(capsys, "eval", files["pool"], "--data", root, "--metric", "top1")
-    assert_one_line_error(code, err, "differ in shape", "--resize")
+    assert_one_line_error(code, err, 2, "differ in shape", "--resize")
     assert eval_json(capsys, files["pool"], "--data", root, "--metric", "top1", "--resize", "4x4")["count"] == 5
 
 
@@ -246,7 +237,7 @@ def test_errors_are_one_line_and_exit_2(capsys, files, case, needles):
         "folder-metric": (folder / "cls_folder", model, "miou"), "float-labels": (folder / "soft.npz", model, metric),
         "missing-model": (data, folder / "nope.onnx", metric)}[case]
     code, out, err = run_cli(capsys, "eval", model, "--data", data, "--metric", metric)
-    assert_one_line_error(code, err, *needles)
+    assert_one_line_error(code, err, 2, *needles)
     assert out == ""
 
 

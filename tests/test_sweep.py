@@ -13,7 +13,7 @@ from lean_onnx.cli import main
 from lean_onnx.contract import check_contract, max_rel_error, random_feeds, session
 from lean_onnx.prune import Pruner
 from lean_onnx.sweep import TimingOptions, mark_pareto, parse_keeps, sweep
-from tests.helpers import zoo_path
+from tests.helpers import assert_one_line_error, zoo_path
 
 FAST = ("--runs", "2", "--warmup", "0", "--provider", "cpu", "--samples", "1")
 ROW_FIELDS = ("keep_requested", "keep_achieved", "kernels", "params", "macs", "file_bytes", "path", "latency_ms",
@@ -38,15 +38,6 @@ def run_cli(capsys, *args):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_one_line_error(code, err, expected_code=2, *needles):
-    assert code == expected_code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("[E] "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_library_sweep_on_msd_builds_the_graph_once_and_keeps_the_contract(tmp_path, zoo_cache, graph_builds):
