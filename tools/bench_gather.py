@@ -14,11 +14,13 @@ import argparse
 import pathlib
 import statistics
 import sys
-import time
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from lean_onnx.bench import time_on_cpu  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: (channels in, height = width, channels out, kernel): ResNet-like stages
@@ -48,14 +50,7 @@ def median_ms(model: onnx.ModelProto, feed: dict, runs: int, threads: int) -> fl
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    for _ in range(10):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter_ns()
-        sess.run(None, feed)
-        times.append((time.perf_counter_ns() - start) / 1e6)
-    return statistics.median(times)
+    return statistics.median(time_on_cpu(sess, feed, runs, warmup=10))
 
 
 def main(argv=None) -> int:
