@@ -72,13 +72,30 @@ def run_method(method: str, args, train, val, test) -> list[dict]:
     return rows
 
 
+def _shown_argv(argv: list[str]) -> list[str]:
+    """The command line without --note and its text (the note is printed as its own paragraph)."""
+    out = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            out.append(a if " " not in a and "*" not in a else f"'{a}'")
+    return out
+
+
 def write_results(path: str, rows: list[dict], unpruned: float, args, elapsed_s: float) -> None:
     methods = [m for m in ("lean", "sv", "l1") if any(r["method"] == m for r in rows)]
     by = {(r["method"], r["step"]): r for r in rows}
     steps = sorted({r["step"] for r in rows})
     lines = ["# Reproducing the LEAN paper's MS-D experiment", "",
-             f"Command: `python tools/reproduce_paper.py {' '.join(sys.argv[1:])}` "
-             f"({elapsed_s / 60:.0f} min on this machine, 2 CPU cores, shared).", "",
+             f"Command: `python tools/reproduce_paper.py {' '.join(_shown_argv(args.argv))}` "
+             f"({elapsed_s / 60:.0f} min on this machine, 2 CPU cores, shared).", ""]
+    if args.note:
+        lines += [args.note, ""]
+    lines += [
              f"Settings: `{args.model}` (unpruned test global accuracy **{unpruned:.4f}**; the reference's trained "
              f"MS-D: {REFERENCE_UNPRUNED}), Circle-Square test split (50 images, 256 x 256, full images), "
              f"{args.steps} steps to keep {args.keep}, {args.epochs_per_step} epochs of Adam (lr 1e-3, batch "
@@ -99,10 +116,53 @@ def write_results(path: str, rows: list[dict], unpruned: float, args, elapsed_s:
         ref = REFERENCE.get(round(target, 4), {})
         theirs = [f"{ref[m][0]:.4f} ({ref[m][1]:.3f})" if m in ref else "" for m in methods]
         lines.append(f"| {step} | {target:.4f} | " + " | ".join(ours) + " | " + " | ".join(theirs) + " |")
-    lines += ["", "![test accuracy against keep](results.png)", ""]
+    lines += ["", "![test accuracy against keep](results.png)", ""] + verdict(rows, args) + [""] + run_times(rows, args)
     pathlib.Path(path).write_text("\n".join(lines))
     plot(rows, unpruned, os.path.join(os.path.dirname(path), "results.png"))
     pathlib.Path(path).with_suffix(".json").write_text(json.dumps({"rows": rows, "unpruned": unpruned}, indent=1))
+
+
+def verdict(rows: list[dict], args) -> list[str]:
+    """The issue's two targets, checked on the rows: LEAN >= 0.90 at the final keep, and LEAN above both
+    baselines at every step whose target keep is 0.10 or less."""
+    by = {(r["method"], r["step"]): r for r in rows}
+    final = by.get(("lean", args.steps))
+    out = ["## Targets", ""]
+    if final is None:
+        out.append(f"* LEAN at keep {args.keep}: not reached yet (step {args.steps} not finished).")
+    else:
+        ok = final["test_accuracy"] >= 0.90
+        out.append(f"* LEAN at least 0.90 at keep {args.keep}: **{'met' if ok else 'not met'}** "
+                   f"({final['test_accuracy']:.4f}).")
+    low = sorted({r["step"] for r in rows if r["keep_target"] <= 0.10 + 1e-9})
+    checked = [s for s in low if all((m, s) in by for m in ("lean", "sv", "l1"))]
+    if not checked:
+        out.append("* LEAN above both baselines at every keep <= 0.10: no step with keep <= 0.10 finished by all "
+                   "three methods yet.")
+    else:
+        losses = [s for s in checked if by[("lean", s)]["test_accuracy"]
+                  <= max(by[("sv", s)]["test_accuracy"], by[("l1", s)]["test_accuracy"])]
+        margin = min(by[("lean", s)]["test_accuracy"] - max(by[("sv", s)]["test_accuracy"],
+                                                            by[("l1", s)]["test_accuracy"]) for s in checked)
+        out.append(f"* LEAN above both baselines at every keep <= 0.10 (steps {', '.join(map(str, checked))}): "
+                   f"**{'met' if not losses else 'not met'}**"
+                   + (f" (smallest margin {margin:+.4f})." if not losses else f" (not at steps {losses})."))
+    return out
+
+
+def run_times(rows: list[dict], args) -> list[str]:
+    """Per-method schedule time (prune + contract check + fine-tuning, summed over the steps)."""
+    threads = f"{args.threads} torch thread(s)" if args.threads else "torch's default threads"
+    out = ["## Run times", "", "Wall time of the schedule per method as each run measured it (pruning, the "
+           "pruned == masked check and the fine-tuning, summed over the finished steps; " + threads + "; when "
+           "the methods run as parallel processes they share the machine's cores):", ""]
+    for method in ("lean", "sv", "l1"):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["step"])
+        if mine:
+            seconds = [r["seconds"] for r in mine]
+            out.append(f"* {method}: {sum(seconds) / 3600:.2f} h for {len(mine)} steps "
+                       f"(step {mine[0]['step']} {seconds[0] / 60:.0f} min, step {mine[-1]['step']} {seconds[-1] / 60:.1f} min).")
+    return out + [""]
 
 
 def plot(rows: list[dict], unpruned: float, path: str) -> None:
@@ -153,8 +213,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     ap.add_argument("--stop-after", type=int, help="stop each method after this step (resume later)")
     ap.add_argument("--report-only", action="store_true", help="write the table from the finished steps only")
+    ap.add_argument("--note", default="", help="a paragraph for the results file (how the runs were made)")
     ap.add_argument("--write", metavar="MD", help="write the results table here (and results.png beside it)")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     import torch
 
     from lean_onnx.data import generate_circle_square, load_split

@@ -1,0 +1,55 @@
+"""tools/reproduce_paper.py end to end on a tiny problem: three methods, resume, the table and its verdict."""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from lean_onnx.data import first_images
+from tests.helpers import zoo_path
+
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tools"))
+import reproduce_paper  # noqa: E402
+
+
+def test_reproduce_paper_runs_resumes_and_reports(tmp_path, zoo_cache):
+    msd = zoo_path("msd", False, zoo_cache)
+    data_dir = tmp_path / "cs"
+    data_dir.mkdir()
+    images = first_images(6, image_size=32)
+    for split, part in {"train": slice(0, 4), "val": slice(4, 5), "test": slice(5, 6)}.items():
+        np.savez(data_dir / f"{split}.npz", **{k: v[part] for k, v in images.items()})
+    work, md = tmp_path / "work", tmp_path / "docs" / "results.md"
+    md.parent.mkdir()
+    common = ["--model", str(msd), "--data-dir", str(data_dir), "--work", str(work), "--steps", "2",
+              "--keep", "0.08", "--epochs-per-step", "1", "--batch", "2", "--exclude", "", "--threads", "1"]
+    assert reproduce_paper.main(common + ["--methods", "lean,sv,l1", "--stop-after", "1"]) == 0
+    first = {m: json.loads((work / m / "state.json").read_text())["steps"] for m in ("lean", "sv", "l1")}
+    assert all(len(steps) == 1 for steps in first.values())
+
+    assert reproduce_paper.main(common + ["--methods", "lean,sv,l1", "--note", "tiny run"]) == 0  # resumes
+    states = {m: json.loads((work / m / "state.json").read_text())["steps"] for m in ("lean", "sv", "l1")}
+    for m in states:
+        assert [s["step"] for s in states[m]] == [1, 2]
+        assert states[m][0] == first[m][0]  # step 1 was not redone
+
+    assert reproduce_paper.main(common + ["--methods", "lean,sv,l1", "--report-only", "--write", str(md)]) == 0
+    text = md.read_text()
+    assert "tiny run" not in text and "--report-only" in text  # the command line, without another run's note
+    assert (md.parent / "results.png").stat().st_size > 0
+    rows = json.loads(md.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 6
+    by = {(r["method"], r["step"]): r["test_accuracy"] for r in rows}
+    for step in (1, 2):
+        line = next(line for line in text.splitlines() if line.startswith(f"| {step} |"))
+        for m in ("lean", "sv", "l1"):
+            assert f"{by[(m, step)]:.4f}" in line
+    lean_ok = by[("lean", 2)] >= 0.90
+    assert f"LEAN at least 0.90 at keep 0.08: **{'met' if lean_ok else 'not met'}**" in text
+    beats = by[("lean", 2)] > max(by[("sv", 2)], by[("l1", 2)])  # step 2 (keep 0.08) is the only one <= 0.10
+    assert f"(steps 2): **{'met' if beats else 'not met'}**" in text
+    assert "## Run times" in text and "* l1:" in text
