@@ -98,6 +98,22 @@ def test_msd_forward_dense_and_scaler():
     assert y.std() > 0  # untrained model is not constant
 
 
+@pytest.mark.parametrize("width", [1, 2])
+def test_msd_forward_taps_equals_forward_with_gradients(width):
+    torch.manual_seed(3)
+    m = MSD(depth=12, width=width, dilations=range(1, 6), input_mean=0.2, input_std=1.3)
+    x, y = torch.randn(2, 1, 13, 11), torch.randint(0, 5, (2, 13, 11))
+    grads = []
+    for forward in (m.forward, m.forward_taps):
+        m.zero_grad()
+        out = forward(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        grads.append((out.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
+    for k, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_unet4_shapes():
     for pool in ("max", "avg"):
         u = UNet4(pool=pool).eval()

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from lean_onnx.bench import time_on_cpu  # noqa: E402
+from mdsection import write_section  # noqa: E402  (tools/ is on sys.path for a script)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: (channels in, height = width, channels out, kernel): ResNet-like stages
@@ -77,15 +78,7 @@ def main(argv=None) -> int:
         f"{args.threads} intra-op threads, median of {args.runs} runs after 10 warm-up runs; ratio = dense / "
         "gathered, above 1 means the Gather pays).", "", *rows, ""])
     if args.write:
-        path = pathlib.Path(args.write)
-        text = path.read_text() if path.exists() else ""
-        start = text.find("## Channel Gather")
-        if start >= 0:
-            end = text.find("\n## ", start + 1)
-            text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        path.write_text(text)
+        write_section(args.write, "## Channel Gather", section)
     return 0
 
 

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from mdsection import write_section  # noqa: E402  (tools/ is on sys.path for a script)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 INPUT_CHANNELS, SIZE = 64, 8
@@ -83,16 +84,6 @@ def run_measured(cmd: list[str]) -> tuple[int, float, int, str]:
     return proc.returncode, time.perf_counter() - start, peak, proc.stderr
 
 
-def write_section(path: str, text: str) -> None:
-    """Replace the '## Memory' section of a markdown file (up to the next '## '), or append it."""
-    old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    section = "## Memory\n\n" + text.strip() + "\n"
-    pattern = re.compile(r"^## Memory\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: section + "\n", old, count=1) if pattern.search(old) else old.rstrip() + "\n\n" + section
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new.rstrip() + "\n")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights-mb", type=float, default=500)
@@ -128,7 +119,7 @@ def main(argv=None) -> int:
                 f"{args.write}` builds a chain of 3x3 Convs (1536 channels, Relu between them, 1x64x8x8 input) "
                 f"and runs `lean-onnx IN OUT --keep {args.keep:g} -q` under {tool} ({platform.machine()}, "
                 f"Python {platform.python_version()}, onnx {onnx.__version__}):\n\n{line}.\n\n{args.notes}")
-        write_section(args.write, text)
+        write_section(args.write, "## Memory", "## Memory\n\n" + text.strip())
     return 0 if ratio <= 3 else 1
 
 

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from mdsection import write_section  # noqa: E402  (tools/ is on sys.path for a script)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -585,20 +586,6 @@ STATIC_NOTES = [
 ]
 
 
-def write_section(target: pathlib.Path, text: str) -> None:
-    """Replace our section in place (up to the next `## ` heading), or append it."""
-    old = target.read_text() if target.exists() else "# Benchmarks\n"
-    start = old.find(HEADING)
-    if start >= 0:
-        end = old.find("\n## ", start + len(HEADING))
-        new = old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    tmp = target.with_name("." + target.name + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, target)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="fresh-process runs of the main command")
@@ -646,7 +633,7 @@ def main() -> None:
     text = render(e2e, models, args, meta)
     print(text)
     if args.write:
-        write_section(pathlib.Path(args.write), text)
+        write_section(args.write, HEADING, text)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def evaluate(model: MSD, split: dict, limit: int | None = None, batch: int = 5) 
     for start in range(0, n, batch):
         x = torch.from_numpy(split["inputs"][start:start + batch])
         y = torch.from_numpy(split["targets"][start:start + batch])
-        logits = model(x)
+        logits = model.forward_taps(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         total += y.numel()
@@ -136,7 +136,7 @@ def train(args) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         x, y = training_batch(train_set, step, args)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model.forward_taps(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
