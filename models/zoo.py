@@ -127,7 +127,8 @@ def input_shape(name: str, image_size: Optional[int] = None) -> tuple:
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
+    """Silence the legacy exporter's deprecation and tracer warnings (exports here are deliberate)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -166,7 +167,7 @@ def export_module(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        with _quiet_exporter(), torch.no_grad():
+        with quiet_exporter(), torch.no_grad():
             torch.onnx.export(model, (x,), tmp, **kwargs)
         os.replace(tmp, path)
     finally:

@@ -146,7 +146,9 @@ def mobilenet_v2() -> pathlib.Path | None:
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
     tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
-    with torch.no_grad():
+    from models.zoo import quiet_exporter
+
+    with quiet_exporter(), torch.no_grad():
         torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(tmp), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
