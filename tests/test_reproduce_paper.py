@@ -23,7 +23,7 @@ def test_reproduce_paper_runs_resumes_and_reports(tmp_path, zoo_cache):
     images = first_images(6, image_size=32)
     for split, part in {"train": slice(0, 4), "val": slice(4, 5), "test": slice(5, 6)}.items():
         np.savez(data_dir / f"{split}.npz", **{k: v[part] for k, v in images.items()})
-    work, md = tmp_path / "work", tmp_path / "docs" / "results.md"
+    work, md = tmp_path / "work", tmp_path / "docs" / "results_tiny.md"
     md.parent.mkdir()
     common = ["--model", str(msd), "--data-dir", str(data_dir), "--work", str(work), "--steps", "2",
               "--keep", "0.08", "--epochs-per-step", "1", "--batch", "2", "--exclude", "", "--threads", "1"]
@@ -40,7 +40,7 @@ def test_reproduce_paper_runs_resumes_and_reports(tmp_path, zoo_cache):
     assert reproduce_paper.main(common + ["--methods", "lean,sv,l1", "--report-only", "--write", str(md)]) == 0
     text = md.read_text()
     assert "tiny run" not in text and "--report-only" in text  # the command line, without another run's note
-    assert (md.parent / "results.png").stat().st_size > 0
+    assert md.with_suffix(".png").stat().st_size > 0 and "(results_tiny.png)" in text
     rows = json.loads(md.with_suffix(".json").read_text())["rows"]
     assert len(rows) == 6
     by = {(r["method"], r["step"]): r["test_accuracy"] for r in rows}

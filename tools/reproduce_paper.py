@@ -116,9 +116,10 @@ def write_results(path: str, rows: list[dict], unpruned: float, args, elapsed_s:
         ref = REFERENCE.get(round(target, 4), {})
         theirs = [f"{ref[m][0]:.4f} ({ref[m][1]:.3f})" if m in ref else "" for m in methods]
         lines.append(f"| {step} | {target:.4f} | " + " | ".join(ours) + " | " + " | ".join(theirs) + " |")
-    lines += ["", "![test accuracy against keep](results.png)", ""] + verdict(rows, args) + [""] + run_times(rows, args)
+    picture = pathlib.Path(path).with_suffix(".png")
+    lines += ["", f"![test accuracy against keep]({picture.name})", ""] + verdict(rows, args) + [""] + run_times(rows, args)
     pathlib.Path(path).write_text("\n".join(lines))
-    plot(rows, unpruned, os.path.join(os.path.dirname(path), "results.png"))
+    plot(rows, unpruned, str(picture))
     pathlib.Path(path).with_suffix(".json").write_text(json.dumps({"rows": rows, "unpruned": unpruned}, indent=1))
 
 
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-after", type=int, help="stop each method after this step (resume later)")
     ap.add_argument("--report-only", action="store_true", help="write the table from the finished steps only")
     ap.add_argument("--note", default="", help="a paragraph for the results file (how the runs were made)")
-    ap.add_argument("--write", metavar="MD", help="write the results table here (and results.png beside it)")
+    ap.add_argument("--write", metavar="MD", help="write the results table here (and MD.png, MD.json beside it)")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     import torch
