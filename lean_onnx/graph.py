@@ -138,6 +138,15 @@ class ChannelGraph:
     def prunable_edges(self) -> np.ndarray:
         return (self.edge_layer >= 0) & ~self.skippable
 
+    @property
+    def input_nodes(self) -> np.ndarray:
+        """Boolean mask of the channels of the graph inputs (those with a known shape)."""
+        mask = np.zeros(self.num_nodes, dtype=bool)
+        for name in self.loaded.input_shapes:
+            if name in self.tensor_nodes:
+                mask[self.tensor_nodes[name]] = True
+        return mask
+
     def layer_by_name(self, name: str) -> ConvLayer:
         return next(layer for layer in self.layers if layer.name == name)
 

@@ -269,17 +269,11 @@ def plot_chains(graph, selection, out_dir: str, max_layers: int | None = None,
 def _draw_nodes(ax, graph, selection, layers, x, y) -> None:
     """Channel dots: black when the channel lies on a chain of kept kernels from an input to an output
     (alive and used after redundancy pruning), light grey otherwise."""
-    nodes = np.concatenate([layer.out_nodes for layer in layers] + [_input_nodes(graph)])
+    nodes = np.concatenate([layer.out_nodes for layer in layers] + [np.flatnonzero(graph.input_nodes)])
     touched = selection.alive & selection.used
     size = 14 if len(nodes) < 500 else 3
     ax.scatter(x[nodes[~touched[nodes]]], y[nodes[~touched[nodes]]], s=size, color="0.75", zorder=3, linewidths=0)
     ax.scatter(x[nodes[touched[nodes]]], y[nodes[touched[nodes]]], s=size, color="k", zorder=4, linewidths=0)
-
-
-def _input_nodes(graph) -> np.ndarray:
-    names = graph.loaded.input_shapes
-    arrays = [graph.tensor_nodes[n] for n in names if n in graph.tensor_nodes]
-    return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
 
 
 # ------------------------------------------------------------------------------------------- prune

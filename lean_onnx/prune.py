@@ -30,8 +30,7 @@ from .ondisk import write_streamed
 from .storage import checker_view, data_bytes, external_data_threshold
 from .plan import Plan, make_plan
 from .rewrite import rewrite
-from .select import forward_alive
-from .selection import Selection, select_kernels
+from .selection import Selection, inputs_reach_outputs, select_kernels
 
 SCHEMA_VERSION = 1
 #: conv output channel counts stay multiples of 16 (or unchanged): measured in docs/benchmarks.md, odd
@@ -219,22 +218,11 @@ def build_report(graph: ChannelGraph, sel: Selection, plan: Plan, pruned, before
         "head_channels_dropped": sum(int((~plan.keep(h.read.tensor)).sum()) for h in plan.heads),
         "fold_constants": not plan.zero_dead,
         "gathers_inserted": len(plan.gathers),
-        "inputs_reach_outputs": inputs_reach_outputs(graph, sel),
+        "inputs_reach_outputs": inputs_reach_outputs(graph, sel.edge_keep),
         "layers": layers,
         "frozen": [{"node": f.node, "op": f.op, "reason": f.reason, "channels": f.channels} for f in graph.frozen],
         "timings_s": timings,
     }
-
-
-def inputs_reach_outputs(graph: ChannelGraph, sel: Selection) -> bool:
-    """Whether some chain of kept kernels (and skippable edges) still leads from a graph input to what
-    the outputs read. False means layer collapse: the pruned model computes a constant."""
-    sources = np.zeros(graph.num_nodes, dtype=bool)
-    for name in graph.loaded.input_shapes:
-        if name in graph.tensor_nodes:
-            sources[graph.tensor_nodes[name]] = True
-    reached, _ = forward_alive(graph.src, graph.indptr, sel.edge_keep.copy(), ~graph.prunable_edges, sources)
-    return bool((reached & graph.is_terminal & ~sources).any())
 
 
 def _versions() -> dict:

@@ -125,22 +125,21 @@ def select_kernels(graph: ChannelGraph, keep: float, method: str = "lean", redun
                      longest_product, removed_fwd, removed_bwd, alive, used)
 
 
-def _input_nodes(graph: ChannelGraph) -> np.ndarray:
-    sources = np.zeros(graph.num_nodes, dtype=bool)
-    for name in graph.loaded.input_shapes:
-        if name in graph.tensor_nodes:
-            sources[graph.tensor_nodes[name]] = True
-    return sources
+def inputs_reach_outputs(graph: ChannelGraph, edge_keep: np.ndarray) -> bool:
+    """Whether some chain of kept kernels (and skippable edges) still leads from a graph input to what
+    the outputs read. False means layer collapse: the pruned model computes a constant."""
+    sources = graph.input_nodes
+    reached, _ = forward_alive(graph.src, graph.indptr, edge_keep.copy(), ~graph.prunable_edges, sources)
+    return bool((reached & graph.is_terminal & ~sources).any())
 
 
 def _rescue_chain(graph: ChannelGraph, edge_keep: np.ndarray, prunable: np.ndarray) -> np.ndarray:
     """The prunable edges of the best input-to-output chain when the kept edges link no input to an
     output (else nothing). Best = largest sum of log edge weights; node ids are topological, so one
     pass in id order is the longest-path DP."""
-    sources = _input_nodes(graph)
-    reached, _ = forward_alive(graph.src, graph.indptr, edge_keep.copy(), ~prunable, sources)
+    sources = graph.input_nodes
     rescue = np.zeros(graph.num_edges, dtype=bool)
-    if not sources.any() or (reached & graph.is_terminal & ~sources).any():
+    if not sources.any() or inputs_reach_outputs(graph, edge_keep):
         return rescue
     with np.errstate(divide="ignore"):
         logw = np.log(np.where(graph.weight > 0, graph.weight, 0.0))
