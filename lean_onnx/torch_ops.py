@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import LeanOnnxError
 
-__all__ = ["NodeContext", "OPS"]
+__all__ = ["NodeContext", "OPS", "conv_taps_first"]
 _DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
            9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
 
@@ -78,7 +78,8 @@ def _conv_geometry(ctx, x, kernel_shape):
 def _conv(ctx, x, w, b=None):
     nd, strides, dil, pads = _conv_geometry(ctx, x, list(w.shape[2:]))
     if nd == 2 and ctx.get("group", 1) == 1 and strides == [1, 1] and _taps_first_pays(w):
-        return _conv_taps_first(x, w, b, pads, dil)
+        zero_pad = [pads[1], pads[3], pads[0], pads[2]]
+        return conv_taps_first(x, w, b, dil, (lambda t: nn.functional.pad(t, zero_pad)) if any(pads) else None)
     x, padding = _pad_input(x, pads, 0.0)
     fn = (nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)[nd - 1]
     return fn(x, w, b, strides, padding, dil, ctx.get("group", 1))
@@ -93,14 +94,15 @@ def _taps_first_pays(w) -> bool:
     return w.shape[2] * w.shape[3] > 1 and (c_out == 1 or (c_out <= 4 and c_in >= 12 * c_out))
 
 
-def _conv_taps_first(x, w, b, pads, dil):
+def conv_taps_first(x, w, b, dil, pad=None):
     """2-D convolution (group 1, stride 1) as a 1x1 convolution into the kh*kw taps of each output
-    channel, zero padding of those few channels (zero padding commutes with mixing channels), then the
-    sum of the kh*kw shifted windows. The same function as conv2d up to rounding."""
+    channel, `pad` of those few channels, then the sum of the kh*kw shifted windows. Any padding that
+    maps each channel the same way (zero, reflect, symmetric) commutes with mixing channels, so this is
+    conv2d of `pad(x)` up to rounding. Used by the bridge's Conv (zero padding) and MSD.forward_taps."""
     c_out, c_in, kh, kw = w.shape
     taps = nn.functional.conv2d(x, w.permute(0, 2, 3, 1).reshape(c_out * kh * kw, c_in, 1, 1))
-    if any(pads):
-        taps = nn.functional.pad(taps, [pads[1], pads[3], pads[0], pads[2]])
+    if pad is not None:
+        taps = pad(taps)
     n, _, height, width = taps.shape
     out_h, out_w = height - dil[0] * (kh - 1), width - dil[1] * (kw - 1)
     if out_h < 1 or out_w < 1:

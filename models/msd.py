@@ -19,7 +19,6 @@ import math
 from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["MSD", "symmetric_pad2d"]
@@ -134,17 +133,13 @@ class MSD(nn.Module):
         """
         if self.input_mean is not None:
             x = (x - self.input_mean) / self.input_std
+        from lean_onnx.torch_ops import conv_taps_first
+
         features = x
-        batch, _, height, width = x.shape
         for layer in self.layers:
-            d, weight = layer.dilation, layer.conv.weight
-            c_out, c_in = weight.shape[:2]
-            taps = F.conv2d(features, weight.permute(0, 2, 3, 1).reshape(c_out * 9, c_in, 1, 1))
-            taps = symmetric_pad2d(taps, d).view(batch, c_out, 9, height + 2 * d, width + 2 * d)
-            out = layer.conv.bias.view(1, c_out, 1, 1)
-            for i in range(3):
-                for j in range(3):
-                    out = out + taps[:, :, 3 * i + j, i * d:i * d + height, j * d:j * d + width]
+            d = layer.dilation
+            out = conv_taps_first(features, layer.conv.weight, layer.conv.bias, [d, d],
+                                  lambda taps: symmetric_pad2d(taps, d))
             features = torch.cat([features, torch.relu(out)], dim=1)
         return self.final(features)
 

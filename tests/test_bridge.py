@@ -114,7 +114,7 @@ CONV_CASES = {
     "valid": ("Conv <auto_pad = \"VALID\">", (4, 3, 3, 3), (1, 3, 7, 7)),
     "asymmetric_pads": ("Conv <pads = [0, 1, 2, 1], dilations = [2, 1]>", (4, 3, 3, 3), (1, 3, 9, 8)),
     "grouped": ("Conv <group = 3, pads = [1, 1, 1, 1]>", (6, 1, 3, 3), (1, 3, 6, 6)),
-    # narrow outputs: computed taps first (torch_ops._conv_taps_first)
+    # narrow outputs: computed taps first (torch_ops.conv_taps_first)
     "taps_one_output": ("Conv <pads = [0, 1, 2, 1], dilations = [2, 1]>", (1, 3, 3, 3), (2, 3, 9, 8)),
     "taps_dilated_valid": ("Conv <dilations = [3, 3]>", (1, 5, 3, 3), (2, 5, 12, 11)),
     "taps_same_upper_3x2": ("Conv <auto_pad = \"SAME_UPPER\">", (2, 30, 3, 2), (1, 30, 7, 6)),
@@ -142,7 +142,7 @@ def test_conv_variants(case):
 @pytest.mark.parametrize("c_out,c_in,pads,dil", [(1, 1, [0, 0, 0, 0], [1, 1]), (1, 7, [2, 0, 1, 3], [2, 3]),
                                                  (3, 40, [1, 1, 1, 1], [1, 1])])
 def test_taps_first_conv_equals_conv2d_with_gradients(c_out, c_in, pads, dil):
-    from lean_onnx.torch_ops import _conv_taps_first, _taps_first_pays
+    from lean_onnx.torch_ops import conv_taps_first, _taps_first_pays
 
     torch.manual_seed(0)
     w, b = torch.randn(c_out, c_in, 3, 3, requires_grad=True), torch.randn(c_out, requires_grad=True)
@@ -150,8 +150,9 @@ def test_taps_first_conv_equals_conv2d_with_gradients(c_out, c_in, pads, dil):
     assert _taps_first_pays(w)
     results = []
     for taps in (False, True):
-        y = (_conv_taps_first(x, w, b, pads, dil) if taps else torch.nn.functional.conv2d(
-            torch.nn.functional.pad(x, [pads[1], pads[3], pads[0], pads[2]]), w, b, dilation=dil))
+        zero_pad = [pads[1], pads[3], pads[0], pads[2]]
+        y = (conv_taps_first(x, w, b, dil, lambda t: torch.nn.functional.pad(t, zero_pad)) if taps
+             else torch.nn.functional.conv2d(torch.nn.functional.pad(x, zero_pad), w, b, dilation=dil))
         grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), (x, w, b))
         results.append((y.detach(), grads))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)

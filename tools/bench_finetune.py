@@ -1,7 +1,7 @@
 """Fine-tuning speed on CPU: narrow convolutions computed taps first (issue 5).
 
 Times forward + backward (median of --runs after 2 warm-ups, one torch thread) of
-(a) single 3x3 convolutions, torch's conv2d against `torch_ops._conv_taps_first`;
+(a) single 3x3 convolutions, torch's conv2d against `torch_ops.conv_taps_first`;
 (b) the fine-tuning bridge on `models/msd_cs.onnx` and on a pruned copy (keep 0.1), batch 5 of 64x64 crops,
     with and without the taps-first path (`torch_ops._taps_first_pays`);
 (c) `tools/train.py`'s step on `models.msd.MSD`: `forward` against `forward_taps`, batch 4 of 128x128.
@@ -58,7 +58,7 @@ def conv_rows(runs: int) -> list[str]:
             F.conv2d(x, w, b, dilation=3).sum().backward()
 
         def taps():
-            torch_ops._conv_taps_first(x, w, b, [0, 0, 0, 0], [3, 3]).sum().backward()
+            torch_ops.conv_taps_first(x, w, b, [3, 3]).sum().backward()
 
         a, t = median_ms(direct, runs), median_ms(taps, runs)
         chosen = "yes" if torch_ops._taps_first_pays(w) else "no"
