@@ -141,10 +141,10 @@ def verdict(rows: list[dict], args) -> list[str]:
         out.append("* LEAN above both baselines at every keep <= 0.10: no step with keep <= 0.10 finished by all "
                    "three methods yet.")
     else:
-        losses = [s for s in checked if by[("lean", s)]["test_accuracy"]
-                  <= max(by[("sv", s)]["test_accuracy"], by[("l1", s)]["test_accuracy"])]
-        margin = min(by[("lean", s)]["test_accuracy"] - max(by[("sv", s)]["test_accuracy"],
-                                                            by[("l1", s)]["test_accuracy"]) for s in checked)
+        margins = {s: by[("lean", s)]["test_accuracy"]
+                   - max(by[("sv", s)]["test_accuracy"], by[("l1", s)]["test_accuracy"]) for s in checked}
+        losses = [s for s, m in margins.items() if m <= 0]
+        margin = min(margins.values())
         out.append(f"* LEAN above both baselines at every keep <= 0.10 (steps {', '.join(map(str, checked))}): "
                    f"**{'met' if not losses else 'not met'}**"
                    + (f" (smallest margin {margin:+.4f})." if not losses else f" (not at steps {losses})."))
