@@ -4,7 +4,8 @@ The library function `finetune(model, train, val, ...)` is what an iterative pru
 calls after every pruning step (lean-spec.md section 5: Adam with torch defaults, batch 5, shuffled,
 cross-entropy on the logits). It is deterministic for a fixed seed: torch is seeded, a numpy Generator
 draws the shuffles and crops, and torch's deterministic algorithms are on while it runs, so a schedule
-that is stopped and restarted from the step's model reproduces it bit for bit.
+that is stopped and restarted from the step's model reproduces it bit for bit (on CPU; on CUDA up to the
+few kernels that have no deterministic CUDA version). `device="auto"` trains on CUDA when torch sees a GPU.
 
 Pruned kernels stay pruned: `zero_kernel_masks` is taken from the input model, the masked gradients are
 zeroed before each Adam step and the masked weights after it, so DESIGN.md's pruned == masked contract
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -31,12 +33,12 @@ LOSSES = ("auto", "ce", "mse")
 
 def finetune(model: onnx.ModelProto, train: dict, val: dict | None = None, epochs: int = 3, lr: float = 1e-3,
              batch: int = 5, seed: int = 0, crop: int | None = None, loss: str = "auto",
-             keep_zero_kernels: bool = True, progress=None, path: str = "<model>"):
+             keep_zero_kernels: bool = True, progress=None, path: str = "<model>", device: str = "auto"):
     """Train `model` on `train` ({"inputs", "targets"} arrays) for `epochs`; returns (trained ModelProto
     with the template's interface, history: one dict per epoch with train_loss, val_loss, val_accuracy
     (classification/segmentation), seconds). `crop`: random crops of crop x crop pixels for training
     (dense targets only); validation always runs on full inputs. `progress(str)` receives one line per
-    epoch."""
+    epoch. `device`: "auto" (CUDA when torch sees a GPU, else CPU), "cpu", "cuda" or "cuda:N"."""
     import torch
 
     from .bridge import apply_masks, export_onnx, mask_gradients, to_torch, zero_kernel_masks
@@ -44,13 +46,14 @@ def finetune(model: onnx.ModelProto, train: dict, val: dict | None = None, epoch
     train = _checked(train, "train", crop, path)
     val = _checked(val, "val", None, path) if val is not None else None
     loss_kind = _loss_kind(loss, train["targets"], path)
-    with _deterministic(seed):
-        module = to_torch(model, path)
+    device = resolve_device(device)
+    with _deterministic(seed, device):
+        module = to_torch(model, path).to(device)
         if len(module.input_names) != 1:
             raise LeanOnnxError(f"{path}: finetune needs a model with one input, not {module.input_names}")
         masks = zero_kernel_masks(module) if keep_zero_kernels else {}
         if progress:
-            progress(_summary(module, masks))
+            progress(_summary(module, masks) + f"; on {device}")
         optimizer = torch.optim.Adam(module.parameters(), lr=lr)
         rng = np.random.default_rng(seed)
         history = []
@@ -81,8 +84,9 @@ def _train_epoch(module, optimizer, masks, data, batch, crop, loss_kind, rng, ap
         x, y = data["inputs"][index], data["targets"][index]
         if crop:
             x, y = _random_crops(x, y, crop, rng)
-        loss = _loss(module(torch.from_numpy(np.ascontiguousarray(x))), torch.from_numpy(np.ascontiguousarray(y)),
-                     loss_kind)
+        device = _device_of(module)
+        loss = _loss(module(torch.from_numpy(np.ascontiguousarray(x)).to(device)),
+                     torch.from_numpy(np.ascontiguousarray(y)).to(device), loss_kind)
         optimizer.zero_grad()
         loss.backward()
         mask_gradients(module, masks)
@@ -99,11 +103,12 @@ def evaluate(module, data: dict, batch: int = 5, loss_kind: str = "ce") -> dict:
     import torch
 
     module.eval()
+    device = _device_of(module)
     loss_sum, correct, elements = 0.0, 0, 0
     with torch.no_grad():
         for first in range(0, len(data["inputs"]), batch):
-            x = torch.from_numpy(np.ascontiguousarray(data["inputs"][first:first + batch]))
-            y = torch.from_numpy(np.ascontiguousarray(data["targets"][first:first + batch]))
+            x = torch.from_numpy(np.ascontiguousarray(data["inputs"][first:first + batch])).to(device)
+            y = torch.from_numpy(np.ascontiguousarray(data["targets"][first:first + batch])).to(device)
             out = _first_output(module(x))
             n = y.numel()
             loss_sum += _loss(out, y, loss_kind).item() * n
@@ -165,19 +170,54 @@ def _checked(data: dict, what: str, crop: int | None, path: str) -> dict:
     return {"inputs": np.asarray(data["inputs"], dtype=np.float32), "targets": np.asarray(data["targets"])}
 
 
-@contextlib.contextmanager
-def _deterministic(seed: int):
-    """Seed torch, switch deterministic algorithms on; restore the caller's settings afterwards."""
+def resolve_device(name: str) -> str:
+    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; "cpu", "cuda", "cuda:N" are checked, so a
+    missing GPU is one LeanOnnxError before any work."""
     import torch
 
-    was = torch.are_deterministic_algorithms_enabled()
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise LeanOnnxError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU here "
+                                f"(use --device cpu or auto)")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise LeanOnnxError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        return name
+    raise LeanOnnxError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
+
+
+def _device_of(module):
+    """The device of the module's first parameter or buffer (CPU for a module with neither)."""
+    import torch
+
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int, device: str = "cpu"):
+    """Seed torch, switch deterministic algorithms on; restore the caller's settings afterwards.
+    On CUDA some kernels (cross-entropy over images among them) have no deterministic version; they only
+    warn there, so a CUDA run is reproducible up to those (CPU runs are exact)."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    if cuda:  # cuBLAS needs this set before its first use to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=cuda)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(was)
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
         torch.random.set_rng_state(state)
 
 
@@ -228,6 +268,8 @@ def register(sub) -> None:
     p.add_argument("--train-zero-kernels", action="store_true",
                    help="let exactly-zero kernels train (default: they are pruned and stay zero)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when torch sees a GPU, else CPU), "
+                                                    "cpu, cuda or cuda:N")
     p.add_argument("--report", metavar="PATH", help="write per-epoch metrics as JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -254,14 +296,15 @@ def cmd_finetune(args) -> int:
     started = time.perf_counter()
     trained, history = finetune(model, train, val, epochs=args.epochs, lr=args.lr, batch=args.batch,
                                 seed=args.seed, crop=args.crop or None, loss=args.loss,
-                                keep_zero_kernels=not args.train_zero_kernels, progress=say, path=args.model)
+                                keep_zero_kernels=not args.train_zero_kernels, progress=say, path=args.model,
+                                device=args.device)
     save_model_atomic(trained, args.output)
     say(f"wrote {args.output}")
     if args.report:
         report = {"schema_version": 1, "command": "finetune", "input": args.model, "output": args.output,
                   "data": args.data, "val_data": args.val_data,
                   "settings": {k: getattr(args, k) for k in ("epochs", "lr", "batch", "seed", "crop", "loss",
-                                                             "train_zero_kernels")},
+                                                             "train_zero_kernels", "device")},
                   "epochs": history, "seconds": time.perf_counter() - started}
         save_model_atomic((json.dumps(report, indent=1) + "\n").encode(), args.report)
     return 0

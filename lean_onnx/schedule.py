@@ -66,10 +66,11 @@ def data_digest(arrays: dict | None) -> str | None:
 
 def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train: dict | None = None,
                  val: dict | None = None, progress=None, stop_after: int | None = None,
-                 verify: bool = True) -> dict:
+                 verify: bool = True, device: str = "auto") -> dict:
     """Run (or resume) the schedule; returns the state: config, original kernel count and one row per
     finished step (its checkpoint file, keep target/achieved, kernels, params, MACs, fine-tuning history,
-    contract error). `stop_after` k stops after step k (as an interruption would)."""
+    contract error). `stop_after` k stops after step k (as an interruption would). `device`: where to
+    fine-tune (finetune.resolve_device); not part of the config, so a run can resume on another machine."""
     from .load import read_model
     from .prune import save_model_atomic, sha256
 
@@ -84,7 +85,7 @@ def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train
         if stop_after is not None and t > stop_after:
             break
         start = time.perf_counter()
-        row, current = _step(current, t, keeps[t - 1], state, config, train, val, verify, say)
+        row, current = _step(current, t, keeps[t - 1], state, config, train, val, verify, say, device)
         row["model"] = f"step_{t:02d}.onnx"
         save_model_atomic(current, os.path.join(checkpoint_dir, row["model"]))
         row["seconds"] = time.perf_counter() - start
@@ -117,7 +118,8 @@ def _resume(folder: str, source: str, config: ScheduleConfig, digest: str, say) 
     return state
 
 
-def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, train, val, verify: bool, say):
+def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, train, val, verify: bool, say,
+          device: str = "auto"):
     """Prune `model` to `target` of the original kernels, then fine-tune; returns (row, new model)."""
     from .prune import Pruner
 
@@ -146,11 +148,12 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
     model = result.model
     row["finetune"] = []
     if train is not None and config.epochs_per_step > 0:
-        from .finetune import finetune
+        from .finetune import finetune, resolve_device
 
+        row["finetune_device"] = resolve_device(device)
         model, row["finetune"] = finetune(model, train, val, epochs=config.epochs_per_step, lr=config.lr,
                                           batch=config.batch, seed=config.seed + t, crop=config.crop,
-                                          path=f"step {t}")
+                                          path=f"step {t}", device=row["finetune_device"])
     return row, model
 
 
@@ -177,6 +180,8 @@ def add_arguments(p) -> None:
     g.add_argument("--batch", type=int, default=5, help="fine-tuning batch size (default 5)")
     g.add_argument("--crop", type=int, default=0, metavar="PIXELS", help="fine-tune on random crops (0: full inputs)")
     g.add_argument("--seed", type=int, default=0, help="step t fine-tunes with seed + t (default 0)")
+    g.add_argument("--device", default="auto", help="fine-tune on: auto (default: CUDA when torch sees a GPU, "
+                   "else CPU), cpu, cuda or cuda:N")
 
 
 def wants_schedule(args) -> bool:
@@ -216,7 +221,11 @@ def cmd_schedule(args, info, warn) -> int:
     folder = args.checkpoint_dir or args.output + ".steps"
     info(f"schedule: {args.steps} step(s) to keep {args.keep:g} "
          f"({', '.join(f'{k:.4f}' for k in step_keeps(args.keep, args.steps))}); checkpoints in {folder}")
-    state = run_schedule(args.model, config, folder, train, val, progress=info)
+    if train is not None:
+        from .finetune import resolve_device
+
+        info(f"fine-tuning on {resolve_device(args.device)}")  # a missing GPU fails here, before any pruning
+    state = run_schedule(args.model, config, folder, train, val, progress=info, device=args.device)
     final = os.path.join(folder, state["steps"][-1]["model"])
     with open(final, "rb") as f:
         save_model_atomic(f.read(), args.output)

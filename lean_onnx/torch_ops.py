@@ -201,7 +201,7 @@ def _slice_axis(x, axis: int, start: int, end: int, step: int):
     start, end = min(max(start, 0), n - 1), min(max(end, -1), n - 1)
     if step == -1:  # the flips of symmetric padding (MS-D): a narrow view, flipped
         return x.narrow(axis, end + 1, max(start - end, 0)).flip(axis)
-    return x.index_select(axis, torch.arange(start, end, step))
+    return x.index_select(axis, torch.arange(start, end, step, device=x.device))
 
 
 def _pad(ctx, x, pads=None, value=None, axes=None):
@@ -218,7 +218,7 @@ def _pad(ctx, x, pads=None, value=None, axes=None):
         return nn.functional.pad(x, [p for a in reversed(range(nd)) for p in (full[a], full[nd + a])], value=fill)
     for a in range(nd):
         if full[a] or full[nd + a]:
-            x = x.index_select(a, _border_index(x.shape[a], full[a], full[nd + a], mode, ctx))
+            x = x.index_select(a, _border_index(x.shape[a], full[a], full[nd + a], mode, ctx).to(x.device))
     return x
 
 
@@ -277,14 +277,15 @@ def _resize_axis(ctx, x, axis: int, out: int, scale: float, coord: str, mode: st
         index = {"floor": np.floor(pos), "ceil": np.ceil(pos),
                  "round_prefer_ceil": np.where(frac_half, np.ceil(pos), np.round(pos)),
                  }.get(rule, np.where(frac_half, np.floor(pos), np.round(pos)))
-        return x.index_select(axis, torch.from_numpy(np.clip(index, 0, n - 1).astype(np.int64)))
+        return x.index_select(axis, torch.from_numpy(np.clip(index, 0, n - 1).astype(np.int64)).to(x.device))
     pos = np.clip(pos, 0, n - 1)
     low = np.floor(pos).astype(np.int64)
     high = np.minimum(low + 1, n - 1)
     shape = [1] * x.dim()
     shape[axis] = out
-    weight = torch.from_numpy((pos - low).astype(np.float32)).reshape(shape).to(x.dtype)
-    a, b = x.index_select(axis, torch.from_numpy(low)), x.index_select(axis, torch.from_numpy(high))
+    weight = torch.from_numpy((pos - low).astype(np.float32)).reshape(shape).to(device=x.device, dtype=x.dtype)
+    a = x.index_select(axis, torch.from_numpy(low).to(x.device))
+    b = x.index_select(axis, torch.from_numpy(high).to(x.device))
     return a + (b - a) * weight
 
 

@@ -15,7 +15,7 @@ from lean_onnx import cli  # noqa: E402
 from lean_onnx.bridge import to_torch  # noqa: E402
 from lean_onnx.data import first_images  # noqa: E402
 from lean_onnx.errors import LeanOnnxError  # noqa: E402
-from lean_onnx.finetune import evaluate, finetune  # noqa: E402
+from lean_onnx.finetune import evaluate, finetune, resolve_device  # noqa: E402
 from tests.helpers import rand, run_ort, text_model, zoo_path  # noqa: E402
 
 
@@ -127,4 +127,40 @@ def test_cli_bad_data_is_one_error_line(msd, tmp_path, capsys, problem):
     code = cli.main(["finetune", str(model_path), str(tmp_path / "out.onnx"), "--data", str(data)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("[E] ") and "data" in err[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_device_auto_is_cuda_only_when_torch_sees_a_gpu():
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("CPU") == "cpu"
+    with pytest.raises(LeanOnnxError, match="choose auto, cpu, cuda"):
+        resolve_device("tpu")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda:0") == "cuda:0"
+        with pytest.raises(LeanOnnxError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(LeanOnnxError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_explicit_cpu_equals_auto_here(msd, tiny_cs):
+    """On a machine without a GPU, --device auto is the CPU run, bit for bit."""
+    if torch.cuda.is_available():
+        pytest.skip("auto means CUDA on this machine")
+    runs = [finetune(msd, tiny_cs, None, epochs=1, batch=2, crop=32, seed=1, device=d)[0] for d in ("auto", "cpu")]
+    first, second = (conv_weights(m) for m in runs)
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_missing_gpu_is_one_error_line_and_no_output(msd, tiny_cs, tmp_path, capsys):
+    model_path = tmp_path / "msd.onnx"
+    onnx.save(msd, str(model_path))
+    data = tmp_path / "train.npz"
+    np.savez(data, inputs=tiny_cs["inputs"][:, :, :32, :32], targets=tiny_cs["targets"][:, :32, :32])
+    code = cli.main(["finetune", str(model_path), str(tmp_path / "out.onnx"), "--data", str(data),
+                     "--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("[E] ") and "--device cuda" in err[-1] and "no CUDA" in err[-1]
     assert not (tmp_path / "out.onnx").exists()

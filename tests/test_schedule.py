@@ -12,7 +12,7 @@ from lean_onnx.schedule import ScheduleConfig, run_schedule, step_keeps
 from tests.helpers import zoo_path
 from tests.test_cli import cli
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,17 @@ def test_cli_schedule_writes_out_and_report(tmp_path, msd, data):
     onnx.checker.check_model(str(out), full_check=True)
     state = json.loads(report.read_text())
     assert len(state["steps"]) == 2 and state["steps"][1]["finetune"][0]["epoch"] == 1
+    assert {row["finetune_device"] for row in state["steps"]} == {"cuda" if torch.cuda.is_available() else "cpu"}
     assert (tmp_path / "out.onnx.steps" / "step_02.onnx").exists()
     code, _, err = cli(msd, out, "--keep", "0.5", "--steps", "3", "--finetune-data", tmp_path / "train.npz")
     assert code == 2 and err.strip().splitlines()[-1].startswith("[E]") and "other settings" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_schedule_missing_gpu_fails_before_pruning(tmp_path, msd, data):
+    np.savez(tmp_path / "train.npz", **data)
+    out = tmp_path / "out.onnx"
+    code, _, err = cli(msd, out, "--keep", "0.5", "--steps", "2", "--finetune-data", tmp_path / "train.npz",
+                       "--device", "cuda")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("[E]") and "no CUDA" in err
+    assert not out.exists() and not (tmp_path / "out.onnx.steps" / "step_01.onnx").exists()

@@ -58,7 +58,7 @@ def run_method(method: str, args, train, val, test) -> list[dict]:
     else:
         state = run_schedule(args.model, config, folder, train, val,
                              progress=lambda line: print(f"[{method}] {line}", flush=True),
-                             stop_after=args.stop_after)
+                             stop_after=args.stop_after, device=args.device)
     rows = []
     for row in state["steps"]:
         accuracy = row.get("test_accuracy")
@@ -212,6 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--exclude", default="/final/*", help="layers left out of pruning and of the counts: the "
                     "reference's LEAN_MSD_3x3 leaves out MS-D's final 1x1 layer (1275 kernels); '' for none")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    ap.add_argument("--device", default="auto", help="fine-tune on: auto (CUDA when torch sees a GPU), cpu, cuda")
     ap.add_argument("--stop-after", type=int, help="stop each method after this step (resume later)")
     ap.add_argument("--report-only", action="store_true", help="write the table from the finished steps only")
     ap.add_argument("--note", default="", help="a paragraph for the results file (how the runs were made)")
