@@ -38,10 +38,10 @@ REFERENCE = {
 REFERENCE_UNPRUNED = 0.9534
 
 
-def test_accuracy(model: str, test: dict) -> float:
+def test_accuracy(model: str, test: dict, threads: int = 2) -> float:
     from lean_onnx.evaluate import evaluate
 
-    return evaluate(model, test["inputs"], test["targets"], "global-accuracy", batch=5, threads=2)["value"]
+    return evaluate(model, test["inputs"], test["targets"], "global-accuracy", batch=5, threads=threads)["value"]
 
 
 def run_method(method: str, args, train, val, test) -> list[dict]:
@@ -63,7 +63,7 @@ def run_method(method: str, args, train, val, test) -> list[dict]:
     for row in state["steps"]:
         accuracy = row.get("test_accuracy")
         if accuracy is None:
-            accuracy = test_accuracy(os.path.join(folder, row["model"]), test)
+            accuracy = test_accuracy(os.path.join(folder, row["model"]), test, args.eval_threads)
         rows.append({"method": method, "step": row["step"], "keep_target": row["keep_target"],
                      "keep_achieved": row["keep_achieved"], "test_accuracy": accuracy,
                      "params": row["params"], "seconds": row["seconds"]})
@@ -86,13 +86,27 @@ def _shown_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def _machine(device: str) -> str:
+    """'2 CPU cores', or '16 CPU cores, NVIDIA H200' when fine-tuning ran on a GPU."""
+    import torch
+
+    from lean_onnx.finetune import resolve_device
+
+    cores = f"{os.cpu_count()} CPU cores"
+    try:
+        resolved = resolve_device(device)
+    except Exception:  # a --report-only on a machine without the GPU the run used
+        return cores
+    return cores + (f", {torch.cuda.get_device_name(resolved)}" if resolved.startswith("cuda") else "")
+
+
 def write_results(path: str, rows: list[dict], unpruned: float, args, elapsed_s: float) -> None:
     methods = [m for m in ("lean", "sv", "l1") if any(r["method"] == m for r in rows)]
     by = {(r["method"], r["step"]): r for r in rows}
     steps = sorted({r["step"] for r in rows})
     lines = ["# Reproducing the LEAN paper's MS-D experiment", "",
              f"Command: `python tools/reproduce_paper.py {' '.join(_shown_argv(args.argv))}` "
-             f"({elapsed_s / 60:.0f} min on this machine, 2 CPU cores, shared).", ""]
+             f"({elapsed_s / 60:.0f} min on this machine, {_machine(args.device)}).", ""]
     if args.note:
         lines += [args.note, ""]
     lines += [
@@ -213,6 +227,7 @@ def main(argv=None) -> int:
                     "reference's LEAN_MSD_3x3 leaves out MS-D's final 1x1 layer (1275 kernels); '' for none")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     ap.add_argument("--device", default="auto", help="fine-tune on: auto (CUDA when torch sees a GPU), cpu, cuda")
+    ap.add_argument("--eval-threads", type=int, default=2, help="ONNX Runtime threads for the test accuracy (default 2)")
     ap.add_argument("--stop-after", type=int, help="stop each method after this step (resume later)")
     ap.add_argument("--report-only", action="store_true", help="write the table from the finished steps only")
     ap.add_argument("--note", default="", help="a paragraph for the results file (how the runs were made)")
@@ -231,7 +246,7 @@ def main(argv=None) -> int:
     split = {s: load_split(os.path.join(args.data_dir, f"{s}.npz")) for s in ("train", "val", "test")}
     train, val, test = ({"inputs": d["inputs"], "targets": d["targets"]} for d in split.values())
     start = time.perf_counter()
-    unpruned = test_accuracy(args.model, test)
+    unpruned = test_accuracy(args.model, test, args.eval_threads)
     print(f"unpruned test accuracy {unpruned:.4f}", flush=True)
     rows = []
     for method in args.methods.split(","):
