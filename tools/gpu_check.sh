@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared run on a bare GPU machine without network (Python 3.12, torch with CUDA, onnx and the CPU
-# build of onnxruntime preinstalled; nothing else). Run from the repository root by the device tool:
+# One prepared run on a GPU machine without network (Python 3.12, torch with CUDA, onnx and the CPU build
+# of onnxruntime preinstalled; numba/scipy too, which this check does not need). Run from the repository
+# root by the device tool (the paper's experiment at full size: tools/gpu_paper.sh):
 #
 #   here:   python tools/gpu_prepare.py            # prunes the models into .cache/gpu_models (carried)
 #   device: bash tools/gpu_check.sh                # carry: [".cache/gpu_models"] (+ ".cache/gpu_wheels")

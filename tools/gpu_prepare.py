@@ -1,7 +1,9 @@
 """Prepare what tools/gpu_check.sh needs on a bare GPU machine (run here, on CPU, before the device call).
 
-The device has Python, torch (CUDA), onnx and the CPU build of onnxruntime, and nothing else: no
-network, no torchvision, no numba/scipy. So the models are pruned here and carried:
+The device has no network. Its image (KINDS.md of the device tool, read 2026-11) holds Python 3.12,
+torch 2.11 with CUDA, onnx, the CPU build of onnxruntime 1.30, numpy, numba, networkx and scipy, but not
+onnx-graphsurgeon or this package; the models are pruned here and carried, so the check needs only
+torch, onnx and onnxruntime there:
 
     python tools/gpu_prepare.py [--models mobilenet_v2,msd,unet4,resnet18] [--keeps 0.5,0.1,0.02]
 
