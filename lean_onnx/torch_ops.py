@@ -77,7 +77,7 @@ def _conv_geometry(ctx, x, kernel_shape):
 
 def _conv(ctx, x, w, b=None):
     nd, strides, dil, pads = _conv_geometry(ctx, x, list(w.shape[2:]))
-    if nd == 2 and ctx.get("group", 1) == 1 and strides == [1, 1] and _taps_first_pays(w):
+    if nd == 2 and ctx.get("group", 1) == 1 and strides == [1, 1] and x.device.type == "cpu" and _taps_first_pays(w):
         zero_pad = [pads[1], pads[3], pads[0], pads[2]]
         return conv_taps_first(x, w, b, dil, (lambda t: nn.functional.pad(t, zero_pad)) if any(pads) else None)
     x, padding = _pad_input(x, pads, 0.0)
@@ -89,7 +89,8 @@ def _taps_first_pays(w) -> bool:
     """Narrow outputs from wider inputs (MS-D: one output channel): there torch's CPU convolution spends
     most of its time on the k*k shifted reads of every input channel. Measured on one core (forward plus
     backward, batch 5, 64-128 pixels, 3x3, docs/benchmarks.md): 2-4x faster for one output channel, faster
-    for up to 4 when the inputs are at least 12 times as many, slower beyond."""
+    for up to 4 when the inputs are at least 12 times as many, slower beyond. CPU only: on a GPU the
+    library convolution is used (the measurement was a CPU one)."""
     c_out, c_in = w.shape[:2]
     return w.shape[2] * w.shape[3] > 1 and (c_out == 1 or (c_out <= 4 and c_in >= 12 * c_out))
 
