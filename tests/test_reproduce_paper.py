@@ -53,3 +53,13 @@ def test_reproduce_paper_runs_resumes_and_reports(tmp_path, zoo_cache):
     beats = by[("lean", 2)] > max(by[("sv", 2)], by[("l1", 2)])  # step 2 (keep 0.08) is the only one <= 0.10
     assert f"(steps 2): **{'met' if beats else 'not met'}**" in text
     assert "## Run times" in text and "* l1:" in text
+
+
+def test_a_step_that_kept_no_kernel_is_drawn_at_the_zero_tick(tmp_path):
+    """A log axis has no 0: a collapsed network (keep 0) goes to the '0 (no kernel)' tick, not off the plot."""
+    rows = [{"method": "l1", "keep_achieved": k, "test_accuracy": a} for k, a in ((0.5, .95), (0.08, .85), (0.0, .67))]
+    assert reproduce_paper.plot_points(rows, "l1") == [(reproduce_paper.ZERO_KEEP_AT, .67), (0.08, .85), (0.5, .95)]
+    assert reproduce_paper.ZERO_KEEP_AT < min(k for k, _ in reproduce_paper.plot_points(rows, "l1")[1:])
+    picture = tmp_path / "p.png"
+    reproduce_paper.plot(rows, 0.96, str(picture))
+    assert picture.stat().st_size > 1000

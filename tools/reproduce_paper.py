@@ -5,7 +5,7 @@ The trained MS-D (`models/msd_cs.onnx`) is pruned on Circle-Square in 15 geometr
 global pixel accuracy on the 50 test images (full 256 x 256) is measured with ONNX Runtime. Each method
 runs through `lean_onnx.schedule.run_schedule`, so an interrupted run resumes where it stopped.
 
-    python tools/reproduce_paper.py --crop 64 --write docs/results.md
+    python tools/reproduce_paper.py --crop 128 --write docs/results.md
 
 Writes a table and a plot (docs/results.png) next to the reference's measured numbers.
 """
@@ -180,6 +180,17 @@ def run_times(rows: list[dict], args) -> list[str]:
     return out + [""]
 
 
+#: where a step that kept no kernel at all is drawn on the log-scale keep axis (tick label "0")
+ZERO_KEEP_AT = 0.004
+
+
+def plot_points(rows: list[dict], method: str) -> list[tuple[float, float]]:
+    """(keep achieved, test accuracy) of one method, sorted; a keep of 0 (the network lost every kernel)
+    is drawn at ZERO_KEEP_AT, since a log axis has no 0."""
+    return sorted((r["keep_achieved"] if r["keep_achieved"] > 0 else ZERO_KEEP_AT, r["test_accuracy"])
+                  for r in rows if r["method"] == method)
+
+
 def plot(rows: list[dict], unpruned: float, path: str) -> None:
     import matplotlib
     import matplotlib.ticker
@@ -190,7 +201,7 @@ def plot(rows: list[dict], unpruned: float, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {"lean": "tab:red", "sv": "tab:blue", "l1": "tab:green"}
     for method, colour in colours.items():
-        mine = sorted((r["keep_achieved"], r["test_accuracy"]) for r in rows if r["method"] == method)
+        mine = plot_points(rows, method)
         if mine:
             ax.plot(*zip(*mine), "o-", color=colour, label=f"{method} (ours)")
         ref = sorted(v[method][::-1] for v in REFERENCE.values())
@@ -198,7 +209,9 @@ def plot(rows: list[dict], unpruned: float, path: str) -> None:
     ax.axhline(unpruned, color="grey", ls=":", label="unpruned (ours)")
     ax.set_xscale("log")
     ticks = [0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    if any(r["keep_achieved"] <= 0 for r in rows):
+        ticks = [ZERO_KEEP_AT, 0.01] + ticks
+    ax.set_xticks(ticks, ["0 (no kernel)" if t == ZERO_KEEP_AT else f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.invert_xaxis()
     ax.set_xlabel("fraction of kernels kept (achieved, log scale)")
