@@ -17,6 +17,7 @@ cross-entropy, floats of the output's shape for MSE (lean_onnx.data writes Circl
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -78,13 +79,13 @@ def _train_epoch(module, optimizer, masks, data, batch, crop, loss_kind, rng, ap
     import torch
 
     order = rng.permutation(len(data["inputs"]))
+    device = _device_of(module)
     total, count = 0.0, 0
     for first in range(0, len(order), batch):
         index = np.sort(order[first:first + batch])  # sorted: npz-backed arrays read faster
         x, y = data["inputs"][index], data["targets"][index]
         if crop:
             x, y = _random_crops(x, y, crop, rng)
-        device = _device_of(module)
         loss = _loss(module(torch.from_numpy(np.ascontiguousarray(x)).to(device)),
                      torch.from_numpy(np.ascontiguousarray(y)).to(device), loss_kind)
         optimizer.zero_grad()
@@ -195,9 +196,8 @@ def _device_of(module):
     """The device of the module's first parameter or buffer (CPU for a module with neither)."""
     import torch
 
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager

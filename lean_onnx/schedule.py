@@ -75,6 +75,11 @@ def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train
     from .prune import save_model_atomic, sha256
 
     say = progress or (lambda line: None)
+    if train is not None and config.epochs_per_step > 0:
+        from .finetune import resolve_device
+
+        device = resolve_device(device)  # once, so a missing GPU fails here, before any file or pruning
+        say(f"fine-tuning on {device}")
     os.makedirs(checkpoint_dir, exist_ok=True)
     config.train_data, config.val_data = data_digest(train), data_digest(val)
     state = _resume(checkpoint_dir, source, config, sha256(source), say)
@@ -119,7 +124,7 @@ def _resume(folder: str, source: str, config: ScheduleConfig, digest: str, say) 
 
 
 def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, train, val, verify: bool, say,
-          device: str = "auto"):
+          device: str):
     """Prune `model` to `target` of the original kernels, then fine-tune; returns (row, new model)."""
     from .prune import Pruner
 
@@ -148,12 +153,12 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
     model = result.model
     row["finetune"] = []
     if train is not None and config.epochs_per_step > 0:
-        from .finetune import finetune, resolve_device
+        from .finetune import finetune
 
-        row["finetune_device"] = resolve_device(device)
+        row["finetune_device"] = device
         model, row["finetune"] = finetune(model, train, val, epochs=config.epochs_per_step, lr=config.lr,
                                           batch=config.batch, seed=config.seed + t, crop=config.crop,
-                                          path=f"step {t}", device=row["finetune_device"])
+                                          path=f"step {t}", device=device)
     return row, model
 
 
@@ -221,10 +226,6 @@ def cmd_schedule(args, info, warn) -> int:
     folder = args.checkpoint_dir or args.output + ".steps"
     info(f"schedule: {args.steps} step(s) to keep {args.keep:g} "
          f"({', '.join(f'{k:.4f}' for k in step_keeps(args.keep, args.steps))}); checkpoints in {folder}")
-    if train is not None:
-        from .finetune import resolve_device
-
-        info(f"fine-tuning on {resolve_device(args.device)}")  # a missing GPU fails here, before any pruning
     state = run_schedule(args.model, config, folder, train, val, progress=info, device=args.device)
     final = os.path.join(folder, state["steps"][-1]["model"])
     with open(final, "rb") as f:
