@@ -37,6 +37,9 @@ def test_reproduce_paper_runs_resumes_and_reports(tmp_path, zoo_cache):
         assert [s["step"] for s in states[m]] == [1, 2]
         assert states[m][0] == first[m][0]  # step 1 was not redone
 
+    with pytest.raises(SystemExit, match="other settings: crop None .given 16."):  # the table would lie
+        reproduce_paper.main(common + ["--methods", "lean", "--crop", "16", "--report-only", "--write", str(md)])
+    assert not md.exists()
     assert reproduce_paper.main(common + ["--methods", "lean,sv,l1", "--report-only", "--write", str(md)]) == 0
     text = md.read_text()
     assert "tiny run" not in text and "--report-only" in text  # the command line, without another run's note
@@ -63,3 +66,15 @@ def test_a_step_that_kept_no_kernel_is_drawn_at_the_zero_tick(tmp_path):
     picture = tmp_path / "p.png"
     reproduce_paper.plot(rows, 0.96, str(picture))
     assert picture.stat().st_size > 1000
+
+
+def test_a_run_without_the_baselines_says_the_comparison_was_not_made(tmp_path):
+    """A LEAN-only run (e.g. the full-image run) must not read as if the baselines were still missing steps."""
+    import argparse
+    rows = [{"method": "lean", "step": s, "keep_target": k, "keep_achieved": k, "test_accuracy": a}
+            for s, k, a in ((1, 0.2, 0.95), (2, 0.05, 0.91))]
+    lines = reproduce_paper.verdict(rows, argparse.Namespace(methods="lean", steps=2, keep=0.05))
+    assert lines[2] == "* LEAN at least 0.90 at keep 0.05: **met** (0.9100)."
+    assert lines[3] == "* LEAN above both baselines at every keep <= 0.10: not checked here (this run's methods: lean)."
+    lines = reproduce_paper.verdict(rows[:1], argparse.Namespace(methods="lean,sv,l1", steps=2, keep=0.05))
+    assert "not reached yet" in lines[2] and "no step with keep <= 0.10 finished by all three" in lines[3]
