@@ -108,12 +108,32 @@ def conv_taps_first(x, w, b, dil, pad=None):
     out_h, out_w = height - dil[0] * (kh - 1), width - dil[1] * (kw - 1)
     if out_h < 1 or out_w < 1:
         raise ValueError(f"kernel {kh}x{kw} with dilations {dil} is larger than the padded input")
-    taps = taps.view(n, c_out, kh * kw, height, width)
-    out = taps[:, :, 0, :out_h, :out_w]
-    for t in range(1, kh * kw):
-        i, j = divmod(t, kw)
-        out = out + taps[:, :, t, i * dil[0]:i * dil[0] + out_h, j * dil[1]:j * dil[1] + out_w]
+    windows = [(slice(i * dil[0], i * dil[0] + out_h), slice(j * dil[1], j * dil[1] + out_w))
+               for i in range(kh) for j in range(kw)]
+    out = _WindowSum.apply(taps.view(n, c_out, kh * kw, height, width), windows)
     return out if b is None else out + b.view(1, c_out, 1, 1)
+
+
+class _WindowSum(torch.autograd.Function):
+    """sum over t of taps[:, :, t, window_t]. Autograd's own backward of those k*k slices fills a zero
+    tensor of the whole taps' size per tap and adds the k*k of them (81 taps-sized writes for 3x3); this
+    one writes each tap's window once into one zero tensor. Each gradient element has exactly one
+    non-zero contribution, so both give the same bits (tests/test_bridge.py)."""
+
+    @staticmethod
+    def forward(ctx, taps, windows):
+        ctx.shape, ctx.windows = taps.shape, windows
+        out = taps[:, :, 0, windows[0][0], windows[0][1]].clone()  # a new tensor, not a view of taps
+        for t in range(1, len(windows)):
+            out = out + taps[:, :, t, windows[t][0], windows[t][1]]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_taps = grad.new_zeros(ctx.shape)
+        for t, (rows, cols) in enumerate(ctx.windows):
+            grad_taps[:, :, t, rows, cols] = grad
+        return grad_taps, None
 
 
 def _conv_transpose(ctx, x, w, b=None):

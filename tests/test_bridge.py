@@ -160,6 +160,27 @@ def test_taps_first_conv_equals_conv2d_with_gradients(c_out, c_in, pads, dil):
         torch.testing.assert_close(g_taps, g_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_taps_window_sum_gives_autograds_bits_forward_and_backward():
+    """The custom backward of the shifted-window sum is a speed-up only: the same bits as autograd's."""
+    from lean_onnx.torch_ops import _WindowSum
+
+    torch.manual_seed(1)
+    for kh, kw, dil in ((3, 3, (2, 3)), (1, 2, (1, 4)), (1, 1, (1, 1))):
+        taps = torch.randn(2, 3, kh * kw, 14, 13, requires_grad=True)
+        out_h, out_w = 14 - dil[0] * (kh - 1), 13 - dil[1] * (kw - 1)
+        windows = [(slice(i * dil[0], i * dil[0] + out_h), slice(j * dil[1], j * dil[1] + out_w))
+                   for i in range(kh) for j in range(kw)]
+        plain = taps[:, :, 0, windows[0][0], windows[0][1]]
+        for t in range(1, len(windows)):
+            plain = plain + taps[:, :, t, windows[t][0], windows[t][1]]
+        mine = _WindowSum.apply(taps, windows)
+        assert torch.equal(mine, plain)
+        weight = torch.randn_like(plain)
+        (g_plain,) = torch.autograd.grad((plain * weight).sum(), taps)
+        (g_mine,) = torch.autograd.grad((mine * weight).sum(), taps)
+        assert torch.equal(g_mine, g_plain)
+
+
 UNARY_CASES = [
     "MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]>",
     "MaxPool <kernel_shape = [2, 2], strides = [2, 2], pads = [0, 0, 1, 1], ceil_mode = 1>",
