@@ -5,7 +5,8 @@ The trained MS-D (`models/msd_cs.onnx`) is pruned on Circle-Square in 15 geometr
 global pixel accuracy on the 50 test images (full 256 x 256) is measured with ONNX Runtime. Each method
 runs through `lean_onnx.schedule.run_schedule`, so an interrupted run resumes where it stopped.
 
-    python tools/reproduce_paper.py --crop 128 --write docs/results.md
+    python tools/reproduce_paper.py --write docs/results.md              # full 256 x 256 training images
+    python tools/reproduce_paper.py --crop 128 --write docs/results.md   # random 128 x 128 crops
 
 Writes a table and a plot (docs/results.png) next to the reference's measured numbers.
 """
