@@ -101,6 +101,16 @@ def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train
     return state
 
 
+def settings_differ(state: dict, digest: str, config: ScheduleConfig) -> list[str]:
+    """What differs between a saved schedule state and this input digest and config ("name saved (given
+    now)"), empty when a checkpoint folder belongs to this run (resume) or describes it (reports)."""
+    mine = {"input_sha256": digest, **json.loads(json.dumps(asdict(config)))}
+    saved = {"input_sha256": state.get("input_sha256"), **(state.get("config") or {})}
+    missing = "<missing>"
+    return [f"{k} {saved.get(k, missing)!r} (given {mine.get(k, missing)!r})"
+            for k in sorted(mine.keys() | saved.keys()) if saved.get(k, missing) != mine.get(k, missing)]
+
+
 def _resume(folder: str, source: str, config: ScheduleConfig, digest: str, say) -> dict:
     path = os.path.join(folder, STATE)
     fresh = {"schema_version": 1, "input": source, "input_sha256": digest, "config": asdict(config),
@@ -112,7 +122,7 @@ def _resume(folder: str, source: str, config: ScheduleConfig, digest: str, say) 
             state = json.load(f)
     except (OSError, ValueError):
         raise LeanOnnxError(f"{path}: unreadable schedule state; remove the folder to start again") from None
-    if state.get("input_sha256") != digest or state.get("config") != json.loads(json.dumps(asdict(config))):
+    if settings_differ(state, digest, config):
         raise LeanOnnxError(f"{folder}: holds a schedule with other settings or another input; use another "
                             "--checkpoint-dir, or remove it to start again")
     done = [row for row in state["steps"] if os.path.exists(os.path.join(folder, row["model"]))]

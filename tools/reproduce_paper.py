@@ -46,7 +46,8 @@ def test_accuracy(model: str, test: dict, threads: int = 2) -> float:
 
 
 def run_method(method: str, args, train, val, test) -> list[dict]:
-    from lean_onnx.schedule import ScheduleConfig, run_schedule
+    from lean_onnx.prune import sha256
+    from lean_onnx.schedule import ScheduleConfig, data_digest, run_schedule, settings_differ
 
     config = ScheduleConfig(keep=args.keep, steps=args.steps, method=method, epochs_per_step=args.epochs_per_step,
                             batch=args.batch, crop=args.crop or None, seed=args.seed,
@@ -56,7 +57,10 @@ def run_method(method: str, args, train, val, test) -> list[dict]:
     if args.report_only:  # the steps finished so far (by runs in progress or stopped), without training
         with open(os.path.join(folder, "state.json")) as f:
             state = json.load(f)
-        _check_settings(state["config"], config, folder)
+        config.train_data, config.val_data = data_digest(train), data_digest(val)  # as run_schedule does
+        differ = settings_differ(state, sha256(args.model), config)
+        if differ:  # the results file describes the run with this command's settings (say, a forgotten --crop)
+            raise SystemExit(f"{folder}: the checkpoints were made with other settings: {', '.join(differ)}")
     else:
         state = run_schedule(args.model, config, folder, train, val,
                              progress=lambda line: print(f"[{method}] {line}", flush=True),
@@ -72,18 +76,6 @@ def run_method(method: str, args, train, val, test) -> list[dict]:
         print(f"[{method}] step {row['step']}: keep {row['keep_achieved']:.4f} test accuracy {accuracy:.4f}",
               flush=True)
     return rows
-
-
-def _check_settings(stored: dict, config, folder: str) -> None:
-    """The results file describes the run with this command's settings: refuse a report whose settings
-    differ from those the checkpoints were made with (say, --crop forgotten on --report-only)."""
-    from dataclasses import asdict
-
-    mine = json.loads(json.dumps(asdict(config)))
-    differ = [f"{k} {stored.get(k)!r} (given {mine[k]!r})" for k in mine
-              if k not in ("train_data", "val_data") and stored.get(k) != mine[k]]
-    if differ:
-        raise SystemExit(f"{folder}: the checkpoints were made with other settings: {', '.join(differ)}")
 
 
 def _shown_argv(argv: list[str]) -> list[str]:
