@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import LeanOnnxError
 from .load import structural_copy
-from .torch_ops import OPS, NodeContext
+from .torch_ops import OPS, NodeContext, SliceConcat, constant_value
 
 __all__ = ["OnnxModule", "to_torch", "export_onnx", "zero_kernel_masks", "apply_masks", "mask_gradients"]
 
@@ -62,6 +62,7 @@ class OnnxModule(nn.Module):
             inputs = [self._input_key(node, slot, name, inits, sources) for slot, name in enumerate(node.input)]
             ctx = NodeContext(node, self.opset)
             self._nodes.append((ctx, inputs, list(node.output)))
+        self._nodes = _fuse_slice_concats(norm, self._nodes, self.opset)
         self.eval()  # like the ONNX model: Dropout off until someone calls .train()
 
     def _check_supported(self, node: onnx.NodeProto) -> None:
@@ -106,7 +107,7 @@ class OnnxModule(nn.Module):
             args = [None if k is None else (values[k[1]] if k[0] == "value" else getattr(self, k[1])) for k in keys]
             ctx.training = self.training
             try:
-                result = OPS[ctx.op_type](ctx, *args)
+                result = (ctx.run or OPS[ctx.op_type])(ctx, *args)
             except LeanOnnxError:
                 raise
             except Exception as exc:
@@ -127,6 +128,60 @@ class OnnxModule(nn.Module):
 def to_torch(model: onnx.ModelProto, path: str = "<model>") -> OnnxModule:
     """The bridge's entry point (see the module docstring)."""
     return OnnxModule(model, path)
+
+
+def _fuse_slice_concats(model: onnx.ModelProto, nodes: list, opset: int) -> list:
+    """Every Concat fed by one tensor and constant slices of it (symmetric/reflect padding) becomes a
+    `SliceConcat` (torch_ops), and the Slice and Constant nodes left without a consumer are dropped.
+    `nodes` are the module's (context, input keys, outputs), one per node of `model`, in its order."""
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = constant_value(NodeContext(node, opset))
+            if value is not None:
+                constants[node.output[0]] = value
+        producer.update((name, node) for name in node.output)
+
+    def slices(node):  # [(start, end, axis, step)] of a Slice node with constant parameters, else None
+        if opset < 10:
+            attrs = NodeContext(node, opset)
+            params = [attrs.get("starts"), attrs.get("ends"), attrs.get("axes")]
+        else:
+            names = list(node.input[1:5]) + [""] * (5 - len(node.input))
+            if any(name and name not in constants for name in names):
+                return None
+            params = [constants[name].reshape(-1).tolist() if name else None for name in names]
+        starts, ends = params[0], params[1]
+        if starts is None or ends is None:
+            return None
+        axes = params[2] if params[2] is not None else list(range(len(starts)))
+        steps = params[3] if len(params) > 3 and params[3] is not None else [1] * len(starts)
+        return [tuple(int(v) for v in s) for s in zip(starts, ends, axes, steps)]
+
+    fused = []
+    for node, (ctx, keys, outputs) in zip(model.graph.node, nodes):
+        if node.op_type == "Concat" and node.domain in ("", "ai.onnx") and "axis" in ctx.attrs:
+            chains, roots = [], set()
+            for name in node.input:
+                chain = []
+                while name in producer and producer[name].op_type == "Slice" and \
+                        producer[name].domain in ("", "ai.onnx") and (step := slices(producer[name])) is not None:
+                    chain = step + chain
+                    name = producer[name].input[0]
+                chains.append(chain)
+                roots.add(name)
+            root = next(iter(roots))
+            if len(roots) == 1 and any(chains) and root not in constants:
+                ctx, keys = SliceConcat(node, opset, chains), [("value", root)]
+        fused.append((ctx, keys, outputs))
+    used, kept = {o.name for o in model.graph.output}, []
+    for ctx, keys, outputs in reversed(fused):
+        if ctx.op_type in ("Slice", "Constant") and not any(name in used for name in outputs):
+            continue
+        used.update(k[1] for k in keys if k is not None and k[0] == "value")
+        kept.append((ctx, keys, outputs))
+    return kept[::-1]
 
 
 def _is_float(tensor: onnx.TensorProto) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import LeanOnnxError
 
-__all__ = ["NodeContext", "OPS", "conv_taps_first"]
+__all__ = ["NodeContext", "SliceConcat", "OPS", "conv_taps_first"]
 _DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
            9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
 
@@ -33,8 +33,66 @@ class NodeContext:
             value = onnx.helper.get_attribute_value(a)
             self.attrs[a.name] = value.decode() if isinstance(value, bytes) else value
 
+    run = None  # set by fused nodes (SliceConcat): computes the node instead of OPS[op_type]
+
     def get(self, name: str, default=None):
         return self.attrs.get(name, default)
+
+
+class SliceConcat(NodeContext):
+    """A Concat whose inputs are one tensor x and slices of x along the concat axis (chains of constant
+    Slice nodes): symmetric or reflect padding as torch exports it (MS-D: Slice, a flipping Slice,
+    Concat). The forward is the same slices and torch.cat; the backward is written out: x's gradient
+    starts as a copy of the part of the output gradient that is x itself, and each slice's gradient is
+    index-added into it. Autograd would fill a zero tensor of x's size for every Slice and add them all
+    up: the same sum in another order (bit-identical when every element of x appears at most twice, as
+    in padding narrower than half the input). `chains[i]`: the (start, end, axis, step) slices from x
+    to the concat's input i, in order ([] for x itself). Where the axes differ at run time (negative
+    axes of another rank) it runs the slices and torch.cat under plain autograd."""
+
+    def __init__(self, node: onnx.NodeProto, opset: int, chains: list[list[tuple[int, int, int, int]]]):
+        super().__init__(node, opset)
+        self.chains = chains
+        self._index: dict = {}
+        self.run = self._run
+
+    def _run(self, ctx, x):
+        axis = self.get("axis") % x.dim()
+        if not all(s[2] % x.dim() == axis for chain in self.chains for s in chain):
+            return torch.cat([_chain(x, chain) for chain in self.chains], axis)
+        key = (x.shape[axis], x.device)
+        if key not in self._index:
+            whole = torch.arange(x.shape[axis], device=x.device)
+            self._index[key] = [None if not chain else _chain(whole, chain, 0) for chain in self.chains]
+        return _SliceConcatFn.apply(x, axis, self.chains, self._index[key])
+
+
+class _SliceConcatFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, axis, chains, index):
+        ctx.axis, ctx.index, ctx.length = axis, index, x.shape[axis]
+        return torch.cat([_chain(x, chain, axis) for chain in chains], axis)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = grad.split([ctx.length if i is None else len(i) for i in ctx.index], ctx.axis)
+        whole = [p for p, i in zip(parts, ctx.index) if i is None]
+        if whole:  # a fresh tensor: grad's parts are views of a tensor autograd may still use
+            result = whole[0].clone(memory_format=torch.contiguous_format)
+        else:
+            result = grad.new_zeros(grad.shape[:ctx.axis] + (ctx.length,) + grad.shape[ctx.axis + 1:])
+        for p, i in zip(parts, ctx.index):
+            if i is not None:
+                result.index_add_(ctx.axis, i, p)
+        for p in whole[1:]:
+            result += p
+        return result, None, None, None
+
+
+def _chain(x, chain, axis=None):
+    for start, end, a, step in chain:
+        x = _slice_axis(x, a % x.dim() if axis is None else axis, start, end, step)
+    return x
 
 
 def _ints(t) -> list[int]:
@@ -404,14 +462,21 @@ def _dropout(ctx, x, ratio=None, training_mode=None):
     return (y, y.ne(0) if ctx.training else torch.ones_like(x, dtype=torch.bool))[:ctx.n_outputs]
 
 
-def _constant(ctx):
+def constant_value(ctx) -> np.ndarray | None:
+    """A Constant node's value (None for the forms the bridge does not support)."""
     for name in ("value", "value_float", "value_floats", "value_int", "value_ints"):
         if name in ctx.attrs:
             value = ctx.attrs[name]
-            array = numpy_helper.to_array(value) if name == "value" else np.array(
-                value, np.float32 if "float" in name else np.int64)
-            return torch.from_numpy(np.array(array))
-    _unsupported(ctx, "this Constant form")
+            return np.array(numpy_helper.to_array(value) if name == "value" else np.array(
+                value, np.float32 if "float" in name else np.int64))
+    return None
+
+
+def _constant(ctx):
+    value = constant_value(ctx)
+    if value is None:
+        _unsupported(ctx, "this Constant form")
+    return torch.from_numpy(value)
 
 
 def _shape(ctx, x):

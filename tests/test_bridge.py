@@ -209,6 +209,8 @@ def test_unary_ops(op, opset):
     assert_matches_ort(model, rand(2, 3, 7, 6))
 
 
+SLICES = {name: np.array([v], np.int64) for name, v in (("z", 0), ("two", 2), ("m1", -1), ("m2", -2), ("a2", 2),
+                                                       ("a3", 3), ("big", 2 ** 62), ("mbig", -2 ** 62))}
 GRAPH_CASES = {
     "pad_reflect": ("y = Pad <mode = \"reflect\"> (x, p)", {"p": np.array([0, 0, 2, 1, 0, 0, 1, 2], np.int64)}),
     "pad_edge": ("y = Pad <mode = \"edge\"> (x, p)", {"p": np.array([0, 0, 2, 1, 0, 0, 1, 3], np.int64)}),
@@ -218,6 +220,16 @@ GRAPH_CASES = {
                                                  "a": np.array([3, 2], np.int64), "t": np.array([-1, -2], np.int64)}),
     "slice_step": ("y = Slice (x, s, e, a, t)", {"s": np.array([1], np.int64), "e": np.array([100], np.int64),
                                                  "a": np.array([-1], np.int64), "t": np.array([2], np.int64)}),
+    # Concat of slices of one tensor: SliceConcat (symmetric padding as MS-D exports it; a rotation;
+    # slices on two axes, which run unfused; a Slice opset-9 style is covered by the zoo's MS-D at 17)
+    "concat_symmetric": ("l = Slice (x, z, two, a3)\n lf = Slice (l, m1, mbig, a3, m1)\n"
+                         " r = Slice (x, m2, big, a3)\n rf = Slice (r, m1, mbig, a3, m1)\n"
+                         " y = Concat <axis = -1> (lf, x, rf)", SLICES),
+    "concat_rotate": ("a = Slice (x, two, big, a2)\n b = Slice (x, z, two, a2)\n y = Concat <axis = 2> (a, b, b)",
+                      SLICES),
+    "concat_two_axes": ("l = Slice (x, zz, twotwo, a23)\n y = Concat <axis = 3> (x, l)",
+                        {**SLICES, "zz": np.array([0, 0], np.int64), "twotwo": np.array([2 ** 62, 2], np.int64),
+                         "a23": np.array([2, 3], np.int64)}),
     "split": ("a, b = Split <axis = 1> (x, s)\n y = Sub (b, a)", {"s": np.array([1, 2], np.int64)}),
     "split_even": ("a, b, c = Split <axis = 1, num_outputs = 3> (x)\n y = Concat <axis = 1> (c, a, b)", {}),
     "resize_linear_sizes": ("y = Resize <mode = \"linear\"> (x, , , s)", {"s": np.array([2, 3, 11, 15], np.int64)}),
@@ -250,6 +262,55 @@ def test_graph_ops(case):
     body, inits = GRAPH_CASES[case]
     model = text_model(f"g (float[2, 3, 7, 6] x) => (float y) {{ {body} }}", inits, opset=18)
     assert_matches_ort(model, rand(2, 3, 7, 6))
+
+
+@pytest.mark.parametrize("case", ["concat_symmetric", "concat_rotate", "concat_two_axes"])
+def test_slice_concat_gradient_is_autograds(case, monkeypatch):
+    """SliceConcat's written-out backward against plain autograd through the Slice and Concat nodes:
+    bit-identical for padding (each element appears at most twice), equal up to rounding otherwise."""
+    import lean_onnx.bridge as bridge
+    from lean_onnx.torch_ops import SliceConcat
+
+    body, inits = GRAPH_CASES[case]
+    model = text_model(f"g (float[2, 3, 7, 6] x) => (float y) {{ {body} }}", inits, opset=18)
+    mine = to_torch(model)
+    assert sum(isinstance(ctx, SliceConcat) for ctx, _, _ in mine._nodes) == 1
+    assert not any(ctx.op_type in ("Slice", "Constant") for ctx, _, _ in mine._nodes)
+    monkeypatch.setattr(bridge, "_fuse_slice_concats", lambda model, nodes, opset: nodes)
+    plain = to_torch(model)
+    x = torch.from_numpy(rand(2, 3, 7, 6))
+    results = []
+    for module in (mine, plain):
+        xg = x.clone().requires_grad_()
+        y = module(xg)
+        (grad,) = torch.autograd.grad((y * torch.linspace(-1, 2, y.numel()).reshape(y.shape)).sum(), xg)
+        results.append((y, grad))
+    assert torch.equal(results[0][0], results[1][0])
+    if case == "concat_symmetric":
+        assert torch.equal(results[0][1], results[1][1])
+    else:
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
+
+
+def test_msd_padding_is_fused_with_autograds_bits(zoo_cache, monkeypatch):
+    """The zoo's MS-D: every layer's symmetric padding (per axis, a Concat of x and 2 chains of 2 Slices)
+    becomes 2 SliceConcats, and a training step's parameter gradients keep autograd's bits."""
+    import lean_onnx.bridge as bridge
+    from lean_onnx.torch_ops import SliceConcat
+
+    model = onnx.load(zoo_path("msd", False, zoo_cache))
+    mine = to_torch(model)
+    slices = sum(n.op_type == "Slice" for n in model.graph.node)
+    assert slices > 0 and not any(ctx.op_type == "Slice" for ctx, _, _ in mine._nodes)
+    assert sum(isinstance(ctx, SliceConcat) for ctx, _, _ in mine._nodes) == slices // 4
+    monkeypatch.setattr(bridge, "_fuse_slice_concats", lambda model, nodes, opset: nodes)
+    plain = to_torch(model)
+    x = torch.from_numpy(rand(2, 1, 24, 24))
+    for module in (mine, plain):
+        module.train()
+        module(x).square().mean().backward()
+    for key, parameter in plain.named_parameters():
+        assert torch.equal(getattr(mine, key).grad, parameter.grad), key
 
 
 def test_constant_node_weights_are_parameters_and_written_back():
