@@ -78,3 +78,36 @@ def test_a_run_without_the_baselines_says_the_comparison_was_not_made(tmp_path):
     assert lines[3] == "* LEAN above both baselines at every keep <= 0.10: not checked here (this run's methods: lean)."
     lines = reproduce_paper.verdict(rows[:1], argparse.Namespace(methods="lean,sv,l1", steps=2, keep=0.05))
     assert "not reached yet" in lines[2] and "no step with keep <= 0.10 finished by all three" in lines[3]
+
+
+def test_step_spread_repeats_a_saved_step_exactly_and_leaves_the_folder_alone(tmp_path, zoo_cache):
+    """tools/step_spread.py: seed 0 rebuilds the saved step byte for byte (the schedule is deterministic),
+    another seed gives another model (on this tiny problem seed 1 happens to shuffle the 4 images into
+    the same batches as seed 0: seed 3 does not), and the checkpoint folder is not touched."""
+    import step_spread
+
+    msd = zoo_path("msd", False, zoo_cache)
+    data_dir = tmp_path / "cs"
+    data_dir.mkdir()
+    images = first_images(6, image_size=32)
+    for split, part in {"train": slice(0, 4), "val": slice(4, 5), "test": slice(5, 6)}.items():
+        np.savez(data_dir / f"{split}.npz", **{k: v[part] for k, v in images.items()})
+    work = tmp_path / "work"
+    assert reproduce_paper.main(["--model", str(msd), "--data-dir", str(data_dir), "--work", str(work), "--steps", "2",
+                                 "--keep", "0.3", "--epochs-per-step", "1", "--batch", "2", "--threads", "1",
+                                 "--methods", "lean"]) == 0
+    before = {p.name: p.read_bytes() for p in (work / "lean").iterdir()}
+    out = tmp_path / "spread.json"
+    assert step_spread.main(["--folder", str(work / "lean"), "--step", "2", "--seeds", "0,3", "--data-dir",
+                             str(data_dir), "--threads", "1", "--write", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in (work / "lean").iterdir()} == before
+    summary = json.loads(out.read_text())
+    assert [r["seed"] for r in summary["runs"]] == [0, 3] and summary["runs"][0]["kernels_kept"] > 0
+    assert summary["runs"][0]["same_bytes_as_saved"] and not summary["runs"][1]["same_bytes_as_saved"]
+    assert summary["runs"][0]["test_accuracy"] == summary["saved_test_accuracy"]
+    assert summary["min"] <= summary["median"] <= summary["max"]
+    with pytest.raises(SystemExit, match="--step must be a finished step from 2 to 2"):
+        step_spread.main(["--folder", str(work / "lean"), "--step", "3", "--data-dir", str(data_dir)])
+    np.savez(data_dir / "train.npz", **{k: v[1:5] for k, v in images.items()})
+    with pytest.raises(SystemExit, match="not the data the schedule"):
+        step_spread.main(["--folder", str(work / "lean"), "--step", "2", "--data-dir", str(data_dir)])

@@ -5,7 +5,8 @@ Times forward + backward (median of --runs after 2 warm-ups, one torch thread) o
 (b) the fine-tuning bridge on `models/msd_cs.onnx` and on a pruned copy (keep 0.1), batch 5 of 64x64 crops
     (and of full 256x256 images for the pruned copy), with and without the taps-first path
     (`torch_ops._taps_first_pays`), and taps first with autograd's backward of the shifted-window sum
-    instead of `torch_ops._WindowSum`'s;
+    instead of `torch_ops._WindowSum`'s, and taps first with the symmetric padding's Slice and Concat nodes
+    run one by one instead of as `torch_ops.SliceConcat`;
 (c) `tools/train.py`'s step on `models.msd.MSD`: `forward` against `forward_taps`, batch 4 of 128x128.
 
     python tools/bench_finetune.py --runs 7 --write docs/benchmarks.md
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from mdsection import write_section  # noqa: E402  (tools/ is on sys.path for a script)
 
 from lean_onnx import torch_ops  # noqa: E402
-from lean_onnx.bridge import to_torch  # noqa: E402
+from lean_onnx import bridge  # noqa: E402
 from lean_onnx.prune import Pruner  # noqa: E402
 from models.msd import MSD  # noqa: E402
 
@@ -80,14 +81,21 @@ def bridge_rows(runs: int) -> list[str]:
     original = onnx.load(str(ROOT / "models" / "msd_cs.onnx"))
     pruned = Pruner(original, exclude=["/final/*"]).prune(0.1, round_channels=1, masked=False).model
     rows = ["| model | batch 5 of | kernels (3x3 and final 1x1) | conv2d everywhere ms | taps first, autograd's "
-            "window backward ms | taps first ms | ratio conv2d / taps first |", "|---|---|---:|---:|---:|---:|---:|"]
+            "window backward ms | taps first, padding's Slices unfused ms | taps first ms | ratio conv2d / taps "
+            "first |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, model, side in (("msd_cs.onnx", original, 64), ("msd_cs.onnx pruned to keep 0.1", pruned, 64),
                               ("msd_cs.onnx pruned to keep 0.1", pruned, 256)):
         x, y = torch.randn(5, 1, side, side), torch.randint(0, 5, (5, side, side))
-        module = to_torch(model)
-        module.train()
+        fuse = bridge._fuse_slice_concats
+        bridge._fuse_slice_concats = lambda model, nodes, opset: nodes
+        try:
+            unfused = bridge.to_torch(model)
+        finally:
+            bridge._fuse_slice_concats = fuse
+        module = bridge.to_torch(model)
 
-        def step():
+        def step(module=module):
+            module.train()
             module.zero_grad()
             F.cross_entropy(module(x), y).backward()
 
@@ -99,9 +107,11 @@ def bridge_rows(runs: int) -> list[str]:
             plain = median_ms(step, runs)
         finally:
             torch_ops._taps_first_pays, torch_ops._WindowSum.apply = chooser, window_sum
+        slices = median_ms(lambda: step(unfused), runs)
         on = median_ms(step, runs)
         kernels = sum(int(np.prod(p.shape[:2])) for k, p in module.named_parameters() if p.dim() == 4)
-        rows.append(f"| {name} | {side}x{side} | {kernels} | {off:.0f} | {plain:.0f} | {on:.0f} | {off / on:.2f}x |")
+        rows.append(f"| {name} | {side}x{side} | {kernels} | {off:.0f} | {plain:.0f} | {slices:.0f} | {on:.0f} | "
+                    f"{off / on:.2f}x |")
     return rows
 
 
@@ -143,7 +153,11 @@ def main(argv=None) -> int:
         "the same bits as autograd's backward, which writes a whole taps-sized zero tensor per tap and adds them): "
         "the model table shows both. The rule was set before that backward existed; with it, the two `no` "
         "convolutions above now favour taps first too, but a sweep of padded, undilated convolutions (the machine "
-        "shared with a training run) was mixed from 8 output channels on, so the rule stays as it was.", "",
+        "shared with a training run) was mixed from 8 output channels on, so the rule stays as it was. MS-D's "
+        "symmetric padding is exported as Slice, flipping Slice and Concat nodes; the bridge runs each such Concat "
+        "as one `torch_ops.SliceConcat`, whose backward copies x's part of the gradient once and adds the slices' "
+        "parts into it, where autograd fills an x-sized zero tensor per Slice and adds them (same bits for "
+        "padding): the `unfused` column.", "",
         *conv_rows(args.runs), "", *bridge_rows(args.runs), "", *msd_row(args.runs), ""])
     print(text)
     if args.write:

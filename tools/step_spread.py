@@ -1,0 +1,102 @@
+"""Run one step of a finished schedule again with other fine-tuning seeds: how much of a step's test
+accuracy is the seed?
+
+A schedule's step t prunes step t-1's checkpoint (deterministically) and fine-tunes it with seed
+`seed + t` (lean_onnx/schedule.py). This tool loads step t-1's checkpoint from a schedule folder, runs
+step t again with the folder's own settings and each given seed (seed s fine-tunes with s + t, so seed
+0 repeats the saved step exactly, a check of the tool itself), and measures the test accuracy with ONNX
+Runtime as tools/reproduce_paper.py does. Nothing in the folder is changed.
+
+    python tools/step_spread.py --folder .cache/paper4/lean --step 15 --seeds 0,1,2,3,4 --threads 2 \
+        --write .cache/paper4/spread_15.json
+
+`--epochs` overrides the folder's epochs per step (a diagnostic: not the schedule's protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--folder", required=True, help="a schedule's checkpoint folder (state.json, step_NN.onnx)")
+    ap.add_argument("--step", type=int, required=True, help="the step to run again (2 or more)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated base seeds (seed s fine-tunes with s + step)")
+    ap.add_argument("--data-dir", default=".cache/cs", help="Circle-Square train/val/test .npz")
+    ap.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the folder's epochs per step)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    ap.add_argument("--eval-threads", type=int, default=2)
+    ap.add_argument("--write", metavar="JSON", help="write the results here")
+    args = ap.parse_args(argv)
+    import torch
+
+    from lean_onnx.data import load_split
+    from lean_onnx.load import read_model
+    from lean_onnx.prune import save_model_atomic
+    from lean_onnx.schedule import ScheduleConfig, _step, data_digest, step_keeps
+    from tools.reproduce_paper import test_accuracy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with open(os.path.join(args.folder, "state.json")) as f:
+        state = json.load(f)
+    config = ScheduleConfig(**state["config"])
+    if not 2 <= args.step <= len(state["steps"]):
+        raise SystemExit(f"{args.folder}: --step must be a finished step from 2 to {len(state['steps'])}")
+    split = {s: load_split(os.path.join(args.data_dir, f"{s}.npz")) for s in ("train", "val", "test")}
+    train, val, test = ({"inputs": d["inputs"], "targets": d["targets"]} for d in split.values())
+    if (data_digest(train), data_digest(val)) != (config.train_data, config.val_data):
+        raise SystemExit(f"{args.data_dir}: not the data the schedule in {args.folder} was fine-tuned on")
+    if args.epochs is not None:
+        config = dataclasses.replace(config, epochs_per_step=args.epochs)
+    saved = state["steps"][args.step - 1]
+    previous = read_model(os.path.join(args.folder, state["steps"][args.step - 2]["model"]))
+    target = step_keeps(config.keep, config.steps)[args.step - 1]
+    saved_accuracy = test_accuracy(os.path.join(args.folder, saved["model"]), test, args.eval_threads)
+    print(f"step {args.step} as saved (seed {config.seed}): test accuracy {saved_accuracy:.4f}", flush=True)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            start = time.perf_counter()
+            row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]},
+                               dataclasses.replace(config, seed=seed), train, val, True, lambda line: None,
+                               "cpu")
+            path = os.path.join(tmp, f"seed_{seed}.onnx")
+            save_model_atomic(model, path)
+            accuracy = test_accuracy(path, test, args.eval_threads)
+            with open(path, "rb") as f, open(os.path.join(args.folder, saved["model"]), "rb") as g:
+                same_as_saved = f.read() == g.read()
+            runs.append({"seed": seed, "test_accuracy": accuracy, "kernels_kept": row["kernels_kept"],
+                         "val_accuracy": [e.get("val_accuracy") for e in row["finetune"]],
+                         "train_loss": [e.get("train_loss") for e in row["finetune"]],
+                         "same_bytes_as_saved": same_as_saved, "seconds": time.perf_counter() - start})
+            print(f"seed {seed}: test accuracy {accuracy:.4f}, {row['kernels_kept']} kernels, val accuracy per "
+                  f"epoch {[round(v, 4) for v in runs[-1]['val_accuracy']]}"
+                  f"{', same bytes as the saved step' if same_as_saved else ''} ({runs[-1]['seconds']:.0f} s)",
+                  flush=True)
+    values = [r["test_accuracy"] for r in runs]
+    summary = {"folder": args.folder, "step": args.step, "epochs": config.epochs_per_step,
+               "saved_test_accuracy": saved_accuracy, "runs": runs, "median": statistics.median(values),
+               "min": min(values), "max": max(values),
+               "stdev": statistics.stdev(values) if len(values) > 1 else None, "argv": sys.argv[1:]}
+    print(f"step {args.step}, {len(values)} seeds: median {summary['median']:.4f}, range "
+          f"{summary['min']:.4f}-{summary['max']:.4f}", flush=True)
+    if args.write:
+        save_model_atomic((json.dumps(summary, indent=1) + "\n").encode(), args.write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
