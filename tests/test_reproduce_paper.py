@@ -106,6 +106,11 @@ def test_step_spread_repeats_a_saved_step_exactly_and_leaves_the_folder_alone(tm
     assert summary["runs"][0]["same_bytes_as_saved"] and not summary["runs"][1]["same_bytes_as_saved"]
     assert summary["runs"][0]["test_accuracy"] == summary["saved_test_accuracy"]
     assert summary["min"] <= summary["median"] <= summary["max"]
+    assert 0 <= summary["before_finetune_accuracy"] <= 1
+    assert step_spread.main(["--folder", str(work / "lean"), "--step", "2", "--seeds", "", "--data-dir", str(data_dir),
+                             "--threads", "1", "--write", str(out)]) == 0  # the cut only, no fine-tuning
+    only_cut = json.loads(out.read_text())
+    assert only_cut["runs"] == [] and only_cut["before_finetune_accuracy"] == summary["before_finetune_accuracy"]
     with pytest.raises(SystemExit, match="--step must be a finished step from 2 to 2"):
         step_spread.main(["--folder", str(work / "lean"), "--step", "3", "--data-dir", str(data_dir)])
     np.savez(data_dir / "train.npz", **{k: v[1:5] for k, v in images.items()})

@@ -10,7 +10,9 @@ Runtime as tools/reproduce_paper.py does. Nothing in the folder is changed.
     python tools/step_spread.py --folder .cache/paper4/lean --step 15 --seeds 0,1,2,3,4 --threads 2 \
         --write .cache/paper4/spread_15.json
 
-`--epochs` overrides the folder's epochs per step (a diagnostic: not the schedule's protocol).
+It also measures the step's pruned model before any fine-tuning (how much the cut itself costs);
+`--seeds ""` measures only that. `--epochs` and `--fold-constants` override the folder's settings
+(diagnostics: not the schedule's protocol).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated base seeds (seed s fine-tunes with s + step)")
     ap.add_argument("--data-dir", default=".cache/cs", help="Circle-Square train/val/test .npz")
     ap.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the folder's epochs per step)")
+    ap.add_argument("--fold-constants", action="store_true", help="dead channels keep their constant act(bias)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     ap.add_argument("--eval-threads", type=int, default=2)
     ap.add_argument("--write", metavar="JSON", help="write the results here")
@@ -61,6 +64,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.data_dir}: not the data the schedule in {args.folder} was fine-tuned on")
     if args.epochs is not None:
         config = dataclasses.replace(config, epochs_per_step=args.epochs)
+    if args.fold_constants:
+        config = dataclasses.replace(config, fold_constants=True)
     saved = state["steps"][args.step - 1]
     previous = read_model(os.path.join(args.folder, state["steps"][args.step - 2]["model"]))
     target = step_keeps(config.keep, config.steps)[args.step - 1]
@@ -68,7 +73,13 @@ def main(argv=None) -> int:
     print(f"step {args.step} as saved (seed {config.seed}): test accuracy {saved_accuracy:.4f}", flush=True)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in (int(s) for s in args.seeds.split(",")):
+        row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]}, config,
+                           None, None, True, lambda line: None, "cpu")
+        save_model_atomic(model, os.path.join(tmp, "pruned.onnx"))
+        before = test_accuracy(os.path.join(tmp, "pruned.onnx"), test, args.eval_threads)
+        print(f"step {args.step} pruned, before fine-tuning: test accuracy {before:.4f}, {row['kernels_kept']} "
+              "kernels", flush=True)
+        for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
             start = time.perf_counter()
             row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]},
                                dataclasses.replace(config, seed=seed), train, val, True, lambda line: None,
@@ -88,11 +99,14 @@ def main(argv=None) -> int:
                   flush=True)
     values = [r["test_accuracy"] for r in runs]
     summary = {"folder": args.folder, "step": args.step, "epochs": config.epochs_per_step,
-               "saved_test_accuracy": saved_accuracy, "runs": runs, "median": statistics.median(values),
-               "min": min(values), "max": max(values),
-               "stdev": statistics.stdev(values) if len(values) > 1 else None, "argv": sys.argv[1:]}
-    print(f"step {args.step}, {len(values)} seeds: median {summary['median']:.4f}, range "
-          f"{summary['min']:.4f}-{summary['max']:.4f}", flush=True)
+               "fold_constants": config.fold_constants, "saved_test_accuracy": saved_accuracy,
+               "before_finetune_accuracy": before, "runs": runs,
+               "argv": list(sys.argv[1:] if argv is None else argv)}
+    if values:
+        summary.update(median=statistics.median(values), min=min(values), max=max(values),
+                       stdev=statistics.stdev(values) if len(values) > 1 else None)
+        print(f"step {args.step}, {len(values)} seeds: median {summary['median']:.4f}, range "
+              f"{summary['min']:.4f}-{summary['max']:.4f}", flush=True)
     if args.write:
         save_model_atomic((json.dumps(summary, indent=1) + "\n").encode(), args.write)
     return 0
