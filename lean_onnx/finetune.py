@@ -34,12 +34,16 @@ LOSSES = ("auto", "ce", "mse")
 
 def finetune(model: onnx.ModelProto, train: dict, val: dict | None = None, epochs: int = 3, lr: float = 1e-3,
              batch: int = 5, seed: int = 0, crop: int | None = None, loss: str = "auto",
-             keep_zero_kernels: bool = True, progress=None, path: str = "<model>", device: str = "auto"):
+             keep_zero_kernels: bool = True, progress=None, path: str = "<model>", device: str = "auto",
+             optimizer_state: dict | None = None, state_out: dict | None = None):
     """Train `model` on `train` ({"inputs", "targets"} arrays) for `epochs`; returns (trained ModelProto
     with the template's interface, history: one dict per epoch with train_loss, val_loss, val_accuracy
     (classification/segmentation), seconds). `crop`: random crops of crop x crop pixels for training
     (dense targets only); validation always runs on full inputs. `progress(str)` receives one line per
-    epoch. `device`: "auto" (CUDA when torch sees a GPU, else CPU), "cpu", "cuda" or "cuda:N"."""
+    epoch. `device`: "auto" (CUDA when torch sees a GPU, else CPU), "cpu", "cuda" or "cuda:N".
+    `optimizer_state`: Adam's state ({initializer name: {"step", "exp_avg", "exp_avg_sq"}}) to start
+    from, for the parameters whose name and shape match (the others start fresh); `state_out`, when
+    given, receives the final state in that form (the reference keeps one Adam through its schedule)."""
     import torch
 
     from .bridge import apply_masks, export_onnx, mask_gradients, to_torch, zero_kernel_masks
@@ -56,6 +60,11 @@ def finetune(model: onnx.ModelProto, train: dict, val: dict | None = None, epoch
         if progress:
             progress(_summary(module, masks) + f"; on {device}")
         optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+        for key, parameter in module.named_parameters():
+            saved = (optimizer_state or {}).get(module.onnx_name[key])
+            if saved is not None and saved["exp_avg"].shape == parameter.shape:
+                optimizer.state[parameter] = {k: v.clone() if k == "step" else v.clone().to(device)  # step: CPU
+                                              for k, v in saved.items()}
         rng = np.random.default_rng(seed)
         history = []
         for epoch in range(1, epochs + 1):
@@ -71,6 +80,9 @@ def finetune(model: onnx.ModelProto, train: dict, val: dict | None = None, epoch
             if progress:
                 progress(_epoch_line(row, epochs))
         module.eval()
+        if state_out is not None:
+            state_out.update({module.onnx_name[key]: {k: v.detach().cpu().clone() for k, v in optimizer.state[p].items()}
+                              for key, p in module.named_parameters() if p in optimizer.state})
         return export_onnx(module, model), history
 
 

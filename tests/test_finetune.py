@@ -83,6 +83,23 @@ def test_same_seed_same_weights(msd, tiny_cs):
     assert not all(np.array_equal(first[k], other[k]) for k in first)
 
 
+def test_carried_adam_state_continues_the_same_training(msd, tiny_cs):
+    """One batch of all samples and no crops make the shuffle irrelevant: 2 epochs in one call equal 1
+    epoch and then 1 more started from the first call's Adam state (step count and moments, by
+    initializer name); a fresh Adam for the second epoch gives other weights."""
+    data = {"inputs": tiny_cs["inputs"][:, :, :32, :32].copy(), "targets": tiny_cs["targets"][:, :32, :32].copy()}
+    both, _ = finetune(msd, data, epochs=2, batch=4, seed=3)
+    state = {}
+    first, _ = finetune(msd, data, epochs=1, batch=4, seed=3, state_out=state)
+    assert state and all(int(s["step"]) == 1 for s in state.values())
+    second, _ = finetune(first, data, epochs=1, batch=4, seed=3, optimizer_state=state)
+    fresh, _ = finetune(first, data, epochs=1, batch=4, seed=3)
+    want = conv_weights(both)
+    assert conv_weights(second).keys() == want.keys()
+    assert all(np.array_equal(a, want[k]) for k, a in conv_weights(second).items())
+    assert not all(np.array_equal(a, want[k]) for k, a in conv_weights(fresh).items())
+
+
 def test_float_targets_use_mse():
     model = text_model("g (float[1, 1, 8, 8] x) => (float[1, 1, 8, 8] y) { y = Conv <pads = [1, 1, 1, 1]> (x, w, b) }",
                        {"w": rand(1, 1, 3, 3), "b": rand(1)})

@@ -111,6 +111,12 @@ def test_step_spread_repeats_a_saved_step_exactly_and_leaves_the_folder_alone(tm
                              "--threads", "1", "--write", str(out)]) == 0  # the cut only, no fine-tuning
     only_cut = json.loads(out.read_text())
     assert only_cut["runs"] == [] and only_cut["before_finetune_accuracy"] == summary["before_finetune_accuracy"]
+    # Adam carried from step 1 (whose fine-tuning must rebuild its checkpoint) into step 2's masked model
+    assert step_spread.main(["--folder", str(work / "lean"), "--step", "2", "--seeds", "0", "--carry-adam",
+                             "--data-dir", str(data_dir), "--threads", "1", "--write", str(out)]) == 0
+    carried = json.loads(out.read_text())
+    assert carried["carry_adam"] and len(carried["runs"]) == 1 and 0 <= carried["runs"][0]["test_accuracy"] <= 1
+    assert carried["runs"][0]["kernels_kept"] == summary["runs"][0]["kernels_kept"]
     with pytest.raises(SystemExit, match="--step must be a finished step from 2 to 2"):
         step_spread.main(["--folder", str(work / "lean"), "--step", "3", "--data-dir", str(data_dir)])
     np.savez(data_dir / "train.npz", **{k: v[1:5] for k, v in images.items()})

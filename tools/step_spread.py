@@ -13,6 +13,12 @@ Runtime as tools/reproduce_paper.py does. Nothing in the folder is changed.
 It also measures the step's pruned model before any fine-tuning (how much the cut itself costs);
 `--seeds ""` measures only that. `--epochs` and `--fold-constants` override the folder's settings
 (diagnostics: not the schedule's protocol).
+
+`--carry-adam`: the reference keeps one Adam optimizer through its whole schedule (msd_pytorch's model
+object, loaded with its training's optimizer state), where our schedule starts a fresh one per step.
+This runs step t-1's fine-tuning again (checked to rebuild its checkpoint byte for byte) to get Adam's
+final state, then fine-tunes step t's *masked* model (the same shapes as step t-1's model, so the
+state maps one to one; the same function as the pruned model) starting from that state.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=".cache/cs", help="Circle-Square train/val/test .npz")
     ap.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the folder's epochs per step)")
     ap.add_argument("--fold-constants", action="store_true", help="dead channels keep their constant act(bias)")
+    ap.add_argument("--carry-adam", action="store_true", help="start from Adam's state after step t-1's fine-tuning")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     ap.add_argument("--eval-threads", type=int, default=2)
     ap.add_argument("--write", metavar="JSON", help="write the results here")
@@ -46,6 +53,7 @@ def main(argv=None) -> int:
     import torch
 
     from lean_onnx.data import load_split
+    from lean_onnx.finetune import finetune
     from lean_onnx.load import read_model
     from lean_onnx.prune import save_model_atomic
     from lean_onnx.schedule import ScheduleConfig, _step, data_digest, step_keeps
@@ -71,6 +79,10 @@ def main(argv=None) -> int:
     target = step_keeps(config.keep, config.steps)[args.step - 1]
     saved_accuracy = test_accuracy(os.path.join(args.folder, saved["model"]), test, args.eval_threads)
     print(f"step {args.step} as saved (seed {config.seed}): test accuracy {saved_accuracy:.4f}", flush=True)
+    carried, masked = None, None
+    if args.carry_adam:
+        carried, masked = _carried_state(args.folder, state, ScheduleConfig(**state["config"]), config, args.step,
+                                         train, val)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]}, config,
@@ -81,9 +93,15 @@ def main(argv=None) -> int:
               "kernels", flush=True)
         for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
             start = time.perf_counter()
-            row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]},
-                               dataclasses.replace(config, seed=seed), train, val, True, lambda line: None,
-                               "cpu")
+            if carried is None:
+                row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]},
+                                   dataclasses.replace(config, seed=seed), train, val, True, lambda line: None,
+                                   "cpu")
+            else:  # as _step fine-tunes, on the masked model and from the carried state
+                model, history = finetune(masked, train, val, epochs=config.epochs_per_step, lr=config.lr,
+                                          batch=config.batch, seed=seed + args.step, crop=config.crop,
+                                          path=f"step {args.step}", device="cpu", optimizer_state=carried)
+                row["finetune"] = history
             path = os.path.join(tmp, f"seed_{seed}.onnx")
             save_model_atomic(model, path)
             accuracy = test_accuracy(path, test, args.eval_threads)
@@ -99,7 +117,7 @@ def main(argv=None) -> int:
                   flush=True)
     values = [r["test_accuracy"] for r in runs]
     summary = {"folder": args.folder, "step": args.step, "epochs": config.epochs_per_step,
-               "fold_constants": config.fold_constants, "saved_test_accuracy": saved_accuracy,
+               "fold_constants": config.fold_constants, "carry_adam": args.carry_adam, "saved_test_accuracy": saved_accuracy,
                "before_finetune_accuracy": before, "runs": runs,
                "argv": list(sys.argv[1:] if argv is None else argv)}
     if values:
@@ -110,6 +128,38 @@ def main(argv=None) -> int:
     if args.write:
         save_model_atomic((json.dumps(summary, indent=1) + "\n").encode(), args.write)
     return 0
+
+
+def _carried_state(folder: str, state: dict, saved_config, config, t: int, train: dict, val: dict):
+    """(Adam's state after step t-1's fine-tuning, step t's masked model); step t-1 is run again from
+    step t-2's checkpoint (the input model for t = 2) with the folder's settings and must rebuild its
+    checkpoint exactly; step t is pruned with `config` (the folder's, or overridden)."""
+    from lean_onnx.finetune import finetune
+    from lean_onnx.load import read_model
+    from lean_onnx.prune import Pruner
+    from lean_onnx.schedule import _step, step_keeps
+
+    keeps = step_keeps(config.keep, config.steps)
+    run = saved_config
+    before = read_model(os.path.join(folder, state["steps"][t - 3]["model"]) if t > 2 else state["input"])
+    rows = {"original_kernels": state["original_kernels"]}
+    _, pruned = _step(before, t - 1, keeps[t - 2], rows, run, None, None, False, lambda line: None, "cpu")
+    carried = {}
+    rebuilt, _ = finetune(pruned, train, val, epochs=run.epochs_per_step, lr=run.lr, batch=run.batch,
+                          seed=run.seed + t - 1, crop=run.crop, path=f"step {t - 1}", device="cpu",
+                          state_out=carried)
+    saved = read_model(os.path.join(folder, state["steps"][t - 2]["model"]))
+    if rebuilt.SerializeToString() != saved.SerializeToString():
+        raise SystemExit(f"{folder}: step {t - 1} fine-tuned again differs from its checkpoint; its Adam state "
+                         "would not be the run's")
+    print(f"step {t - 1} fine-tuned again: its checkpoint byte for byte; Adam's state for {len(carried)} "
+          "parameters", flush=True)
+    pruner = Pruner(saved, exclude=config.exclude, input_shapes=config.input_shapes, norm_grid=config.norm_grid)
+    keep_here = min(1.0, keeps[t - 1] * state["original_kernels"] / int(pruner.graph.prunable_edges.sum()))
+    result = pruner.prune(keep_here, config.method, masked=True, round_channels=config.round_channels,
+                          fold_constants=config.fold_constants, gather_below=config.gather_below,
+                          zeros_are_pruned=True)  # as schedule._step prunes
+    return carried, result.masked
 
 
 if __name__ == "__main__":
