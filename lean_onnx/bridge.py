@@ -45,7 +45,7 @@ class OnnxModule(nn.Module):
     the single output, or a tuple for several. `onnx_name[key]` maps parameter/buffer keys back to the
     tensor names of the template; `input_names`/`output_names` are the graph's."""
 
-    def __init__(self, model: onnx.ModelProto, path: str = "<model>"):
+    def __init__(self, model: onnx.ModelProto, path: str = "<model>", fuse_slices: bool = True):
         super().__init__()
         self.path = path
         norm = structural_copy(model, path)
@@ -62,7 +62,8 @@ class OnnxModule(nn.Module):
             inputs = [self._input_key(node, slot, name, inits, sources) for slot, name in enumerate(node.input)]
             ctx = NodeContext(node, self.opset)
             self._nodes.append((ctx, inputs, list(node.output)))
-        self._nodes = _fuse_slice_concats(norm, self._nodes, self.opset)
+        if fuse_slices:
+            self._nodes = _fuse_slice_concats(norm, self._nodes, self.opset)
         self.eval()  # like the ONNX model: Dropout off until someone calls .train()
 
     def _check_supported(self, node: onnx.NodeProto) -> None:
@@ -125,9 +126,10 @@ class OnnxModule(nn.Module):
         return [(ctx.op_type, keys) for ctx, keys, _ in self._nodes]
 
 
-def to_torch(model: onnx.ModelProto, path: str = "<model>") -> OnnxModule:
-    """The bridge's entry point (see the module docstring)."""
-    return OnnxModule(model, path)
+def to_torch(model: onnx.ModelProto, path: str = "<model>", fuse_slices: bool = True) -> OnnxModule:
+    """The bridge's entry point (see the module docstring). `fuse_slices=False` runs every Slice and
+    Concat node on its own instead of as `torch_ops.SliceConcat` (for comparisons)."""
+    return OnnxModule(model, path, fuse_slices)
 
 
 def _fuse_slice_concats(model: onnx.ModelProto, nodes: list, opset: int) -> list:

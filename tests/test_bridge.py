@@ -265,10 +265,9 @@ def test_graph_ops(case):
 
 
 @pytest.mark.parametrize("case", ["concat_symmetric", "concat_rotate", "concat_two_axes"])
-def test_slice_concat_gradient_is_autograds(case, monkeypatch):
+def test_slice_concat_gradient_is_autograds(case):
     """SliceConcat's written-out backward against plain autograd through the Slice and Concat nodes:
     bit-identical for padding (each element appears at most twice), equal up to rounding otherwise."""
-    import lean_onnx.bridge as bridge
     from lean_onnx.torch_ops import SliceConcat
 
     body, inits = GRAPH_CASES[case]
@@ -276,8 +275,7 @@ def test_slice_concat_gradient_is_autograds(case, monkeypatch):
     mine = to_torch(model)
     assert sum(isinstance(ctx, SliceConcat) for ctx, _, _ in mine._nodes) == 1
     assert not any(ctx.op_type in ("Slice", "Constant") for ctx, _, _ in mine._nodes)
-    monkeypatch.setattr(bridge, "_fuse_slice_concats", lambda model, nodes, opset: nodes)
-    plain = to_torch(model)
+    plain = to_torch(model, fuse_slices=False)
     x = torch.from_numpy(rand(2, 3, 7, 6))
     results = []
     for module in (mine, plain):
@@ -292,10 +290,9 @@ def test_slice_concat_gradient_is_autograds(case, monkeypatch):
         torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
 
 
-def test_msd_padding_is_fused_with_autograds_bits(zoo_cache, monkeypatch):
+def test_msd_padding_is_fused_with_autograds_bits(zoo_cache):
     """The zoo's MS-D: every layer's symmetric padding (per axis, a Concat of x and 2 chains of 2 Slices)
     becomes 2 SliceConcats, and a training step's parameter gradients keep autograd's bits."""
-    import lean_onnx.bridge as bridge
     from lean_onnx.torch_ops import SliceConcat
 
     model = onnx.load(zoo_path("msd", False, zoo_cache))
@@ -303,8 +300,7 @@ def test_msd_padding_is_fused_with_autograds_bits(zoo_cache, monkeypatch):
     slices = sum(n.op_type == "Slice" for n in model.graph.node)
     assert slices > 0 and not any(ctx.op_type == "Slice" for ctx, _, _ in mine._nodes)
     assert sum(isinstance(ctx, SliceConcat) for ctx, _, _ in mine._nodes) == slices // 4
-    monkeypatch.setattr(bridge, "_fuse_slice_concats", lambda model, nodes, opset: nodes)
-    plain = to_torch(model)
+    plain = to_torch(model, fuse_slices=False)
     x = torch.from_numpy(rand(2, 1, 24, 24))
     for module in (mine, plain):
         module.train()

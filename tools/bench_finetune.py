@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from mdsection import write_section  # noqa: E402  (tools/ is on sys.path for a script)
 
 from lean_onnx import torch_ops  # noqa: E402
-from lean_onnx import bridge  # noqa: E402
+from lean_onnx.bridge import to_torch  # noqa: E402
 from lean_onnx.prune import Pruner  # noqa: E402
 from models.msd import MSD  # noqa: E402
 
@@ -86,13 +86,7 @@ def bridge_rows(runs: int) -> list[str]:
     for name, model, side in (("msd_cs.onnx", original, 64), ("msd_cs.onnx pruned to keep 0.1", pruned, 64),
                               ("msd_cs.onnx pruned to keep 0.1", pruned, 256)):
         x, y = torch.randn(5, 1, side, side), torch.randint(0, 5, (5, side, side))
-        fuse = bridge._fuse_slice_concats
-        bridge._fuse_slice_concats = lambda model, nodes, opset: nodes
-        try:
-            unfused = bridge.to_torch(model)
-        finally:
-            bridge._fuse_slice_concats = fuse
-        module = bridge.to_torch(model)
+        unfused, module = to_torch(model, fuse_slices=False), to_torch(model)
 
         def step(module=module):
             module.train()
