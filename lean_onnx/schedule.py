@@ -134,8 +134,12 @@ def _resume(folder: str, source: str, config: ScheduleConfig, digest: str, say) 
 
 
 def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, train, val, verify: bool, say,
-          device: str):
-    """Prune `model` to `target` of the original kernels, then fine-tune; returns (row, new model)."""
+          device: str, optimizer_state: dict | None = None, state_out: dict | None = None,
+          finetune_masked: bool = False):
+    """Prune `model` to `target` of the original kernels, then fine-tune; returns (row, new model).
+    `optimizer_state`/`state_out`: Adam's state to start from / to fill (finetune.finetune).
+    `finetune_masked` (needs `verify`): fine-tune the masked model, which has `model`'s shapes (so a
+    state from `model`'s fine-tuning maps one to one), instead of the pruned one: the same function."""
     from .prune import Pruner
 
     pruner = Pruner(model, exclude=config.exclude, input_shapes=config.input_shapes, norm_grid=config.norm_grid)
@@ -160,7 +164,7 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
         except AssertionError as exc:
             raise LeanOnnxError(f"step {t}: internal: {exc} (please report)") from None
         row["max_rel_err_vs_masked"] = errors["max_rel_err_vs_masked"]
-    model = result.model
+    model = result.masked if finetune_masked else result.model
     row["finetune"] = []
     if train is not None and config.epochs_per_step > 0:
         from .finetune import finetune
@@ -168,7 +172,8 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
         row["finetune_device"] = device
         model, row["finetune"] = finetune(model, train, val, epochs=config.epochs_per_step, lr=config.lr,
                                           batch=config.batch, seed=config.seed + t, crop=config.crop,
-                                          path=f"step {t}", device=device)
+                                          path=f"step {t}", device=device, optimizer_state=optimizer_state,
+                                          state_out=state_out)
     return row, model
 
 

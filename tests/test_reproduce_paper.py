@@ -16,13 +16,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tools")
 import reproduce_paper  # noqa: E402
 
 
-def test_reproduce_paper_runs_resumes_and_reports(tmp_path, zoo_cache):
-    msd = zoo_path("msd", False, zoo_cache)
+def tiny_circle_square(tmp_path):
+    """(folder, images): train/val/test .npz of 4/1/1 Circle-Square images of 32 x 32."""
     data_dir = tmp_path / "cs"
     data_dir.mkdir()
     images = first_images(6, image_size=32)
     for split, part in {"train": slice(0, 4), "val": slice(4, 5), "test": slice(5, 6)}.items():
         np.savez(data_dir / f"{split}.npz", **{k: v[part] for k, v in images.items()})
+    return data_dir, images
+
+
+def test_reproduce_paper_runs_resumes_and_reports(tmp_path, zoo_cache):
+    msd = zoo_path("msd", False, zoo_cache)
+    data_dir, _ = tiny_circle_square(tmp_path)
     work, md = tmp_path / "work", tmp_path / "docs" / "results_tiny.md"
     md.parent.mkdir()
     common = ["--model", str(msd), "--data-dir", str(data_dir), "--work", str(work), "--steps", "2",
@@ -87,11 +93,7 @@ def test_step_spread_repeats_a_saved_step_exactly_and_leaves_the_folder_alone(tm
     import step_spread
 
     msd = zoo_path("msd", False, zoo_cache)
-    data_dir = tmp_path / "cs"
-    data_dir.mkdir()
-    images = first_images(6, image_size=32)
-    for split, part in {"train": slice(0, 4), "val": slice(4, 5), "test": slice(5, 6)}.items():
-        np.savez(data_dir / f"{split}.npz", **{k: v[part] for k, v in images.items()})
+    data_dir, images = tiny_circle_square(tmp_path)
     work = tmp_path / "work"
     assert reproduce_paper.main(["--model", str(msd), "--data-dir", str(data_dir), "--work", str(work), "--steps", "2",
                                  "--keep", "0.3", "--epochs-per-step", "1", "--batch", "2", "--threads", "1",

@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     import torch
 
     from lean_onnx.data import load_split
-    from lean_onnx.finetune import finetune
     from lean_onnx.load import read_model
     from lean_onnx.prune import save_model_atomic
     from lean_onnx.schedule import ScheduleConfig, _step, data_digest, step_keeps
@@ -79,10 +78,8 @@ def main(argv=None) -> int:
     target = step_keeps(config.keep, config.steps)[args.step - 1]
     saved_accuracy = test_accuracy(os.path.join(args.folder, saved["model"]), test, args.eval_threads)
     print(f"step {args.step} as saved (seed {config.seed}): test accuracy {saved_accuracy:.4f}", flush=True)
-    carried, masked = None, None
-    if args.carry_adam:
-        carried, masked = _carried_state(args.folder, state, ScheduleConfig(**state["config"]), config, args.step,
-                                         train, val)
+    carried = _carried_state(args.folder, state, ScheduleConfig(**state["config"]), args.step, train, val) \
+        if args.carry_adam else None
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]}, config,
@@ -93,15 +90,9 @@ def main(argv=None) -> int:
               "kernels", flush=True)
         for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
             start = time.perf_counter()
-            if carried is None:
-                row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]},
-                                   dataclasses.replace(config, seed=seed), train, val, True, lambda line: None,
-                                   "cpu")
-            else:  # as _step fine-tunes, on the masked model and from the carried state
-                model, history = finetune(masked, train, val, epochs=config.epochs_per_step, lr=config.lr,
-                                          batch=config.batch, seed=seed + args.step, crop=config.crop,
-                                          path=f"step {args.step}", device="cpu", optimizer_state=carried)
-                row["finetune"] = history
+            row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]},
+                               dataclasses.replace(config, seed=seed), train, val, True, lambda line: None, "cpu",
+                               optimizer_state=carried, finetune_masked=carried is not None)
             path = os.path.join(tmp, f"seed_{seed}.onnx")
             save_model_atomic(model, path)
             accuracy = test_accuracy(path, test, args.eval_threads)
@@ -130,36 +121,24 @@ def main(argv=None) -> int:
     return 0
 
 
-def _carried_state(folder: str, state: dict, saved_config, config, t: int, train: dict, val: dict):
-    """(Adam's state after step t-1's fine-tuning, step t's masked model); step t-1 is run again from
-    step t-2's checkpoint (the input model for t = 2) with the folder's settings and must rebuild its
-    checkpoint exactly; step t is pruned with `config` (the folder's, or overridden)."""
-    from lean_onnx.finetune import finetune
+def _carried_state(folder: str, state: dict, config, t: int, train: dict, val: dict) -> dict:
+    """Adam's state after step t-1's fine-tuning: step t-1 is run again from step t-2's checkpoint (the
+    input model for t = 2) with the folder's settings `config`, and must rebuild its checkpoint exactly."""
     from lean_onnx.load import read_model
-    from lean_onnx.prune import Pruner
     from lean_onnx.schedule import _step, step_keeps
 
-    keeps = step_keeps(config.keep, config.steps)
-    run = saved_config
     before = read_model(os.path.join(folder, state["steps"][t - 3]["model"]) if t > 2 else state["input"])
-    rows = {"original_kernels": state["original_kernels"]}
-    _, pruned = _step(before, t - 1, keeps[t - 2], rows, run, None, None, False, lambda line: None, "cpu")
     carried = {}
-    rebuilt, _ = finetune(pruned, train, val, epochs=run.epochs_per_step, lr=run.lr, batch=run.batch,
-                          seed=run.seed + t - 1, crop=run.crop, path=f"step {t - 1}", device="cpu",
-                          state_out=carried)
+    _, rebuilt = _step(before, t - 1, step_keeps(config.keep, config.steps)[t - 2],
+                       {"original_kernels": state["original_kernels"]}, config, train, val, True, lambda line: None,
+                       "cpu", state_out=carried)
     saved = read_model(os.path.join(folder, state["steps"][t - 2]["model"]))
     if rebuilt.SerializeToString() != saved.SerializeToString():
         raise SystemExit(f"{folder}: step {t - 1} fine-tuned again differs from its checkpoint; its Adam state "
                          "would not be the run's")
     print(f"step {t - 1} fine-tuned again: its checkpoint byte for byte; Adam's state for {len(carried)} "
           "parameters", flush=True)
-    pruner = Pruner(saved, exclude=config.exclude, input_shapes=config.input_shapes, norm_grid=config.norm_grid)
-    keep_here = min(1.0, keeps[t - 1] * state["original_kernels"] / int(pruner.graph.prunable_edges.sum()))
-    result = pruner.prune(keep_here, config.method, masked=True, round_channels=config.round_channels,
-                          fold_constants=config.fold_constants, gather_below=config.gather_below,
-                          zeros_are_pruned=True)  # as schedule._step prunes
-    return carried, result.masked
+    return carried
 
 
 if __name__ == "__main__":
