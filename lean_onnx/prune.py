@@ -143,6 +143,32 @@ class Pruner:
         return PruneResult(pruned, masked_model, report, selection, plan, self.graph, pruned_bytes)
 
 
+    def slice_like(self, result: PruneResult, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`arrays` ({initializer name: array of its shape}, e.g. Adam's moments of the weights) cut the
+        way `prune` cut the weights into `result.model`, by the same rewrite run on a copy whose
+        initializers are these arrays; returns {name in the pruned model: array} (a copy made for one reader
+        of a shared initializer, "name__node", included). Zero kernels come out
+        as zeros; constants folded into a Gemm bias (--fold-constants) are left out of the arrays."""
+        from dataclasses import replace
+
+        from onnx import numpy_helper
+
+        base = self._base()
+        for tensor in base.graph.initializer:
+            if tensor.name in arrays:
+                value = np.asarray(arrays[tensor.name])
+                if tuple(value.shape) != tuple(tensor.dims):
+                    raise LeanOnnxError(f"{self.loaded.path}: {tensor.name!r}: array of shape {value.shape} "
+                                        f"for an initializer of shape {tuple(tensor.dims)}")
+                tensor.CopyFrom(numpy_helper.from_array(value.astype(
+                    onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)), tensor.name))
+        plan = replace(result.plan, heads=[replace(h, values=np.zeros_like(h.values)) for h in result.plan.heads])
+        moved = rewrite(self.graph, result.selection, plan, True, base)
+        names = {t.name for t in result.model.graph.initializer}
+        return {t.name: numpy_helper.to_array(t) for t in moved.graph.initializer
+                if t.name in names and (t.name in arrays or t.name.partition("__")[0] in arrays)}
+
+
 def prune(source, keep: float, method: str = "lean", *, exclude=(), input_shapes=None,
           norm_grid: int | None = None, redundancy: bool = True,
           round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,

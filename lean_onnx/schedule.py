@@ -10,6 +10,11 @@ Every step's model and a `state.json` go to a checkpoint folder; a run that stop
 lost machine) resumes after the last finished step when started again with the same settings, and
 gives the same result as an uninterrupted run: pruning is deterministic and step t fine-tunes with
 seed `seed + t`.
+
+`carry_optimizer` (`--carry-optimizer`): one Adam runs through the whole schedule, as in the reference
+(its single msd_pytorch model object trains in every step): step t starts from Adam's state after step
+t-1, its moments cut like the weights (`Pruner.slice_like`), and every step saves that state next to
+its model (`step_NN.adam.pt`), so a resumed run stays exact. Off by default (a fresh Adam per step).
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 
 from .errors import LeanOnnxError
 
 STATE = "state.json"
+ADAM = "step_{:02d}.adam.pt"
 
 
 @dataclass
@@ -47,6 +53,7 @@ class ScheduleConfig:
     norm_grid: int | None = None
     train_data: str | None = None  # sha256 of the training/validation arrays, not their paths
     val_data: str | None = None
+    carry_optimizer: bool = False  # one Adam through the schedule (step t starts from step t-1's state)
 
 
 def step_keeps(keep: float, steps: int) -> list[float]:
@@ -85,13 +92,20 @@ def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train
     state = _resume(checkpoint_dir, source, config, sha256(source), say)
     current = read_model(os.path.join(checkpoint_dir, state["steps"][-1]["model"])) if state["steps"] \
         else read_model(source)
+    carry = config.carry_optimizer and train is not None and config.epochs_per_step > 0
+    adam = _load_adam(checkpoint_dir, len(state["steps"])) if carry and state["steps"] else None
     keeps = step_keeps(config.keep, config.steps)
     for t in range(len(state["steps"]) + 1, config.steps + 1):
         if stop_after is not None and t > stop_after:
             break
         start = time.perf_counter()
-        row, current = _step(current, t, keeps[t - 1], state, config, train, val, verify, say, device)
+        out = {} if carry else None
+        row, current = _step(current, t, keeps[t - 1], state, config, train, val, verify, say, device,
+                             optimizer_state=adam, state_out=out)
         row["model"] = f"step_{t:02d}.onnx"
+        if carry:  # before the model and state.json: a step that counts as finished has its Adam state
+            _save_adam(out, os.path.join(checkpoint_dir, ADAM.format(t)))
+            adam = out
         save_model_atomic(current, os.path.join(checkpoint_dir, row["model"]))
         row["seconds"] = time.perf_counter() - start
         state["steps"].append(row)
@@ -105,7 +119,8 @@ def settings_differ(state: dict, digest: str, config: ScheduleConfig) -> list[st
     """What differs between a saved schedule state and this input digest and config ("name saved (given
     now)"), empty when a checkpoint folder belongs to this run (resume) or describes it (reports)."""
     mine = {"input_sha256": digest, **json.loads(json.dumps(asdict(config)))}
-    saved = {"input_sha256": state.get("input_sha256"), **(state.get("config") or {})}
+    defaults = {f.name: f.default for f in fields(ScheduleConfig) if f.default is not MISSING}
+    saved = {"input_sha256": state.get("input_sha256"), **defaults, **(state.get("config") or {})}
     missing = "<missing>"
     return [f"{k} {saved.get(k, missing)!r} (given {mine.get(k, missing)!r})"
             for k in sorted(mine.keys() | saved.keys()) if saved.get(k, missing) != mine.get(k, missing)]
@@ -128,6 +143,10 @@ def _resume(folder: str, source: str, config: ScheduleConfig, digest: str, say) 
     done = [row for row in state["steps"] if os.path.exists(os.path.join(folder, row["model"]))]
     if len(done) != len(state["steps"]):
         raise LeanOnnxError(f"{folder}: a step's checkpoint model is missing; remove the folder to start again")
+    if done and config.carry_optimizer and config.epochs_per_step > 0 and config.train_data \
+            and not os.path.exists(os.path.join(folder, ADAM.format(len(done)))):
+        raise LeanOnnxError(f"{folder}: step {len(done)}'s optimizer state ({ADAM.format(len(done))}) is missing; "
+                            "remove the folder to start again")
     if done:
         say(f"resuming after step {len(done)}/{config.steps} from {folder}")
     return state
@@ -137,7 +156,8 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
           device: str, optimizer_state: dict | None = None, state_out: dict | None = None,
           finetune_masked: bool = False):
     """Prune `model` to `target` of the original kernels, then fine-tune; returns (row, new model).
-    `optimizer_state`/`state_out`: Adam's state to start from / to fill (finetune.finetune).
+    `optimizer_state`/`state_out`: Adam's state to start from / to fill (finetune.finetune); a state of
+    `model`'s fine-tuning is cut like the weights (Pruner.slice_like) unless `finetune_masked`.
     `finetune_masked` (needs `verify`): fine-tune the masked model, which has `model`'s shapes (so a
     state from `model`'s fine-tuning maps one to one), instead of the pruned one: the same function."""
     from .prune import Pruner
@@ -165,6 +185,9 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
             raise LeanOnnxError(f"step {t}: internal: {exc} (please report)") from None
         row["max_rel_err_vs_masked"] = errors["max_rel_err_vs_masked"]
     model = result.masked if finetune_masked else result.model
+    if optimizer_state is not None and not finetune_masked:
+        optimizer_state = _sliced_state(pruner, result, optimizer_state)
+        row["optimizer_carried"] = len(optimizer_state)
     row["finetune"] = []
     if train is not None and config.epochs_per_step > 0:
         from .finetune import finetune
@@ -175,6 +198,45 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
                                           path=f"step {t}", device=device, optimizer_state=optimizer_state,
                                           state_out=state_out)
     return row, model
+
+
+def _sliced_state(pruner, result, optimizer_state: dict) -> dict:
+    """Adam's state of the pruner's model ({name: {"step", "exp_avg", "exp_avg_sq"}}) for result.model:
+    the moments cut like the weights, the step count kept."""
+    moved = {key: pruner.slice_like(result, {name: s[key].numpy() for name, s in optimizer_state.items()})
+             for key in ("exp_avg", "exp_avg_sq")}
+    import torch
+
+    carried = {}
+    for name, exp_avg in moved["exp_avg"].items():
+        source = optimizer_state.get(name) or optimizer_state.get(name.partition("__")[0])
+        if source is not None and name in moved["exp_avg_sq"]:
+            carried[name] = {"step": source["step"].clone(), "exp_avg": torch.from_numpy(exp_avg.copy()),
+                             "exp_avg_sq": torch.from_numpy(moved["exp_avg_sq"][name].copy())}
+    return carried
+
+
+def _save_adam(adam: dict, path: str) -> None:
+    import io
+
+    import torch
+
+    from .prune import save_model_atomic
+
+    buffer = io.BytesIO()
+    torch.save(adam, buffer)
+    save_model_atomic(buffer.getvalue(), path)
+
+
+def _load_adam(folder: str, t: int) -> dict:
+    import torch
+
+    path = os.path.join(folder, ADAM.format(t))
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error for the user
+        raise LeanOnnxError(f"{path}: unreadable optimizer state ({type(exc).__name__}); remove the folder "
+                            "to start again") from None
 
 
 def _step_line(row: dict, steps: int) -> str:
@@ -200,6 +262,9 @@ def add_arguments(p) -> None:
     g.add_argument("--batch", type=int, default=5, help="fine-tuning batch size (default 5)")
     g.add_argument("--crop", type=int, default=0, metavar="PIXELS", help="fine-tune on random crops (0: full inputs)")
     g.add_argument("--seed", type=int, default=0, help="step t fine-tunes with seed + t (default 0)")
+    g.add_argument("--carry-optimizer", action="store_true", help="one Adam through the whole schedule, as the "
+                   "reference: step t starts from step t-1's state, its moments cut like the weights "
+                   "(default: a fresh Adam per step)")
     g.add_argument("--device", default="auto", help="fine-tune on: auto (default: CUDA when torch sees a GPU, "
                    "else CPU), cpu, cuda or cuda:N")
 
@@ -237,7 +302,8 @@ def cmd_schedule(args, info, warn) -> int:
                             round_channels=args.round_channels, fold_constants=args.fold_constants,
                             gather_below=args.gather_below, exclude=list(args.exclude),
                             input_shapes={k: list(v) for k, v in shapes.items()} or None,
-                            norm_grid=None if args.norm_grid == "auto" else int(args.norm_grid))
+                            norm_grid=None if args.norm_grid == "auto" else int(args.norm_grid),
+                            carry_optimizer=args.carry_optimizer)
     folder = args.checkpoint_dir or args.output + ".steps"
     info(f"schedule: {args.steps} step(s) to keep {args.keep:g} "
          f"({', '.join(f'{k:.4f}' for k in step_keeps(args.keep, args.steps))}); checkpoints in {folder}")

@@ -112,3 +112,64 @@ def test_cli_schedule_missing_gpu_fails_before_pruning(tmp_path, msd, data):
                        "--device", "cuda")
     assert code == 2 and err.strip().splitlines()[-1].startswith("[E]") and "no CUDA" in err
     assert not out.exists() and not (tmp_path / "out.onnx.steps").exists()
+
+
+@pytest.mark.parametrize("name,fold_bn", [("msd", False), ("unet4", False), ("resnet18", False),
+                                          ("mobilenet_v2", True), ("squeezenet1_1", False),
+                                          ("shufflenet_v2_x0_5", False)])
+def test_slice_like_cuts_arrays_as_the_rewrite_cuts_the_weights(zoo_cache, name, fold_bn):
+    """Given the model's own weights, slice_like must return the pruned model's weights exactly: the
+    moments of a carried Adam are cut by the very same rewrite (residuals, concats, BN, depthwise convs,
+    Split, Gemm heads, Gathers)."""
+    from lean_onnx.prune import Pruner
+
+    path = zoo_path(name, fold_bn, zoo_cache)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer
+               if t.data_type == onnx.TensorProto.FLOAT}
+    pruner = Pruner(path)
+    result = pruner.prune(0.2, masked=False, gather_below=0.75)
+    pruned = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    cut = pruner.slice_like(result, weights)
+    float_pruned = {n for n, v in pruned.items() if v.dtype == np.float32 and v.ndim >= 1 and v.size > 1}
+    assert float_pruned - set(cut) <= {n for n in float_pruned if n not in weights and "__" not in n}
+    assert any(cut[n].shape != weights[n].shape for n in cut if n in weights)  # something was cut
+    for n, value in cut.items():
+        assert value.shape == pruned[n].shape and np.array_equal(value, pruned[n]), n
+
+
+def test_carried_optimizer_changes_the_steps_and_resumes_exactly(tmp_path, msd, data):
+    from lean_onnx import schedule
+
+    carry = config(carry_optimizer=True, epochs_per_step=1)
+    whole = run_schedule(msd, carry, str(tmp_path / "a"), data)
+    assert whole["finished"] and "optimizer_carried" not in whole["steps"][0]
+    saved = torch.load(tmp_path / "a" / schedule.ADAM.format(1), weights_only=True)
+    assert all(float(s["step"]) == 2 for s in saved.values())  # 4 images, batch 2, 1 epoch
+    after = torch.load(tmp_path / "a" / schedule.ADAM.format(2), weights_only=True)
+    assert all(float(s["step"]) == 4 for s in after.values())  # the count went on, it did not restart
+    assert whole["steps"][1]["optimizer_carried"] == len(after) >= 20  # every trainable weight and bias
+
+    fresh = run_schedule(msd, config(epochs_per_step=1), str(tmp_path / "f"), data)
+    step2 = {t.name: t.raw_data for t in onnx.load(tmp_path / "a" / "step_02.onnx").graph.initializer}
+    assert step2 != {t.name: t.raw_data for t in onnx.load(tmp_path / "f" / fresh["steps"][1]["model"]).graph.initializer}
+
+    run_schedule(msd, carry, str(tmp_path / "b"), data, stop_after=1)
+    resumed = run_schedule(msd, carry, str(tmp_path / "b"), data)
+    assert resumed["finished"]
+    assert {t.name: t.raw_data for t in onnx.load(tmp_path / "b" / "step_02.onnx").graph.initializer} == step2
+
+    run_schedule(msd, carry, str(tmp_path / "c"), data, stop_after=1)
+    (tmp_path / "c" / schedule.ADAM.format(1)).unlink()
+    with pytest.raises(Exception, match="optimizer state"):
+        run_schedule(msd, carry, str(tmp_path / "c"), data)
+
+
+def test_a_folder_from_before_a_config_field_existed_still_resumes():
+    from dataclasses import asdict
+
+    from lean_onnx.schedule import settings_differ
+
+    saved = asdict(config())
+    del saved["carry_optimizer"]  # written before the field existed: it meant the default
+    assert settings_differ({"input_sha256": "x", "config": saved}, "x", config()) == []
+    assert settings_differ({"input_sha256": "x", "config": saved}, "x", config(carry_optimizer=True))

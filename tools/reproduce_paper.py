@@ -52,7 +52,8 @@ def run_method(method: str, args, train, val, test) -> list[dict]:
     config = ScheduleConfig(keep=args.keep, steps=args.steps, method=method, epochs_per_step=args.epochs_per_step,
                             batch=args.batch, crop=args.crop or None, seed=args.seed,
                             round_channels=args.round_channels, exclude=[args.exclude] if args.exclude else [],
-                            input_shapes={"input": [1] + list(test["inputs"].shape[1:])})
+                            input_shapes={"input": [1] + list(test["inputs"].shape[1:])},
+                            carry_optimizer=args.carry_optimizer)
     folder = os.path.join(args.work, method)
     if args.report_only:  # the steps finished so far (by runs in progress or stopped), without training
         with open(os.path.join(folder, "state.json")) as f:
@@ -119,7 +120,9 @@ def write_results(path: str, rows: list[dict], unpruned: float, args, elapsed_s:
              f"Settings: `{args.model}` (unpruned test global accuracy **{unpruned:.4f}**; the reference's trained "
              f"MS-D: {REFERENCE_UNPRUNED}), Circle-Square test split (50 images, 256 x 256, full images), "
              f"{args.steps} steps to keep {args.keep}, {args.epochs_per_step} epochs of Adam (lr 1e-3, batch "
-             f"{args.batch}) per step on the 500 training images"
+             f"{args.batch}) per step"
+             + (", one Adam carried through the schedule (its moments cut like the weights)" if args.carry_optimizer
+                else ", a fresh Adam each step") + " on the 500 training images"
              + (f" as random {args.crop} x {args.crop} crops" if args.crop else "")
              + f", round-channels {args.round_channels}, seed {args.seed}, "
              + (f"`--exclude {args.exclude}` (the final 1x1 layer is left out of pruning and of the counts, as the "
@@ -245,6 +248,8 @@ def main(argv=None) -> int:
     ap.add_argument("--crop", type=int, default=0, help="train on random crops (0: full 256 x 256 images)")
     ap.add_argument("--round-channels", type=int, default=1, help="MS-D layers have one channel (default 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--carry-optimizer", action="store_true", help="one Adam through each schedule, as the "
+                    "reference's (default: a fresh Adam per step)")
     ap.add_argument("--exclude", default="/final/*", help="layers left out of pruning and of the counts: the "
                     "reference's LEAN_MSD_3x3 leaves out MS-D's final 1x1 layer (1275 kernels); '' for none")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
