@@ -93,13 +93,15 @@ def test_cli_schedule_writes_out_and_report(tmp_path, msd, data):
     np.savez(tmp_path / "train.npz", **data)
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     code, stdout, err = cli(msd, out, "--keep", "0.5", "--steps", "2", "--finetune-data", tmp_path / "train.npz",
-                            "--epochs-per-step", "1", "--batch", "2", "--report", report)
+                            "--epochs-per-step", "1", "--batch", "2", "--carry-optimizer", "--report", report)
     assert code == 0, err
     onnx.checker.check_model(str(out), full_check=True)
     state = json.loads(report.read_text())
     assert len(state["steps"]) == 2 and state["steps"][1]["finetune"][0]["epoch"] == 1
     assert {row["finetune_device"] for row in state["steps"]} == {"cuda" if torch.cuda.is_available() else "cpu"}
     assert (tmp_path / "out.onnx.steps" / "step_02.onnx").exists()
+    assert state["config"]["carry_optimizer"] and state["steps"][1]["optimizer_carried"] > 0
+    assert (tmp_path / "out.onnx.steps" / "step_01.adam.pt").exists()
     code, _, err = cli(msd, out, "--keep", "0.5", "--steps", "3", "--finetune-data", tmp_path / "train.npz")
     assert code == 2 and err.strip().splitlines()[-1].startswith("[E]") and "other settings" in err
 
