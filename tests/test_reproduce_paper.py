@@ -124,3 +124,24 @@ def test_step_spread_repeats_a_saved_step_exactly_and_leaves_the_folder_alone(tm
     np.savez(data_dir / "train.npz", **{k: v[1:5] for k, v in images.items()})
     with pytest.raises(SystemExit, match="not the data the schedule"):
         step_spread.main(["--folder", str(work / "lean"), "--step", "2", "--data-dir", str(data_dir)])
+
+
+def test_step_spread_repeats_a_step_of_a_carried_optimizer_run_exactly(tmp_path, zoo_cache):
+    """A schedule run with --carry-optimizer: step_spread starts step t from step t-1's saved Adam state,
+    so seed 0 rebuilds the saved step byte for byte; --carry-adam (for fresh-Adam runs) is refused."""
+    import step_spread
+
+    msd = zoo_path("msd", False, zoo_cache)
+    data_dir, _ = tiny_circle_square(tmp_path)
+    work = tmp_path / "work"
+    assert reproduce_paper.main(["--model", str(msd), "--data-dir", str(data_dir), "--work", str(work), "--steps", "2",
+                                 "--keep", "0.3", "--epochs-per-step", "1", "--batch", "2", "--threads", "1",
+                                 "--methods", "lean", "--carry-optimizer"]) == 0
+    assert (work / "lean" / "step_01.adam.pt").exists()
+    out = tmp_path / "spread.json"
+    assert step_spread.main(["--folder", str(work / "lean"), "--step", "2", "--seeds", "0", "--data-dir",
+                             str(data_dir), "--threads", "1", "--write", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"][0]["same_bytes_as_saved"]
+    with pytest.raises(SystemExit, match="carried Adam's state already"):
+        step_spread.main(["--folder", str(work / "lean"), "--step", "2", "--seeds", "0", "--carry-adam",
+                          "--data-dir", str(data_dir), "--threads", "1"])

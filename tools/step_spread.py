@@ -18,7 +18,9 @@ It also measures the step's pruned model before any fine-tuning (how much the cu
 object, loaded with its training's optimizer state), where our schedule starts a fresh one per step.
 This runs step t-1's fine-tuning again (checked to rebuild its checkpoint byte for byte) to get Adam's
 final state, then fine-tunes step t's *masked* model (the same shapes as step t-1's model, so the
-state maps one to one; the same function as the pruned model) starting from that state.
+state maps one to one; the same function as the pruned model) starting from that state. A folder
+whose schedule ran with `--carry-optimizer` carried the state already: step t then starts from the saved
+`step_{t-1}.adam.pt`, as the run did (seed 0 still rebuilds the saved step), and --carry-adam is refused.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     from lean_onnx.data import load_split
     from lean_onnx.load import read_model
     from lean_onnx.prune import save_model_atomic
-    from lean_onnx.schedule import ScheduleConfig, _step, data_digest, step_keeps
+    from lean_onnx.schedule import ScheduleConfig, _load_adam, _step, data_digest, step_keeps
     from tools.reproduce_paper import test_accuracy
 
     if args.threads:
@@ -78,8 +80,14 @@ def main(argv=None) -> int:
     target = step_keeps(config.keep, config.steps)[args.step - 1]
     saved_accuracy = test_accuracy(os.path.join(args.folder, saved["model"]), test, args.eval_threads)
     print(f"step {args.step} as saved (seed {config.seed}): test accuracy {saved_accuracy:.4f}", flush=True)
-    carried = _carried_state(args.folder, state, ScheduleConfig(**state["config"]), args.step, train, val) \
-        if args.carry_adam else None
+    if config.carry_optimizer:  # the run carried one Adam: step t starts from step t-1's saved state
+        if args.carry_adam:
+            raise SystemExit(f"{args.folder}: this schedule carried Adam's state already (--carry-optimizer); "
+                             "--carry-adam is for runs with a fresh Adam per step")
+        carried = _load_adam(args.folder, args.step - 1)
+    else:
+        carried = _carried_state(args.folder, state, ScheduleConfig(**state["config"]), args.step, train, val) \
+            if args.carry_adam else None
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]}, config,
@@ -92,7 +100,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]},
                                dataclasses.replace(config, seed=seed), train, val, True, lambda line: None, "cpu",
-                               optimizer_state=carried, finetune_masked=carried is not None)
+                               optimizer_state=carried, finetune_masked=args.carry_adam)
             path = os.path.join(tmp, f"seed_{seed}.onnx")
             save_model_atomic(model, path)
             accuracy = test_accuracy(path, test, args.eval_threads)
