@@ -142,7 +142,6 @@ class Pruner:
             pruned_bytes = pruned.SerializeToString()
         return PruneResult(pruned, masked_model, report, selection, plan, self.graph, pruned_bytes)
 
-
     def slice_like(self, result: PruneResult, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`arrays` ({initializer name: array of its shape}, e.g. Adam's moments of the weights) cut the
         way `prune` cut the weights into `result.model`, by the same rewrite run on a copy whose

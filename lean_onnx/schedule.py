@@ -143,10 +143,6 @@ def _resume(folder: str, source: str, config: ScheduleConfig, digest: str, say) 
     done = [row for row in state["steps"] if os.path.exists(os.path.join(folder, row["model"]))]
     if len(done) != len(state["steps"]):
         raise LeanOnnxError(f"{folder}: a step's checkpoint model is missing; remove the folder to start again")
-    if done and config.carry_optimizer and config.epochs_per_step > 0 and config.train_data \
-            and not os.path.exists(os.path.join(folder, ADAM.format(len(done)))):
-        raise LeanOnnxError(f"{folder}: step {len(done)}'s optimizer state ({ADAM.format(len(done))}) is missing; "
-                            "remove the folder to start again")
     if done:
         say(f"resuming after step {len(done)}/{config.steps} from {folder}")
     return state
@@ -203,10 +199,10 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
 def _sliced_state(pruner, result, optimizer_state: dict) -> dict:
     """Adam's state of the pruner's model ({name: {"step", "exp_avg", "exp_avg_sq"}}) for result.model:
     the moments cut like the weights, the step count kept."""
-    moved = {key: pruner.slice_like(result, {name: s[key].numpy() for name, s in optimizer_state.items()})
-             for key in ("exp_avg", "exp_avg_sq")}
     import torch
 
+    moved = {key: pruner.slice_like(result, {name: s[key].numpy() for name, s in optimizer_state.items()})
+             for key in ("exp_avg", "exp_avg_sq")}
     carried = {}
     for name, exp_avg in moved["exp_avg"].items():
         source = optimizer_state.get(name) or optimizer_state.get(name.partition("__")[0])
@@ -232,6 +228,9 @@ def _load_adam(folder: str, t: int) -> dict:
     import torch
 
     path = os.path.join(folder, ADAM.format(t))
+    if not os.path.exists(path):
+        raise LeanOnnxError(f"{folder}: step {t}'s optimizer state ({ADAM.format(t)}) is missing; remove the folder "
+                            "to start again")
     try:
         return torch.load(path, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error for the user
