@@ -5,19 +5,26 @@
     >>> selection = select_kernels(graph, keep=0.05, method="lean")
     >>> selection.stats()["kept"], selection.layer_mask(graph.layers[0]).shape
 
-Importing the package loads nothing heavy; the names below are imported on first use.
+Importing the package loads nothing heavy; the names below are imported on first use. The stages are
+subpackages, imported one way (docs/architecture.md): io <- graph <- select <- rewrite <- runtime <- train
+<- cli; `errors` and `report` are leaves every stage may use.
 """
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "load",
-    "build_channel_graph": "graph",
-    "compute_edge_weights": "analysis",
-    "inspect_summary": "analysis",
-    "select_kernels": "selection",
-    "prune": "prune",
-    "Pruner": "prune",
+    "load_model": "graph.load",
+    "build_channel_graph": "graph.build",
+    "inspect_summary": "graph.summary",
+    "compute_edge_weights": "select.weights",
+    "select_kernels": "select.selection",
+    "prune": "rewrite.pruner",
+    "Pruner": "rewrite.pruner",
+    "PruneResult": "rewrite.pruner",
+    "benchmark": "runtime.bench",
+    "validate": "runtime.validate",
+    "evaluate": "runtime.evaluate",
+    "sweep": "runtime.sweep",
     "LeanOnnxError": "errors",
     "NothingToPrune": "errors",
 }

@@ -1,6 +1,23 @@
-"""Terminal tables for `inspect` and `select` (stdout); logs go to stderr in cli.py."""
+"""Terminal tables for `inspect`, `select` and `prune` (stdout; logs go to stderr in cli/), and the tool
+versions every JSON report records. A leaf: it imports no stage, and every stage may use it."""
 
 from __future__ import annotations
+
+
+def tool_versions() -> dict:
+    """Versions of lean-onnx, onnx and onnxruntime (None when it is not installed), for JSON reports."""
+    import onnx
+
+    from . import __version__
+
+    versions = {"lean_onnx": __version__, "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        versions["onnxruntime"] = None
+    return versions
 
 
 def _n(value) -> str:

@@ -133,7 +133,7 @@ class MSD(nn.Module):
         """
         if self.input_mean is not None:
             x = (x - self.input_mean) / self.input_std
-        from lean_onnx.torch_ops import conv_taps_first
+        from lean_onnx.train.ops import conv_taps_first
 
         features = x
         for layer in self.layers:

@@ -57,7 +57,7 @@ def save(model: onnx.ModelProto, path) -> str:
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str] | None = None):
-    from lean_onnx.contract import session
+    from lean_onnx.rewrite.contract import session
 
     return session(model).run(outputs, feeds)
 

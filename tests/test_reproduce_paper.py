@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from lean_onnx.data import first_images
+from lean_onnx.train.circle_square import first_images
 from tests.helpers import zoo_path
 
 pytest.importorskip("torch")

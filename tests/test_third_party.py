@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import pytest
 
-from lean_onnx.contract import check_contract, max_rel_error, run, RTOL
-from lean_onnx.prune import Pruner
+from lean_onnx.rewrite.contract import RTOL, check_contract, max_rel_error, run
+from lean_onnx.rewrite.pruner import Pruner
 from tools import third_party as tp
 
 pytestmark = pytest.mark.slow

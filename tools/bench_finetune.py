@@ -1,12 +1,12 @@
 """Fine-tuning speed on CPU: narrow convolutions computed taps first (issue 5).
 
 Times forward + backward (median of --runs after 2 warm-ups, one torch thread) of
-(a) single 3x3 convolutions, torch's conv2d against `torch_ops.conv_taps_first`;
+(a) single 3x3 convolutions, torch's conv2d against `conv_ops.conv_taps_first`;
 (b) the fine-tuning bridge on `models/msd_cs.onnx` and on a pruned copy (keep 0.1), batch 5 of 64x64 crops
     (and of full 256x256 images for the pruned copy), with and without the taps-first path
-    (`torch_ops._taps_first_pays`), and taps first with autograd's backward of the shifted-window sum
-    instead of `torch_ops._WindowSum`'s, and taps first with the symmetric padding's Slice and Concat nodes
-    run one by one instead of as `torch_ops.SliceConcat`;
+    (`conv_ops._taps_first_pays`), and taps first with autograd's backward of the shifted-window sum
+    instead of `conv_ops._WindowSum`'s, and taps first with the symmetric padding's Slice and Concat nodes
+    run one by one instead of as `lean_onnx.train.ops.SliceConcat`;
 (c) `tools/train.py`'s step on `models.msd.MSD`: `forward` against `forward_taps`, batch 4 of 128x128.
 
     python tools/bench_finetune.py --runs 7 --write docs/benchmarks.md
@@ -29,9 +29,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from mdsection import write_section  # noqa: E402  (tools/ is on sys.path for a script)
 
-from lean_onnx import torch_ops  # noqa: E402
-from lean_onnx.bridge import to_torch  # noqa: E402
-from lean_onnx.prune import Pruner  # noqa: E402
+from lean_onnx.train.ops import conv as conv_ops  # noqa: E402
+from lean_onnx.train.bridge import to_torch  # noqa: E402
+from lean_onnx.rewrite.pruner import Pruner  # noqa: E402
 from models.msd import MSD  # noqa: E402
 
 HEADING = "## Fine-tuning on CPU: narrow convolutions taps first (issue 5)"
@@ -61,16 +61,16 @@ def conv_rows(runs: int) -> list[str]:
             F.conv2d(x, w, b, dilation=3).sum().backward()
 
         def taps():
-            torch_ops.conv_taps_first(x, w, b, [3, 3]).sum().backward()
+            conv_ops.conv_taps_first(x, w, b, [3, 3]).sum().backward()
 
         a, t = median_ms(direct, runs), median_ms(taps, runs)
-        chosen = "yes" if torch_ops._taps_first_pays(w) else "no"
+        chosen = "yes" if conv_ops._taps_first_pays(w) else "no"
         rows.append(f"| {c_in}x{side}x{side} -> {c_out} | {chosen} | {a:.1f} | {t:.1f} | {a / t:.2f}x |")
     return rows
 
 
 def _plain_window_sum(taps, windows):
-    """The shifted-window sum with autograd's own backward (before torch_ops._WindowSum)."""
+    """The shifted-window sum with autograd's own backward (before conv_ops._WindowSum)."""
     out = taps[:, :, 0, windows[0][0], windows[0][1]]
     for t in range(1, len(windows)):
         out = out + taps[:, :, t, windows[t][0], windows[t][1]]
@@ -93,14 +93,14 @@ def bridge_rows(runs: int) -> list[str]:
             module.zero_grad()
             F.cross_entropy(module(x), y).backward()
 
-        chooser, window_sum = torch_ops._taps_first_pays, torch_ops._WindowSum.apply
+        chooser, window_sum = conv_ops._taps_first_pays, conv_ops._WindowSum.apply
         try:
-            torch_ops._taps_first_pays = lambda w: False
+            conv_ops._taps_first_pays = lambda w: False
             off = median_ms(step, runs)
-            torch_ops._taps_first_pays, torch_ops._WindowSum.apply = chooser, _plain_window_sum
+            conv_ops._taps_first_pays, conv_ops._WindowSum.apply = chooser, _plain_window_sum
             plain = median_ms(step, runs)
         finally:
-            torch_ops._taps_first_pays, torch_ops._WindowSum.apply = chooser, window_sum
+            conv_ops._taps_first_pays, conv_ops._WindowSum.apply = chooser, window_sum
         slices = median_ms(lambda: step(unfused), runs)
         on = median_ms(step, runs)
         kernels = sum(int(np.prod(p.shape[:2])) for k, p in module.named_parameters() if p.dim() == 4)
@@ -143,13 +143,13 @@ def main(argv=None) -> int:
         "k*k taps of each output channel (a 1x1 convolution), pads those few channels and adds the k*k shifted "
         "windows: the same function up to rounding. The bridge chooses it for a 2-D, group-1, stride-1 Conv with "
         "one output channel, or up to 4 when the inputs are at least 12 times as many (the `chosen` column). The "
-        "backward of the windows' sum writes each tap's window once into one zero tensor (`torch_ops._WindowSum`, "
+        "backward of the windows' sum writes each tap's window once into one zero tensor (`conv_ops._WindowSum`, "
         "the same bits as autograd's backward, which writes a whole taps-sized zero tensor per tap and adds them): "
         "the model table shows both. The rule was set before that backward existed; with it, the two `no` "
         "convolutions above now favour taps first too, but a sweep of padded, undilated convolutions (the machine "
         "shared with a training run) was mixed from 8 output channels on, so the rule stays as it was. MS-D's "
         "symmetric padding is exported as Slice, flipping Slice and Concat nodes; the bridge runs each such Concat "
-        "as one `torch_ops.SliceConcat`, whose backward copies x's part of the gradient once and adds the slices' "
+        "as one `lean_onnx.train.ops.SliceConcat`, whose backward copies x's part of the gradient once and adds the slices' "
         "parts into it, where autograd fills an x-sized zero tensor per Slice and adds them (same bits for "
         "padding): the `unfused` column.", "",
         *conv_rows(args.runs), "", *bridge_rows(args.runs), "", *msd_row(args.runs), ""])

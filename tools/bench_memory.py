@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     try:
         src, out = os.path.join(folder, "stack.onnx"), os.path.join(folder, "pruned.onnx")
         weight_bytes = build_stack(args.weights_mb, src, external=args.external)
-        cmd = [sys.executable, "-m", "lean_onnx.cli", src, out, "--keep", str(args.keep), "-q"]
+        cmd = [sys.executable, "-m", "lean_onnx", src, out, "--keep", str(args.keep), "-q"]
         code, seconds, peak, err = run_measured(cmd)
         if code != 0:
             print(err, file=sys.stderr)

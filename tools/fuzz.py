@@ -20,7 +20,7 @@ Outcomes:
   crash                any other exception (a traceback), an "internal:" LeanOnnxError, or the generator failed
   invalid-model        the pruned or masked model fails the ONNX checker or ONNX Runtime refuses it
                        (including prune's own "internal: ... fails onnx.checker" refusal)
-  contract-violation   lean_onnx.contract.check_contract raised AssertionError (DESIGN.md section 2)
+  contract-violation   lean_onnx.rewrite.contract.check_contract raised AssertionError (DESIGN.md section 2)
 Exit 1 when any of the last three occurred. A mutant that the checker accepts but ONNX Runtime refuses is
 compared pruned vs masked only (there is no original output to compare with).
 """
@@ -40,9 +40,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from lean_onnx.contract import check_contract, session  # noqa: E402
+from lean_onnx.rewrite.contract import check_contract, session  # noqa: E402
 from lean_onnx.errors import LeanOnnxError  # noqa: E402
-from lean_onnx.prune import prune  # noqa: E402  (not re-exported by lean_onnx/__init__.py; see docs/robustness.md)
+from lean_onnx.rewrite.pruner import prune  # noqa: E402  (not re-exported by lean_onnx/__init__.py; see docs/robustness.md)
 from tests.graphgen import build_random_cnn  # noqa: E402
 
 OUTCOMES = ("pruned-and-equal", "refused-with-reason", "crash", "invalid-model", "contract-violation")

@@ -59,7 +59,7 @@ if grep -q '"cuda_runs": true' "$OUT/providers.json"; then
   for folder in "$MODELS"/*/; do
     name="$(basename "$folder")"
     echo "== ONNX Runtime CUDA: $name"
-    "$PY" -m lean_onnx.cli bench "$folder/original.onnx" $(ls "$folder"/keep*.onnx | sort -r) --provider cuda \
+    "$PY" -m lean_onnx bench "$folder/original.onnx" $(ls "$folder"/keep*.onnx | sort -r) --provider cuda \
       --strict --runs 100 --warmup 20 --json > "$OUT/bench_$name.json" && "$PY" -c "
 import json; d = json.load(open('$OUT/bench_$name.json'))
 for m in d['models']: print(m['path'], m['provider'], round(m['latency_ms']['median'], 3), 'ms', 'x%.2f' % m['speedup_vs_first'])"
@@ -68,6 +68,6 @@ else
   echo "== ONNX Runtime's CUDA provider does not run here (see providers.json)"
 fi
 
-echo "== torch on the GPU (lean_onnx.bridge), labelled as such"
+echo "== torch on the GPU (lean_onnx.train.bridge), labelled as such"
 "$PY" tools/gpu_torch_bench.py "$MODELS" --device cuda --runs 100 --warmup 20 --json "$OUT/torch_cuda.json"
 echo "== done"; date -u

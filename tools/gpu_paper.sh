@@ -25,7 +25,7 @@ exec > >(tee -a "$OUT/gpu_paper.log") 2>&1
 echo "== machine"; date -u; nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | head -2
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 if [ ! -f .cache/cs/test.npz ]; then
-  echo "== generating Circle-Square into .cache/cs"; "$PY" -m lean_onnx.data .cache/cs || exit 1
+  echo "== generating Circle-Square into .cache/cs"; "$PY" -m lean_onnx.train.circle_square .cache/cs || exit 1
 fi
 
 echo "== schedule (lean, sv, l1 in parallel, device $DEVICE, full images unless PAPER_ARGS says otherwise)"

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / ".cache" / "gpu_models"))
     ap.add_argument("--ort-gpu-wheel", help="split this wheel into 60 MB pieces under .cache/gpu_wheels")
     args = ap.parse_args(argv)
-    from lean_onnx.prune import Pruner, save_model_atomic
+    from lean_onnx.io.save import save_model_atomic
+    from lean_onnx.rewrite.pruner import Pruner
     from models.zoo import cached_export
 
     total = 0

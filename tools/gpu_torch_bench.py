@@ -3,7 +3,7 @@ cannot be had on the machine (tools/gpu_check.sh falls back to this; results are
 
     python tools/gpu_torch_bench.py .cache/gpu_models --device cuda --json OUT.json
 
-Each `<folder>/<model>/*.onnx` is turned into a torch module (lean_onnx.bridge), moved to the device
+Each `<folder>/<model>/*.onnx` is turned into a torch module (lean_onnx.train.bridge), moved to the device
 and timed at batch 1 after warm-up (each run synchronised); the first output is compared with ONNX
 Runtime CPU on the same input (max relative error), so a wrong conversion cannot pass for a speed-up.
 Needs only torch, onnx, numpy and onnxruntime (CPU build).
@@ -34,7 +34,7 @@ def time_model(path: pathlib.Path, device: str, runs: int, warmup: int) -> dict:
     import onnxruntime as ort
     import torch
 
-    from lean_onnx.bridge import to_torch
+    from lean_onnx.train.bridge import to_torch
 
     model = onnx.load(str(path))
     x = np.random.default_rng(0).standard_normal(input_shape(model)).astype(np.float32)
@@ -54,7 +54,7 @@ def time_model(path: pathlib.Path, device: str, runs: int, warmup: int) -> dict:
     first = out[0] if isinstance(out, (list, tuple)) else out
     reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {model.graph.input[0].name: x})[0]
     err = float(np.abs(first.float().cpu().numpy() - reference).max() / max(np.abs(reference).max(), 1e-30))
-    return {"model": str(path), "runtime": f"torch {torch.__version__} via lean_onnx.bridge", "device": device,
+    return {"model": str(path), "runtime": f"torch {torch.__version__} via lean_onnx.train.bridge", "device": device,
             "input_shape": list(x.shape), "latency_ms": {"median": statistics.median(times),
                                                          "p90": float(np.percentile(times, 90)), "min": min(times)},
             "max_rel_err_vs_ort_cpu": err}

@@ -3,7 +3,7 @@
 The trained MS-D (`models/msd_cs.onnx`) is pruned on Circle-Square in 15 geometric steps from keep
 0.819 to 0.05, each step followed by 3 epochs of fine-tuning, with each method; after every step the
 global pixel accuracy on the 50 test images (full 256 x 256) is measured with ONNX Runtime. Each method
-runs through `lean_onnx.schedule.run_schedule`, so an interrupted run resumes where it stopped.
+runs through `lean_onnx.train.schedule.run_schedule`, so an interrupted run resumes where it stopped.
 
     python tools/reproduce_paper.py --write docs/results.md              # full 256 x 256 training images
     python tools/reproduce_paper.py --crop 128 --write docs/results.md   # random 128 x 128 crops
@@ -40,14 +40,14 @@ REFERENCE_UNPRUNED = 0.9534
 
 
 def test_accuracy(model: str, test: dict, threads: int = 2) -> float:
-    from lean_onnx.evaluate import evaluate
+    from lean_onnx.runtime.evaluate import evaluate
 
     return evaluate(model, test["inputs"], test["targets"], "global-accuracy", batch=5, threads=threads)["value"]
 
 
 def run_method(method: str, args, train, val, test) -> list[dict]:
-    from lean_onnx.prune import sha256
-    from lean_onnx.schedule import ScheduleConfig, data_digest, run_schedule, settings_differ
+    from lean_onnx.io.save import sha256
+    from lean_onnx.train.schedule import ScheduleConfig, data_digest, run_schedule, settings_differ
 
     config = ScheduleConfig(keep=args.keep, steps=args.steps, method=method, epochs_per_step=args.epochs_per_step,
                             batch=args.batch, crop=args.crop or None, seed=args.seed,
@@ -97,7 +97,7 @@ def _machine(device: str) -> str:
     """'2 CPU cores', or '16 CPU cores, NVIDIA H200' when fine-tuning ran on a GPU."""
     import torch
 
-    from lean_onnx.finetune import resolve_device
+    from lean_onnx.train.finetune import resolve_device
 
     cores = f"{os.cpu_count()} CPU cores"
     try:
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     import torch
 
-    from lean_onnx.data import generate_circle_square, load_split
+    from lean_onnx.train.circle_square import generate_circle_square, load_split
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 accuracy is the seed?
 
 A schedule's step t prunes step t-1's checkpoint (deterministically) and fine-tunes it with seed
-`seed + t` (lean_onnx/schedule.py). This tool loads step t-1's checkpoint from a schedule folder, runs
+`seed + t` (lean_onnx/train/schedule.py). This tool loads step t-1's checkpoint from a schedule folder, runs
 step t again with the folder's own settings and each given seed (seed s fine-tunes with s + t, so seed
 0 repeats the saved step exactly, a check of the tool itself), and measures the test accuracy with ONNX
 Runtime as tools/reproduce_paper.py does. Nothing in the folder is changed.
@@ -54,10 +54,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from lean_onnx.data import load_split
-    from lean_onnx.load import read_model
-    from lean_onnx.prune import save_model_atomic
-    from lean_onnx.schedule import ScheduleConfig, _load_adam, _step, data_digest, step_keeps
+    from lean_onnx.train.circle_square import load_split
+    from lean_onnx.graph.load import read_model
+    from lean_onnx.io.save import save_model_atomic
+    from lean_onnx.train.schedule import ScheduleConfig, _load_adam, _step, data_digest, step_keeps
     from tools.reproduce_paper import test_accuracy
 
     if args.threads:
@@ -132,8 +132,8 @@ def main(argv=None) -> int:
 def _carried_state(folder: str, state: dict, config, t: int, train: dict, val: dict) -> dict:
     """Adam's state after step t-1's fine-tuning: step t-1 is run again from step t-2's checkpoint (the
     input model for t = 2) with the folder's settings `config`, and must rebuild its checkpoint exactly."""
-    from lean_onnx.load import read_model
-    from lean_onnx.schedule import _step, step_keeps
+    from lean_onnx.graph.load import read_model
+    from lean_onnx.train.schedule import _step, step_keeps
 
     before = read_model(os.path.join(folder, state["steps"][t - 3]["model"]) if t > 2 else state["input"])
     carried = {}

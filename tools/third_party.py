@@ -242,9 +242,9 @@ def main(argv=None) -> int:
 
     import onnx
 
-    from lean_onnx.contract import check_contract, max_rel_error, run
+    from lean_onnx.rewrite.contract import check_contract, max_rel_error, run
     from lean_onnx.errors import LeanOnnxError
-    from lean_onnx.prune import Pruner
+    from lean_onnx.rewrite.pruner import Pruner
 
     images = imagenet_images()
     rows = []

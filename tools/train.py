@@ -36,7 +36,7 @@ import torch.nn.functional as F
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lean_onnx.data import generate_circle_square, load_split  # noqa: E402
+from lean_onnx.train.circle_square import generate_circle_square, load_split  # noqa: E402
 from models.msd import MSD  # noqa: E402
 from models.zoo import export_module  # noqa: E402
 

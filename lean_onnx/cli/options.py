@@ -1,0 +1,139 @@
+"""Argument groups and checks the subcommands share (the model options, selection, outputs), and the
+Pruner they all start from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+from ..errors import LeanOnnxError
+from .messages import warn
+
+
+def model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    g = p.add_argument_group("model")
+    if positional:
+        g.add_argument("model", help="input .onnx file (never modified)")
+    g.add_argument("--input-shape", action="append", metavar="NAME=1x3x224x224",
+                   help="concrete shape for an input with symbolic dims (repeatable); default: batch 1, other "
+                        "symbolic dims 224, with a warning")
+    g.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="keep the kernels of convs whose node or weight name matches GLOB (repeatable)")
+    g.add_argument("--norm-grid", default="auto", metavar="auto|N",
+                   help="grid of the periodic operator norm: 'auto' = each layer's real input size, dilation "
+                        "exact (default); N = reference mode: an N x N grid, dilation ignored as the reference "
+                        "does (it uses 128 for MS-D, 16 for U-Net/ResNet)")
+
+
+def common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="more detail on stderr")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
+
+
+def selection_args(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        model_args(p, positional=False)
+    g = p.add_argument_group("selection")
+    g.add_argument("--keep", type=float, required=True, help="fraction of prunable kernels to keep, in (0, 1]")
+    g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"),
+                   help="lean: longest chains (default); sv / l1: individual operator-norm / L1 ranking")
+    g.add_argument("--keep-connected", action="store_true",
+                   help="if the selection cuts every chain from the inputs to the outputs (layer collapse), also "
+                        "keep the kernels of the input-to-output chain with the largest product of norms")
+    if not model:  # `select` only: the masked model of `prune` is defined with redundancy (DESIGN.md 2)
+        g.add_argument("--no-redundancy", action="store_true", help="skip redundancy pruning (lean-spec 3.5)")
+
+
+def norm_grid(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        grid = int(value)
+    except ValueError:
+        grid = 0
+    if grid < 1:
+        raise LeanOnnxError(f"--norm-grid {value!r}: expected 'auto' or a positive integer")
+    return grid
+
+
+def make_pruner(args, norms: bool = True):
+    """Load, build the graph (and the norms) with the shared model options; warnings go to stderr."""
+    from ..graph.load import parse_input_shapes
+    from ..rewrite.pruner import Pruner
+
+    pruner = Pruner(args.model, exclude=args.exclude, input_shapes=parse_input_shapes(args.input_shape),
+                    norm_grid=norm_grid(args.norm_grid), norms=norms)
+    for w in pruner.loaded.warnings:
+        warn(w)
+    return pruner
+
+
+def emit(result: dict, args, printer) -> int:
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        printer(result, verbose=args.verbose)
+    return 0
+
+
+def check_prune_options(args) -> None:
+    """Numbers shared by `prune` and `sweep`, refused before any work."""
+    if args.round_channels < 1:
+        raise LeanOnnxError(f"--round-channels {args.round_channels}: expected a positive integer")
+    if args.samples < 1 or args.runs < 1 or args.warmup < 0 or args.threads < 0:
+        raise LeanOnnxError("--samples and --runs must be >= 1, --warmup and --threads >= 0")
+    if not 0 <= args.gather_below <= 1:
+        raise LeanOnnxError(f"--gather-below {args.gather_below:g}: expected a fraction in [0, 1]")
+
+
+def check_outputs(args) -> None:
+    """Refuse before any work: an output (OUT, --emit-masked, --report) that is the input file (also through
+    a symlink, a hard link or a relative path) or one of its external data files, two outputs that are the
+    same file, an output that is a directory, a missing folder, or a folder where no file can be created."""
+    source = os.path.realpath(args.model)
+    from ..io.ondisk import external_locations
+
+    in_folder = os.path.dirname(source)
+    input_data = {os.path.realpath(os.path.join(in_folder, loc)) for loc in external_locations(source)}
+    seen: dict[str, str] = {}
+    for flag, path in (("OUT", args.output), ("--emit-masked", args.emit_masked), ("--report", args.report)):
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real == source or (os.path.exists(path) and os.path.exists(args.model)
+                              and os.path.samefile(path, args.model)):
+            raise LeanOnnxError(f"{path}: {flag} is the input file; lean-onnx never overwrites its input")
+        if real in input_data:
+            raise LeanOnnxError(f"{path}: {flag} is an external data file of the input; lean-onnx never "
+                                "overwrites its input")
+        if real in seen:
+            raise LeanOnnxError(f"{path}: {flag} and {seen[real]} are the same file")
+        seen[real] = flag
+        if os.path.isdir(path):
+            raise LeanOnnxError(f"{path}: {flag} is a directory; give a file name")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise LeanOnnxError(f"{path}: output folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise LeanOnnxError(f"{path}: output folder {folder} is not writable")
+        try:  # root passes os.access everywhere; read-only file systems and sysfs refuse the file itself
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise LeanOnnxError(f"{path}: cannot create files in the output folder {folder} "
+                                f"({exc.strerror or exc})") from None
+
+
+def explain_selection(selection) -> None:
+    """Say why the achieved keep is far below the request, or why LEAN found no chains."""
+    if selection.method == "lean" and selection.num_paths == 0 and selection.selected:
+        warn("no chain has a norm product >= 1: every kernel came from the individual-norm fallback "
+             "(LEAN equals the sv baseline here, lean-spec 3.2)")
+    removed = selection.removed_forward + selection.removed_backward
+    if removed > selection.selected / 2:
+        warn(f"redundancy pruning removed {removed:,} of the {selection.selected:,} selected kernels "
+             f"({selection.removed_forward:,} read channels with no kept input, {selection.removed_backward:,} "
+             f"fed channels nothing reads); kept {100 * selection.keep_achieved:.2f} %")

@@ -1,0 +1,303 @@
+"""Which channels leave the model: liveness, coupling and per-consumer pruning (DESIGN.md section 2).
+
+A channel may go only when that is exact. Here a channel goes when it is **unused** (no kept kernel,
+head, graph output or frozen op reads it, `select.backward_used`) and not frozen, and only together with
+every channel it is **coupled** to (residual operands and their sum, depthwise in/out, per-channel
+scales). Channels that stay but have no kept incoming kernel are **dead**: the masked model defines
+them as zero (conv bias and BatchNormalization scale/shift zeroed), and the pruned model does the same.
+
+**Per-consumer pruning.** A channel-axis Concat whose output reaches exactly one conv (through ops that
+keep channel positions: activations, spatial Slice/Concat/Pad...) is private to that conv, so its inputs
+whose every kernel in that conv is pruned can be dropped from the Concat, although their producers stay
+for other readers. In MS-D, where each layer has its own Concat of all earlier outputs, this is what
+makes the pruned model small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from ..graph.channel_graph import ChannelGraph, HeadRead
+from ..select.redundancy import backward_used
+from ..select.selection import Selection
+from .constant_channels import channel_constants
+
+#: ops whose output channel c depends only on input channel c at the same position (for Concat regions)
+POSITIONAL = {
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+    "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Dropout", "Identity", "Cast", "MaxPool", "LpPool", "Abs",
+    "Neg", "Sqrt", "Exp", "Log", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Resize", "Upsample", "Pad",
+    "Slice", "Concat", "AveragePool",
+}
+
+
+@dataclass
+class HeadSlice:
+    """A linear head whose input columns follow the channels of `read.tensor`: `gemm` (node output name)
+    is the Gemm/MatMul, `per_channel` columns per channel (H*W after Flatten), `values` the constant of
+    each channel (NaN: not constant), `droppable` the channels whose columns may go."""
+
+    read: HeadRead
+    gemm: str
+    per_channel: int
+    values: np.ndarray
+    droppable: np.ndarray
+
+
+@dataclass
+class Plan:
+    """Channel keep masks per tensor (original channel order) and the Concat inputs to drop."""
+
+    node_keep: np.ndarray
+    dead: np.ndarray
+    tensor_keep: dict[str, np.ndarray]
+    concat_drop: dict[str, list[int]] = field(default_factory=dict)
+    private: dict[str, np.ndarray] = field(default_factory=dict)  # Concat-region channels their conv reads
+    zero_dead: bool = True  # False with --fold-constants: dead channels keep their bias (a constant)
+    heads: list[HeadSlice] = field(default_factory=list)  # linear heads that can lose input columns
+    gathers: dict[str, np.ndarray] = field(default_factory=dict)  # conv output -> input channels it reads
+
+    def keep(self, tensor: str) -> np.ndarray | None:
+        return self.tensor_keep.get(tensor)
+
+
+def make_plan(graph: ChannelGraph, selection: Selection, round_channels: int = 1,
+              fold_constants: bool = False, gather_below: float = 0.0) -> Plan:
+    """Keep masks for every channel tensor; see the module docstring for the rules.
+
+    `round_channels` N > 1 keeps a few removable channels more so that every conv's output channel
+    count is a multiple of N (or unchanged): ONNX Runtime's blocked conv kernels (and TensorRT's tensor
+    cores) want multiples of 8 or 16, and an odd count can make a pruned model slower than the original.
+    `gather_below` F > 0: a conv whose kept kernels read at most F of the channels its (shared) input
+    keeps reads them through a channel Gather and gets a narrower weight (see `_gathers`).
+    """
+    heads = _linear_heads(graph, selection, fold_constants)
+    used = selection.used
+    if any(h.droppable.any() for h in heads):  # constant channels read only by linear heads are unused
+        terminal = graph.is_hard_terminal.copy()
+        for h in heads:
+            terminal[graph.tensor_nodes[h.read.tensor][~h.droppable]] = True
+        used, _ = backward_used(graph.src, graph.indptr, selection.edge_keep, ~graph.prunable_edges, terminal)
+    must_stay = graph.is_frozen | used
+    while True:  # every round keeps at least one more channel, so this ends
+        node_keep = _couple(graph, must_stay)
+        tensor_keep = {t: node_keep[nodes] for t, nodes in graph.tensor_nodes.items()}
+        plan = Plan(node_keep, ~selection.alive, tensor_keep, zero_dead=not fold_constants, heads=heads)
+        _private_concats(graph, selection, plan)
+        more = _starved_inputs(graph, plan) or (_round_up(graph, plan, round_channels) if round_channels > 1 else [])
+        if not more:
+            if gather_below > 0:
+                plan.gathers = _gathers(graph, selection, plan, gather_below, round_channels)
+            return plan
+        assert not must_stay[more].all(), "channel plan did not progress"
+        must_stay[more] = True
+
+
+def _gathers(graph: ChannelGraph, selection: Selection, plan: Plan, fraction: float, multiple: int) -> dict:
+    """Convs that read few of the channels their input keeps (the input has other readers, so those
+    channels stay): `Gather(x, read, axis=1)` in front and a weight sliced to the read channels is exact
+    (the others have zero kernels) and, measured in docs/benchmarks.md, faster once the conv reads at most
+    ~3/4 of them. The read set is rounded up to a multiple of `multiple` with unread channels."""
+    gathers = {}
+    for layer in graph.layers:
+        kept = plan.tensor_keep.get(layer.input)
+        if layer.group != 1 or not layer.prunable or kept is None or layer.input in plan.private:
+            continue
+        read = selection.layer_mask(layer).any(axis=0) & kept
+        n_kept, n_read = int(kept.sum()), int(read.sum())
+        target = min(n_kept, -(-max(n_read, 1) // multiple) * multiple)
+        if n_kept == 0 or target > fraction * n_kept:
+            continue
+        read[np.flatnonzero(kept & ~read)[:target - n_read]] = True
+        gathers[layer.output] = read
+    return gathers
+
+
+def _round_up(graph: ChannelGraph, plan: Plan, multiple: int) -> list[int]:
+    """Removed channels to keep so that each conv output count becomes a multiple of `multiple`."""
+    more = []
+    for layer in graph.layers:
+        keep = plan.tensor_keep[layer.output]
+        kept = int(keep.sum())
+        if 0 < kept < len(keep) and kept % multiple:
+            missing = min(multiple - kept % multiple, len(keep) - kept)
+            more += layer.out_nodes[np.flatnonzero(~keep)[:missing]].tolist()
+    return more
+
+
+def _starved_inputs(graph: ChannelGraph, plan: Plan) -> list[int]:
+    """A node that stays needs at least one channel in every channel input (Concat: in one of them);
+    for each that has none, the first channel allowed there is kept (it reads zeros)."""
+    starved = []
+
+    def first_node(tensor):
+        allowed = np.flatnonzero(plan.private.get(tensor, np.ones(len(graph.tensor_nodes[tensor]), bool)))
+        return int(graph.tensor_nodes[tensor][allowed[0] if allowed.size else 0])
+
+    for node in graph.loaded.graph.node:
+        outs = [plan.keep(t) for t in node.output if t]
+        if outs and all(k is not None and not k.any() for k in outs):
+            continue  # the node goes
+        ins = [t for t in node.input if plan.keep(t) is not None]
+        empty = [t for t in ins if not plan.keep(t).any()]
+        if node.op_type == "Concat":
+            empty = empty[:1] if len(empty) == len(ins) else []
+        elif node.op_type == "Split":
+            empty += [t for t in node.output if plan.keep(t) is not None and not plan.keep(t).any()]
+        starved += [first_node(t) for t in empty]
+    return starved
+
+
+def _couple(graph: ChannelGraph, node_keep: np.ndarray) -> np.ndarray:
+    """A coupled group of channels stays if any one of them has to stay."""
+    pairs = graph.coupling_pairs
+    if not len(pairs):
+        return node_keep
+    n = graph.num_nodes
+    adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, label = connected_components(adj, directed=False)
+    group_keep = np.zeros(label.max() + 1, dtype=bool)
+    np.logical_or.at(group_keep, label, node_keep)
+    return group_keep[label]
+
+
+def _private_concats(graph: ChannelGraph, selection: Selection, plan: Plan) -> None:
+    loaded = graph.loaded
+    layer_of_input = {}
+    for layer in graph.layers:
+        if layer.group == 1 and layer.op == "Conv":
+            layer_of_input.setdefault(layer.input, []).append(layer)
+    outputs = {o.name for o in loaded.graph.output}
+    for node in loaded.graph.node:
+        if node.op_type != "Concat" or node.output[0] not in graph.tensor_nodes:
+            continue
+        if len(graph.tensor_nodes[node.output[0]]) != sum(len(graph.tensor_nodes.get(t, ())) for t in node.input):
+            continue  # not a channel-axis concat of tracked inputs
+        region, conv_index = _region(loaded, node.output[0], layer_of_input, outputs, graph.tensor_nodes)
+        if conv_index is None:
+            continue
+        conv = graph.layers[conv_index]
+        read = selection.layer_mask(conv).any(axis=0)
+        offsets = np.cumsum([0] + [len(graph.tensor_nodes[t]) for t in node.input])
+        drop = [k for k in range(len(node.input)) if not read[offsets[k]:offsets[k + 1]].any()]
+        if len(drop) == len(node.input):
+            drop = drop[1:]  # a Concat needs an input; the conv reads zeros from it
+        if not drop:
+            continue
+        private = np.ones(offsets[-1], dtype=bool)
+        for k in drop:
+            private[offsets[k]:offsets[k + 1]] = False
+        for tensor in region:
+            plan.tensor_keep[tensor] = plan.tensor_keep[tensor] & private
+            plan.private[tensor] = private
+        plan.concat_drop[node.output[0]] = drop
+
+
+def _region(loaded, start: str, layer_of_input, outputs, tracked):
+    """Tensors reachable from `start` through POSITIONAL ops, and the single conv they all end in."""
+    region, stack, convs, visited = {start}, [start], set(), []
+    while stack:
+        tensor = stack.pop()
+        if tensor in outputs:
+            return region, None
+        for node in loaded.consumers.get(tensor, []):
+            layers = [layer for layer in layer_of_input.get(tensor, []) if layer.output == node.output[0]]
+            if layers and node.input[0] == tensor and tensor not in node.input[1:]:
+                convs.add(layers[0].index)
+                continue
+            if node.op_type not in POSITIONAL or (node.input[0] != tensor and node.op_type != "Concat"):
+                return region, None
+            if node.op_type in ("Slice", "Concat", "Pad") and not _spatial_only(loaded, node):
+                return region, None
+            visited.append(node)
+            for out in node.output:
+                if out not in region:
+                    region.add(out)
+                    stack.append(out)
+    # every channel-carrying input of the ops inside must come from the region (same channel positions)
+    if len(convs) != 1 or any(t in tracked and t not in region for node in visited for t in node.input):
+        return region, None
+    return region, convs.pop()
+
+
+def _spatial_only(loaded, node) -> bool:
+    """Slice/Concat/Pad that never touch the channel axis and whose inputs are all in the region."""
+    shape_in, shape_out = loaded.shape(node.input[0]), loaded.shape(node.output[0])
+    if not shape_in or not shape_out or len(shape_in) < 2 or shape_in[1] != shape_out[1]:
+        return False
+    if node.op_type == "Concat":
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(shape_out)
+        return axis >= 2
+    return True
+
+
+def _linear_heads(graph: ChannelGraph, selection: Selection, fold_constants: bool) -> list[HeadSlice]:
+    """Linear heads (Flatten/Reshape -> Gemm/MatMul with constant weights) and the channels whose columns
+    can go: dead channels that are a known constant there (0, or any constant a Gemm bias can absorb
+    with --fold-constants). A channel that is not constant at the head stays (DESIGN.md section 2)."""
+    if not graph.head_reads:
+        return []
+    values = channel_constants(graph, selection, zero_dead=not fold_constants)
+    dead = ~selection.alive
+    heads = []
+    for read in graph.head_reads:
+        found = _head_layout(graph.loaded, read, len(graph.tensor_nodes[read.tensor]))
+        if found is None:
+            continue
+        gemm, per_channel = found
+        value = values[read.tensor]
+        constant = np.isfinite(value) if fold_constants and gemm.op_type == "Gemm" else value == 0
+        droppable = constant & dead[graph.tensor_nodes[read.tensor]]
+        heads.append(HeadSlice(read, gemm.output[0], per_channel, value, droppable))
+    return heads
+
+
+def _head_layout(loaded, read: HeadRead, channels: int):
+    """(the Gemm/MatMul node, columns per channel) when the head's input columns are channel-major blocks
+    of the tensor it reads and its weight is a constant we can slice; None otherwise."""
+    shape = loaded.shape(read.tensor)
+    if not shape or len(shape) < 2 or any(d is None for d in shape[1:]) or shape[1] != channels:
+        return None
+    per_channel = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
+    outputs = {o.name for o in loaded.graph.output}
+    if read.op in ("Gemm", "MatMul"):
+        gemm, flat = loaded.producer.get(read.reader_output), read.tensor
+        if len(shape) != 2:
+            return None
+    else:
+        if read.op == "Flatten":
+            node = loaded.producer.get(read.reader_output)
+            if node is None or next((a.i for a in node.attribute if a.name == "axis"), 1) != 1:
+                return None
+        elif read.op != "Reshape" or _reshape_target(loaded, read, channels * per_channel) is None:
+            return None
+        flat = read.reader_output
+        readers = loaded.consumers.get(flat, [])
+        if flat in outputs or len(readers) != 1:
+            return None
+        gemm = readers[0]
+    if gemm is None or gemm.op_type not in ("Gemm", "MatMul") or list(gemm.input).count(flat) != 1 \
+            or gemm.input[0] != flat or gemm.input[1] not in loaded.initializers:
+        return None
+    weight = loaded.initializers[gemm.input[1]]
+    trans_a = next((a.i for a in gemm.attribute if a.name == "transA"), 0)
+    trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
+    rows = weight.shape[1] if trans_b else weight.shape[0]
+    if weight.ndim != 2 or trans_a or rows != channels * per_channel:
+        return None
+    return gemm, per_channel
+
+
+def _reshape_target(loaded, read: HeadRead, columns: int):
+    """The constant target shape of a Reshape to (batch, columns), or None."""
+    node = loaded.producer.get(read.reader_output)
+    target = loaded.initializers.get(node.input[1]) if node is not None and len(node.input) > 1 else None
+    if target is None or target.ndim != 1 or len(target) != 2:
+        return None
+    if int(target[1]) in (columns, -1) or (int(target[1]) == 0 and columns == loaded.shape(read.tensor)[1]):
+        return target
+    return None

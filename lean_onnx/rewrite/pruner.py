@@ -1,0 +1,178 @@
+"""The pruning pipeline: load -> graph -> norms -> select -> plan -> rewrite (the stages below wire up here).
+
+`Pruner` builds the graph and the norms once; `Pruner.prune(keep, method)` can then be called for
+many keeps (a sweep) without repeating them. `prune(...)` is the one-shot form.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..errors import LeanOnnxError
+from ..graph.build import build_channel_graph
+from ..graph.channel_graph import ChannelGraph
+from ..graph.cost import float_params, model_cost, pruned_macs
+from ..graph.load import load_model
+from ..graph.normalise import structural_copy
+from ..io.external_data import checker_view, data_bytes, external_data_threshold
+from ..io.ondisk import write_streamed
+from ..io.save import STREAM_BYTES
+from ..select.selection import Selection, check_keep, select_kernels
+from ..select.weights import compute_edge_weights
+from .plan import Plan, make_plan
+from .prune_report import build_report
+from .rewriter import rewrite
+
+#: conv output channel counts stay multiples of 16 (or unchanged): measured in docs/benchmarks.md, odd
+#: counts push ONNX Runtime's convs off its blocked (NCHWc, AVX-512 block 16) kernels, and a pruned
+#: MobileNetV2 ran at 0.76x the original's speed; 16 also covers AVX2's 8 and TensorRT's multiples of 8
+DEFAULT_ROUND_CHANNELS = 16
+#: a conv that reads at most this fraction of its shared input's channels reads them through a Gather:
+#: measured (tools/bench_gather.py, docs/benchmarks.md) 1.2-5x faster convs at read fractions <= 0.75
+DEFAULT_GATHER_BELOW = 0.75
+
+
+@dataclass
+class PruneResult:
+    _model: onnx.ModelProto | None
+    masked: onnx.ModelProto | None
+    report: dict
+    selection: Selection = field(repr=False)
+    plan: Plan = field(repr=False)
+    graph: ChannelGraph = field(repr=False)
+    #: the serialised pruned model, as checked; the ModelProto itself when it is too large for one protobuf
+    #: (save_model_atomic then writes it with external data)
+    model_bytes: bytes | onnx.ModelProto = field(default=b"", repr=False)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The pruned model (parsed from `model_bytes` on first use when it was streamed)."""
+        if self._model is None:
+            self._model = onnx.load_from_string(self.model_bytes)
+        return self._model
+
+
+class Pruner:
+    """Load, build the channel graph and compute the edge weights of one model, once."""
+
+    def __init__(self, source, *, exclude=(), input_shapes=None, norm_grid: int | None = None,
+                 norms: bool = True):
+        """`norms=False` stops after the graph (`inspect` needs no edge weights)."""
+        self.timings: dict[str, float] = {}
+        self._base_bytes: bytes | None = None
+        self._bases_made = 0
+        self.loaded = self._timed("load", load_model, source, input_shapes)
+        self.graph: ChannelGraph = self._timed("graph", build_channel_graph, self.loaded, list(exclude), norm_grid)
+        if norms:
+            self._timed("norms", compute_edge_weights, self.graph)
+        self.cost_before = model_cost(self.loaded)
+
+    def _base(self) -> onnx.ModelProto:
+        """A fresh structural copy of the original. The first one is made directly (a one-shot prune pays
+        nothing more); from the second on, it is normalised once more, kept serialised and re-parsed,
+        which is much cheaper than normalising again (constant folding is slow on models like MS-D)."""
+        self._bases_made += 1
+        if self._bases_made == 1:
+            return structural_copy(self.loaded.skeleton, self.loaded.path, stub_large=True)
+        if self._base_bytes is None:  # large weights are stubs (io/external_data.py): these bytes are the graph only
+            self._base_bytes = structural_copy(self.loaded.skeleton, self.loaded.path, stub_large=True
+                                               ).SerializeToString()
+        return onnx.ModelProto.FromString(self._base_bytes)
+
+    def _timed(self, stage, fn, *args, **kwargs):
+        start = time.perf_counter()
+        value = fn(*args, **kwargs)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        return value
+
+    def prune(self, keep: float, method: str = "lean", redundancy: bool = True, masked: bool = True,
+              round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,
+              gather_below: float = DEFAULT_GATHER_BELOW, zeros_are_pruned: bool = False,
+              keep_connected: bool = False) -> PruneResult:
+        """Prune to `keep`; `masked=False` skips building (and checking) the masked model;
+        `round_channels` N keeps conv output channel counts at multiples of N (see plan.make_plan);
+        `fold_constants`: dead channels keep their constant act(bias) (the masked model keeps biases, as
+        the reference's does) and constants that reach a Gemm head move into its bias; `gather_below` F: a
+        conv reading at most F of its shared input's channels reads them through a Gather (0: never);
+        `zeros_are_pruned`: exactly-zero kernels count as pruned already (steps of a schedule);
+        `keep_connected`: add the best input-to-output chain when the selection collapsed a layer."""
+        check_keep(keep)
+        timings = dict(self.timings)
+        start = time.perf_counter()
+        selection = select_kernels(self.graph, keep, method, redundancy, zeros_are_pruned, keep_connected)
+        timings["select"] = time.perf_counter() - start
+        start = time.perf_counter()
+        plan = make_plan(self.graph, selection, round_channels, fold_constants, gather_below)
+        pruned = rewrite(self.graph, selection, plan, True, self._base())
+        masked_model = rewrite(self.graph, selection, plan, False, self._base()) if masked else None
+        timings["rewrite"] = time.perf_counter() - start
+        start = time.perf_counter()
+        _check(pruned, "pruned", self.loaded.path)
+        if masked_model is not None:
+            _check(masked_model, "masked", self.loaded.path)
+        cost_after = {"params": float_params(pruned), "macs": pruned_macs(pruned, self.loaded)}
+        timings["check"] = time.perf_counter() - start
+        report = build_report(self.graph, selection, plan, pruned, self.cost_before, cost_after, timings)
+        size = data_bytes(pruned)
+        if size > external_data_threshold():
+            pruned_bytes = pruned  # too large for one protobuf: save_model_atomic writes external data
+        elif size > STREAM_BYTES:  # the file first, then the proto goes, then the bytes come back
+            with tempfile.TemporaryFile() as f:
+                write_streamed(pruned, f)
+                pruned = None  # upb frees a message's memory only with the whole message
+                f.seek(0)
+                pruned_bytes = f.read()
+        else:
+            pruned_bytes = pruned.SerializeToString()
+        return PruneResult(pruned, masked_model, report, selection, plan, self.graph, pruned_bytes)
+
+    def slice_like(self, result: PruneResult, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`arrays` ({initializer name: array of its shape}, e.g. Adam's moments of the weights) cut the
+        way `prune` cut the weights into `result.model`, by the same rewrite run on a copy whose
+        initializers are these arrays; returns {name in the pruned model: array} (a copy made for one reader
+        of a shared initializer, "name__node", included). Zero kernels come out
+        as zeros; constants folded into a Gemm bias (--fold-constants) are left out of the arrays."""
+        from dataclasses import replace
+
+        from onnx import numpy_helper
+
+        base = self._base()
+        for tensor in base.graph.initializer:
+            if tensor.name in arrays:
+                value = np.asarray(arrays[tensor.name])
+                if tuple(value.shape) != tuple(tensor.dims):
+                    raise LeanOnnxError(f"{self.loaded.path}: {tensor.name!r}: array of shape {value.shape} "
+                                        f"for an initializer of shape {tuple(tensor.dims)}")
+                tensor.CopyFrom(numpy_helper.from_array(value.astype(
+                    onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)), tensor.name))
+        plan = replace(result.plan, heads=[replace(h, values=np.zeros_like(h.values)) for h in result.plan.heads])
+        moved = rewrite(self.graph, result.selection, plan, True, base)
+        names = {t.name for t in result.model.graph.initializer}
+        return {t.name: numpy_helper.to_array(t) for t in moved.graph.initializer
+                if t.name in names and (t.name in arrays or t.name.partition("__")[0] in arrays)}
+
+
+def prune(source, keep: float, method: str = "lean", *, exclude=(), input_shapes=None,
+          norm_grid: int | None = None, redundancy: bool = True,
+          round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,
+          gather_below: float = DEFAULT_GATHER_BELOW) -> PruneResult:
+    """Prune an ONNX model (path or ModelProto) to `keep` of its kernels; the source is not modified."""
+    return Pruner(source, exclude=exclude, input_shapes=input_shapes, norm_grid=norm_grid).prune(
+        keep, method, redundancy, round_channels=round_channels, fold_constants=fold_constants,
+        gather_below=gather_below)
+
+
+def _check(model: onnx.ModelProto, what: str, path: str) -> None:
+    """Full onnx.checker on the model; large weights are typed inputs there (external_data.checker_view): they
+    were checked in the input file or made by numpy_helper.from_array, and checking them would copy them."""
+    try:
+        onnx.checker.check_model(checker_view(model), full_check=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise LeanOnnxError(f"{path}: internal: the {what} model fails onnx.checker ({first}); nothing was "
+                            "written (please report)") from None

@@ -1,0 +1,177 @@
+"""The iterative schedule (issue 5): steps lower the training loss, keep the contract, and resume exactly."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from lean_onnx.rewrite.contract import session
+from lean_onnx.train.circle_square import first_images
+from lean_onnx.train.schedule import ScheduleConfig, run_schedule, step_keeps
+from tests.helpers import zoo_path
+from tests.cli.test_cli import cli
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def data():
+    images = first_images(4, image_size=32)
+    return {"inputs": images["inputs"], "targets": images["targets"]}
+
+
+@pytest.fixture(scope="module")
+def msd(zoo_cache):
+    return zoo_path("msd", False, zoo_cache)
+
+
+def config(**kw):
+    base = dict(keep=0.3, steps=2, epochs_per_step=2, batch=2, seed=3, input_shapes={"input": [1, 1, 32, 32]})
+    base.update(kw)
+    return ScheduleConfig(**base)
+
+
+def cross_entropy(model: onnx.ModelProto, data: dict) -> float:
+    sess = session(model)  # the zoo MS-D has a fixed batch of 1
+    logits = np.concatenate([sess.run(None, {"input": x[None]})[0] for x in data["inputs"]]).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float(-np.take_along_axis(log_p, data["targets"][:, None], axis=1).mean())
+
+
+def nonzero_kernels(model: onnx.ModelProto) -> int:
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return sum(int((np.abs(weights[n.input[1]]).reshape(*weights[n.input[1]].shape[:2], -1).max(-1) > 0).sum())
+               for n in model.graph.node if n.op_type == "Conv")
+
+
+def test_step_keeps_follow_the_paper():
+    keeps = step_keeps(0.05, 15)
+    assert keeps[-1] == 0.05 and len(keeps) == 15
+    np.testing.assert_allclose(keeps[:3], [0.8190, 0.6707, 0.5493], atol=1e-4)  # lean-spec section 5
+
+
+def test_small_schedule_lowers_the_loss_and_keeps_the_contract(tmp_path, msd, data, monkeypatch):
+    from lean_onnx.train import schedule
+    from lean_onnx.rewrite.pruner import Pruner
+
+    before_finetune = {}
+    original_prune = Pruner.prune
+
+    def spy(self, *args, **kwargs):  # record each step's pruned model (before fine-tuning), unchanged
+        result = original_prune(self, *args, **kwargs)
+        before_finetune[len(before_finetune) + 1] = result.model
+        return result
+
+    monkeypatch.setattr(Pruner, "prune", spy)
+    state = run_schedule(msd, config(), str(tmp_path), data)
+    assert schedule.STATE in {p.name for p in tmp_path.iterdir()} and state["finished"]
+    assert [round(r["keep_target"], 4) for r in state["steps"]] == [round(0.3 ** 0.5, 4), 0.3]
+    for row in state["steps"]:
+        step_model = onnx.load(tmp_path / row["model"])
+        onnx.checker.check_model(step_model, full_check=True)
+        assert row["max_rel_err_vs_masked"] <= 1e-5  # the contract, checked on every step's prune
+        assert row["keep_achieved"] <= row["keep_target"] + 1e-9
+        assert nonzero_kernels(step_model) <= row["kernels_kept"]  # pruned kernels stayed zero while training
+        assert cross_entropy(step_model, data) < cross_entropy(before_finetune[row["step"]], data)
+
+
+def test_interrupted_schedule_resumes_to_the_same_result(tmp_path, msd, data):
+    whole = run_schedule(msd, config(), str(tmp_path / "a"), data)
+    partial = run_schedule(msd, config(), str(tmp_path / "b"), data, stop_after=1)
+    assert len(partial["steps"]) == 1 and not partial["finished"]
+    resumed = run_schedule(msd, config(), str(tmp_path / "b"), data)
+    assert resumed["finished"] and len(resumed["steps"]) == 2
+    a, b = onnx.load(tmp_path / "a" / whole["steps"][-1]["model"]), onnx.load(tmp_path / "b" / "step_02.onnx")
+    assert {t.name: t.raw_data for t in a.graph.initializer} == {t.name: t.raw_data for t in b.graph.initializer}
+    with pytest.raises(Exception, match="other settings"):
+        run_schedule(msd, config(seed=4), str(tmp_path / "b"), data)
+
+
+def test_cli_schedule_writes_out_and_report(tmp_path, msd, data):
+    np.savez(tmp_path / "train.npz", **data)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, stdout, err = cli(msd, out, "--keep", "0.5", "--steps", "2", "--finetune-data", tmp_path / "train.npz",
+                            "--epochs-per-step", "1", "--batch", "2", "--carry-optimizer", "--report", report)
+    assert code == 0, err
+    onnx.checker.check_model(str(out), full_check=True)
+    state = json.loads(report.read_text())
+    assert len(state["steps"]) == 2 and state["steps"][1]["finetune"][0]["epoch"] == 1
+    assert {row["finetune_device"] for row in state["steps"]} == {"cuda" if torch.cuda.is_available() else "cpu"}
+    assert (tmp_path / "out.onnx.steps" / "step_02.onnx").exists()
+    assert state["config"]["carry_optimizer"] and state["steps"][1]["optimizer_carried"] > 0
+    assert (tmp_path / "out.onnx.steps" / "step_01.adam.pt").exists()
+    code, _, err = cli(msd, out, "--keep", "0.5", "--steps", "3", "--finetune-data", tmp_path / "train.npz")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("[E]") and "other settings" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_schedule_missing_gpu_fails_before_pruning(tmp_path, msd, data):
+    np.savez(tmp_path / "train.npz", **data)
+    out = tmp_path / "out.onnx"
+    code, _, err = cli(msd, out, "--keep", "0.5", "--steps", "2", "--finetune-data", tmp_path / "train.npz",
+                       "--device", "cuda")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("[E]") and "no CUDA" in err
+    assert not out.exists() and not (tmp_path / "out.onnx.steps").exists()
+
+
+@pytest.mark.parametrize("name,fold_bn", [("msd", False), ("unet4", False), ("resnet18", False),
+                                          ("mobilenet_v2", True), ("squeezenet1_1", False),
+                                          ("shufflenet_v2_x0_5", False)])
+def test_slice_like_cuts_arrays_as_the_rewrite_cuts_the_weights(zoo_cache, name, fold_bn):
+    """Given the model's own weights, slice_like must return the pruned model's weights exactly: the
+    moments of a carried Adam are cut by the very same rewrite (residuals, concats, BN, depthwise convs,
+    Split, Gemm heads, Gathers)."""
+    from lean_onnx.rewrite.pruner import Pruner
+
+    path = zoo_path(name, fold_bn, zoo_cache)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer
+               if t.data_type == onnx.TensorProto.FLOAT}
+    pruner = Pruner(path)
+    result = pruner.prune(0.2, masked=False, gather_below=0.75)
+    pruned = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    cut = pruner.slice_like(result, weights)
+    float_pruned = {n for n, v in pruned.items() if v.dtype == np.float32 and v.ndim >= 1 and v.size > 1}
+    assert float_pruned - set(cut) <= {n for n in float_pruned if n not in weights and "__" not in n}
+    assert any(cut[n].shape != weights[n].shape for n in cut if n in weights)  # something was cut
+    for n, value in cut.items():
+        assert value.shape == pruned[n].shape and np.array_equal(value, pruned[n]), n
+
+
+def test_carried_optimizer_changes_the_steps_and_resumes_exactly(tmp_path, msd, data):
+    from lean_onnx.train import schedule
+
+    carry = config(carry_optimizer=True, epochs_per_step=1)
+    whole = run_schedule(msd, carry, str(tmp_path / "a"), data)
+    assert whole["finished"] and "optimizer_carried" not in whole["steps"][0]
+    saved = torch.load(tmp_path / "a" / schedule.ADAM.format(1), weights_only=True)
+    assert all(float(s["step"]) == 2 for s in saved.values())  # 4 images, batch 2, 1 epoch
+    after = torch.load(tmp_path / "a" / schedule.ADAM.format(2), weights_only=True)
+    assert all(float(s["step"]) == 4 for s in after.values())  # the count went on, it did not restart
+    assert whole["steps"][1]["optimizer_carried"] == len(after) >= 20  # every trainable weight and bias
+
+    fresh = run_schedule(msd, config(epochs_per_step=1), str(tmp_path / "f"), data)
+    step2 = {t.name: t.raw_data for t in onnx.load(tmp_path / "a" / "step_02.onnx").graph.initializer}
+    assert step2 != {t.name: t.raw_data for t in onnx.load(tmp_path / "f" / fresh["steps"][1]["model"]).graph.initializer}
+
+    run_schedule(msd, carry, str(tmp_path / "b"), data, stop_after=1)
+    resumed = run_schedule(msd, carry, str(tmp_path / "b"), data)
+    assert resumed["finished"]
+    assert {t.name: t.raw_data for t in onnx.load(tmp_path / "b" / "step_02.onnx").graph.initializer} == step2
+
+    run_schedule(msd, carry, str(tmp_path / "c"), data, stop_after=1)
+    (tmp_path / "c" / schedule.ADAM.format(1)).unlink()
+    with pytest.raises(Exception, match="optimizer state"):
+        run_schedule(msd, carry, str(tmp_path / "c"), data)
+
+
+def test_a_folder_from_before_a_config_field_existed_still_resumes():
+    from dataclasses import asdict
+
+    from lean_onnx.train.schedule import settings_differ
+
+    saved = asdict(config())
+    del saved["carry_optimizer"]  # written before the field existed: it meant the default
+    assert settings_differ({"input_sha256": "x", "config": saved}, "x", config()) == []
+    assert settings_differ({"input_sha256": "x", "config": saved}, "x", config(carry_optimizer=True))
