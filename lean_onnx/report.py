@@ -121,14 +121,26 @@ def print_prune(r: dict, verbose: bool = False) -> None:
         ("file size", _size(r["input"]["bytes"]), _size(r["output"]["bytes"]),
          ratio(r["input"]["bytes"], r["output"]["bytes"])),
     ]
+    budget = r.get("budget")
+    if budget:  # a budget was set: what it was set in comes first
+        rows.insert(1, rows.pop(5))
     widths = [max(len(row[c]) for row in rows) for c in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(widths[0]) if c == 0 else cell.rjust(widths[c]) for c, cell in enumerate(row)))
     shapes = ", ".join(f"{n}={'x'.join(map(str, v))}" for n, v in r["flops"]["at_input_shapes"].items())
-    print(f"\nmethod {r['method']}: requested {k['requested']:,} kernels ({100 * r['keep_requested']:.2f} %), kept "
-          f"{k['kept']:,} ({100 * k['keep_achieved']:.2f} %): {k['from_paths']:,} from {k['paths']['count']:,} paths "
-          f"(longest {k['paths']['longest_edges']}), {k['from_fallback']:,} from the fallback; "
-          f"{sum(k['removed_by_redundancy'].values()):,} removed as redundant")
+    if budget:
+        latency = (f", measured latency {budget['latency_ratio']:.3f} of the original's "
+                   f"({'met' if budget['met'] else 'NOT met'}, {len(budget['search'])} timed steps)"
+                   if budget["kind"] == "latency" else "")
+        print(f"\nbudget: {budget['kind']} {budget['target']:g}, method {r['method']} at channel granularity "
+              f"(every prunable layer keeps >= {budget['min_channels']:g} of its channels): MACs "
+              f"{budget['achieved_macs_ratio']:.3f} of the original's{latency}; {k['kept']:,} kernels kept")
+    else:
+        print(f"\nmethod {r['method']}: requested {k['requested']:,} kernels ({100 * r['keep_requested']:.2f} %), "
+              f"kept "
+              f"{k['kept']:,} ({100 * k['keep_achieved']:.2f} %): {k['from_paths']:,} from {k['paths']['count']:,} "
+              f"paths (longest {k['paths']['longest_edges']}), {k['from_fallback']:,} from the fallback; "
+              f"{sum(k['removed_by_redundancy'].values()):,} removed as redundant")
     print(f"MACs at {shapes}; time " + ", ".join(f"{n} {t:.2f} s" for n, t in r["timings_s"].items()))
     if r["channels"]["dead_nonzero_bias"]:
         fate = ("they keep that constant (--fold-constants)" if r.get("fold_constants") else

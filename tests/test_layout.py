@@ -8,9 +8,9 @@ from __future__ import annotations
 import ast
 import pathlib
 import re
-import tomllib
 
 import pytest
+import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lean_onnx"

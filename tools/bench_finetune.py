@@ -29,9 +29,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from mdsection import write_section  # noqa: E402  (tools/ is on sys.path for a script)
 
-from lean_onnx.train.ops import conv as conv_ops  # noqa: E402
-from lean_onnx.train.bridge import to_torch  # noqa: E402
 from lean_onnx.rewrite.pruner import Pruner  # noqa: E402
+from lean_onnx.train.bridge import to_torch  # noqa: E402
+from lean_onnx.train.ops import conv as conv_ops  # noqa: E402
 from models.msd import MSD  # noqa: E402
 
 HEADING = "## Fine-tuning on CPU: narrow convolutions taps first (issue 5)"

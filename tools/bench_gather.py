@@ -20,8 +20,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from lean_onnx.runtime.bench import time_on_cpu  # noqa: E402
 from mdsection import write_section  # noqa: E402  (tools/ is on sys.path for a script)
+
+from lean_onnx.runtime.bench import time_on_cpu  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: (channels in, height = width, channels out, kernel): ResNet-like stages

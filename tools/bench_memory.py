@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 from mdsection import write_section  # noqa: E402  (tools/ is on sys.path for a script)
+from onnx import TensorProto, helper, numpy_helper
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 INPUT_CHANNELS, SIZE = 64, 8

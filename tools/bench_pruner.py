@@ -71,10 +71,10 @@ def one_run(path: str, keep: float, method: str, trace: bool) -> dict:
     import resource
     import tracemalloc
 
-    from lean_onnx.select.weights import compute_edge_weights
     from lean_onnx.graph.build import build_channel_graph
     from lean_onnx.graph.load import load_model
     from lean_onnx.select.selection import select_kernels
+    from lean_onnx.select.weights import compute_edge_weights
 
     result = {}
     if trace:  # tracing slows allocations down: memory and time come from separate runs

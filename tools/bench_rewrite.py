@@ -30,8 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from bench_rewrite_report import (HEADING, MODELS, STAGES, config_label, git_state, load_average,  # noqa: E402
-                                  parse_config, render)
+
+from bench_rewrite_report import HEADING, MODELS, STAGES, config_label, git_state, load_average, parse_config, render  # noqa: E402
 from mdsection import write_section  # noqa: E402  (tools/ is on sys.path for a script)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -4,8 +4,8 @@ docs/benchmarks.md (with the machine, the git state and the command line they we
 from __future__ import annotations
 
 import os
-import platform
 import pathlib
+import platform
 import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

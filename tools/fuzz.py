@@ -40,8 +40,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from lean_onnx.rewrite.contract import check_contract, session  # noqa: E402
 from lean_onnx.errors import LeanOnnxError  # noqa: E402
+from lean_onnx.rewrite.contract import check_contract, session  # noqa: E402
 from lean_onnx.rewrite.pruner import prune  # noqa: E402  (not re-exported by lean_onnx/__init__.py; see docs/robustness.md)
 from tests.graphgen import build_random_cnn  # noqa: E402
 

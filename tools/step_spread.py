@@ -54,9 +54,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from lean_onnx.train.circle_square import load_split
     from lean_onnx.graph.load import read_model
     from lean_onnx.io.save import save_model_atomic
+    from lean_onnx.train.circle_square import load_split
     from lean_onnx.train.schedule import ScheduleConfig, _load_adam, _step, data_digest, step_keeps
     from tools.reproduce_paper import test_accuracy
 

@@ -242,8 +242,8 @@ def main(argv=None) -> int:
 
     import onnx
 
-    from lean_onnx.rewrite.contract import check_contract, max_rel_error, run
     from lean_onnx.errors import LeanOnnxError
+    from lean_onnx.rewrite.contract import check_contract, max_rel_error, run
     from lean_onnx.rewrite.pruner import Pruner
 
     images = imagenet_images()

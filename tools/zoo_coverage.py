@@ -13,9 +13,9 @@ from collections import Counter
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lean_onnx.graph.summary import inspect_summary  # noqa: E402
 from lean_onnx.graph.build import build_channel_graph  # noqa: E402
 from lean_onnx.graph.load import load_model  # noqa: E402
+from lean_onnx.graph.summary import inspect_summary  # noqa: E402
 from models.zoo import ZOO, cached_export  # noqa: E402
 
 SIZES = {"msd": 256, "unet4": 256}

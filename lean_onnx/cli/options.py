@@ -33,11 +33,25 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
 
 
-def selection_args(p: argparse.ArgumentParser, model: bool = True) -> None:
+def selection_args(p: argparse.ArgumentParser, model: bool = True, budgets: bool = False) -> None:
     if model:
         model_args(p, positional=False)
-    g = p.add_argument_group("selection")
-    g.add_argument("--keep", type=float, required=True, help="fraction of prunable kernels to keep, in (0, 1]")
+    g = p.add_argument_group("selection" + (" (exactly one of --keep, --target-macs, --target-latency)"
+                                            if budgets else ""))
+    g.add_argument("--keep", type=float, required=not budgets,
+                   help="fraction of prunable kernels to keep, in (0, 1] (kernel granularity, the reference's mode)")
+    if budgets:
+        g.add_argument("--target-macs", type=float, metavar="F",
+                       help="the pruned model's MACs are F of the original's (within 0.03), channel granularity")
+        g.add_argument("--target-latency", type=float, metavar="F",
+                       help="the pruned model's measured median latency is at most F of the original's (a search "
+                            "over MACs budgets with ONNX Runtime timings: --provider, --threads, --runs, --warmup)")
+        g.add_argument("--granularity", choices=("kernel", "channel"),
+                       help="unit kept or removed: kernel (the default with --keep) or channel, with its coupled "
+                            "channels (the default, and the only one, with a --target-*)")
+        g.add_argument("--min-channels", type=float, default=0.1, metavar="F",
+                       help="with a --target-*: every prunable layer keeps at least F of its channels and one "
+                            "rounding block, so the network never collapses (default 0.1)")
     g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"),
                    help="lean: longest chains (default); sv / l1: individual operator-norm / L1 ranking")
     g.add_argument("--keep-connected", action="store_true",
@@ -77,6 +91,30 @@ def emit(result: dict, args, printer) -> int:
     else:
         printer(result, verbose=args.verbose)
     return 0
+
+
+def check_selection(args) -> None:
+    """Exactly one of --keep / --target-macs / --target-latency, each a fraction in (0, 1]."""
+    from ..select.budget import check_fraction
+    from ..select.selection import check_keep
+
+    given = [flag for flag, value in (("--keep", args.keep), ("--target-macs", getattr(args, "target_macs", None)),
+                                      ("--target-latency", getattr(args, "target_latency", None))) if value is not None]
+    if len(given) != 1:
+        raise LeanOnnxError("give exactly one of --keep, --target-macs or --target-latency"
+                            + (f" (got {' and '.join(given)})" if given else ""))
+    if args.keep is not None:
+        check_keep(args.keep)
+        if getattr(args, "granularity", None) == "channel":
+            raise LeanOnnxError("--granularity channel goes with --target-macs / --target-latency; --keep counts "
+                                "kernels (the reference's mode)")
+        return
+    check_fraction(args.target_macs if args.target_macs is not None else args.target_latency, given[0])
+    if args.granularity == "kernel":
+        raise LeanOnnxError(f"--granularity kernel cannot meet {given[0]} (kernels leave the dense model only with "
+                            "their whole channel); use the default, channel")
+    if not 0 <= args.min_channels <= 1:
+        raise LeanOnnxError(f"--min-channels {args.min_channels:g}: expected a fraction in [0, 1]")
 
 
 def check_prune_options(args) -> None:

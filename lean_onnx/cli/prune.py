@@ -8,9 +8,10 @@ import os
 import sys
 import time
 
+from ..errors import LeanOnnxError
 from . import messages
 from .messages import info, warn
-from .options import check_outputs, check_prune_options, explain_selection, make_pruner, selection_args
+from .options import check_outputs, check_prune_options, check_selection, explain_selection, make_pruner, selection_args
 from .schedule import add_arguments as schedule_arguments
 from .schedule import cmd_schedule, wants_schedule
 
@@ -19,7 +20,7 @@ def register(sub) -> None:
     p = sub.add_parser("prune", help="prune IN to OUT (the default command: `lean-onnx IN OUT --keep R`)")
     p.add_argument("model", metavar="IN", help="input .onnx file (never modified)")
     p.add_argument("output", metavar="OUT", help="pruned .onnx file (written atomically; must differ from IN)")
-    selection_args(p)
+    selection_args(p, budgets=True)
     g = p.add_argument_group("outputs")
     g.add_argument("--report", metavar="PATH", help="write the JSON report here")
     g.add_argument("--emit-masked", metavar="PATH",
@@ -62,12 +63,14 @@ def register(sub) -> None:
 def cmd_prune(args) -> int:
     from ..io.save import save_model_atomic, sha256
     from ..report import print_prune
-    from ..select.selection import check_keep
 
-    check_keep(args.keep)
+    check_selection(args)
     check_prune_options(args)
     check_outputs(args)
     if wants_schedule(args):
+        if args.keep is None:
+            raise LeanOnnxError("--steps / --finetune-data go with --keep for now; a --target-* schedule is not "
+                                "built yet")
         return cmd_schedule(args, info, warn)
     if args.plot:
         from ..runtime.plots import require_matplotlib
@@ -80,11 +83,24 @@ def cmd_prune(args) -> int:
         validation_inputs = read_inputs(args.validate_data)
     pruner = make_pruner(args)
     validating = args.validate or args.max_error is not None or args.min_speedup is not None
-    result = pruner.prune(args.keep, args.method, masked=bool(args.emit_masked) or validating,
-                          round_channels=args.round_channels,
-                          fold_constants=args.fold_constants, gather_below=args.gather_below,
-                          keep_connected=args.keep_connected)
-    explain_selection(result.selection)
+    options = dict(masked=bool(args.emit_masked) or validating, round_channels=args.round_channels,
+                   fold_constants=args.fold_constants, gather_below=args.gather_below)
+    if args.target_latency is not None:
+        from ..runtime.latency_budget import prune_to_latency
+
+        result, budget = prune_to_latency(pruner, args.target_latency, method=args.method,
+                                          min_channels=args.min_channels, provider=args.provider,
+                                          threads=args.threads, runs=args.runs, warmup=args.warmup, log=info, **options)
+        if not budget["met"]:
+            warn(f"--target-latency {args.target_latency:g} was not met: the fastest budget measured "
+                 f"{budget['latency_ratio']:.3f} of the original's latency (MACs {budget['achieved_macs_ratio']:.3f})")
+    elif args.target_macs is not None:
+        result = pruner.prune(target_macs=args.target_macs, method=args.method, min_channels=args.min_channels,
+                              granularity=args.granularity, **options)
+    else:
+        result = pruner.prune(args.keep, args.method, keep_connected=args.keep_connected, **options)
+    if args.keep is not None:  # a budget's selection has no paths or fallback to explain
+        explain_selection(result.selection)
     if not result.report["inputs_reach_outputs"]:
         warn("no chain of kept kernels leads from the inputs to the outputs any more (layer collapse: some layer "
              "kept no kernel): the pruned model computes a constant; use a larger --keep, --keep-connected, "

@@ -19,8 +19,13 @@ def register(sub) -> None:
                                    "against its masked model, time it and measure its error vs the original.")
     model_args(p)
     g = p.add_argument_group("sweep")
-    g.add_argument("--keep", default=DEFAULT_KEEPS, metavar="R1,R2,...",
+    g.add_argument("--keep", metavar="R1,R2,...",
                    help=f"kept fractions of prunable kernels, each in (0, 1] (default {DEFAULT_KEEPS})")
+    g.add_argument("--target-macs", metavar="F1,F2,...",
+                   help="instead of --keep: MACs budgets (fractions of the original's), channel granularity; "
+                        "writes D/<stem>_macs<F>.onnx")
+    g.add_argument("--min-channels", type=float, default=0.1, metavar="F",
+                   help="with --target-macs: every prunable layer keeps at least F of its channels (default 0.1)")
     g.add_argument("--out-dir", required=True, metavar="D", help="folder for the pruned models (created if missing)")
     g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"), help="selection method (default lean)")
     g.add_argument("--round-channels", type=int, default=16, metavar="N",
@@ -65,9 +70,12 @@ def cmd_sweep(args) -> int:
         run_sweep,
     )
 
-    keeps = parse_keeps(args.keep)
+    if args.keep is not None and args.target_macs is not None:
+        raise LeanOnnxError("sweep: give --keep or --target-macs, not both")
+    budget = args.target_macs is not None
+    keeps = parse_keeps(args.target_macs, "--target-macs") if budget else parse_keeps(args.keep or DEFAULT_KEEPS)
     _check_options(args)
-    output_paths(args.model, keeps, args.out_dir)  # refuse before any work
+    output_paths(args.model, keeps, args.out_dir, "macs" if budget else "keep")  # refuse before any work
     if args.plot:
         from ..runtime.plots import require_matplotlib
 
@@ -82,6 +90,7 @@ def cmd_sweep(args) -> int:
         make_folder(args.plot, "--plot")
     timing = None if args.no_bench else TimingOptions(args.provider, args.threads, args.runs, args.warmup)
     report = run_sweep(pruner, keeps, args.out_dir, method=args.method, round_channels=args.round_channels,
+                       target_macs=budget, min_channels=args.min_channels,
                        fold_constants=args.fold_constants, gather_below=args.gather_below, timing=timing,
                        samples=args.samples, data=args.validate_data, plot_dir=args.plot, log=log).report
     report["command"] = " ".join(["lean-onnx"] + sys.argv[1:])

@@ -22,8 +22,10 @@ from ..graph.normalise import structural_copy
 from ..io.external_data import checker_view, data_bytes, external_data_threshold
 from ..io.ondisk import write_streamed
 from ..io.save import STREAM_BYTES
-from ..select.selection import Selection, check_keep, select_kernels
+from ..select.budget import DEFAULT_MIN_CHANNELS, GRANULARITIES, ChannelBudget, check_fraction
+from ..select.selection import METHODS, Selection, check_keep, select_kernels
 from ..select.weights import compute_edge_weights
+from .budget_plan import plan_for_macs
 from .plan import Plan, make_plan
 from .prune_report import build_report
 from .rewriter import rewrite
@@ -66,6 +68,7 @@ class Pruner:
         self.timings: dict[str, float] = {}
         self._base_bytes: bytes | None = None
         self._bases_made = 0
+        self._budgets: dict[tuple, ChannelBudget] = {}
         self.loaded = self._timed("load", load_model, source, input_shapes)
         self.graph: ChannelGraph = self._timed("graph", build_channel_graph, self.loaded, list(exclude), norm_grid)
         if norms:
@@ -90,24 +93,36 @@ class Pruner:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
         return value
 
-    def prune(self, keep: float, method: str = "lean", redundancy: bool = True, masked: bool = True,
+    def prune(self, keep: float | None = None, method: str = "lean", redundancy: bool = True, masked: bool = True,
               round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,
               gather_below: float = DEFAULT_GATHER_BELOW, zeros_are_pruned: bool = False,
-              keep_connected: bool = False) -> PruneResult:
+              keep_connected: bool = False, *, target_macs: float | None = None, granularity: str | None = None,
+              min_channels: float = DEFAULT_MIN_CHANNELS) -> PruneResult:
         """Prune to `keep`; `masked=False` skips building (and checking) the masked model;
         `round_channels` N keeps conv output channel counts at multiples of N (see plan.make_plan);
         `fold_constants`: dead channels keep their constant act(bias) (the masked model keeps biases, as
         the reference's does) and constants that reach a Gemm head move into its bias; `gather_below` F: a
         conv reading at most F of its shared input's channels reads them through a Gather (0: never);
         `zeros_are_pruned`: exactly-zero kernels count as pruned already (steps of a schedule);
-        `keep_connected`: add the best input-to-output chain when the selection collapsed a layer."""
-        check_keep(keep)
+        `keep_connected`: add the best input-to-output chain when the selection collapsed a layer.
+        `target_macs` F (instead of `keep`): channel granularity, the pruned model's MACs F of the original's
+        (select/budget.py, docs/budgets.md), every prunable layer keeping at least `min_channels` of its
+        channels; the report's `budget` section says how it went."""
+        granularity = _check_budget_args(keep, target_macs, granularity)
         timings = dict(self.timings)
         start = time.perf_counter()
-        selection = select_kernels(self.graph, keep, method, redundancy, zeros_are_pruned, keep_connected)
-        timings["select"] = time.perf_counter() - start
-        start = time.perf_counter()
-        plan = make_plan(self.graph, selection, round_channels, fold_constants, gather_below)
+        budget_info = None
+        if target_macs is not None:
+            budget = self.channel_budget(method, min_channels, round_channels)
+            selection, plan, budget_info = plan_for_macs(self.graph, budget, target_macs, round_channels,
+                                                         fold_constants, gather_below)
+            timings["select"] = time.perf_counter() - start
+            start = time.perf_counter()
+        else:
+            selection = select_kernels(self.graph, keep, method, redundancy, zeros_are_pruned, keep_connected)
+            timings["select"] = time.perf_counter() - start
+            start = time.perf_counter()
+            plan = make_plan(self.graph, selection, round_channels, fold_constants, gather_below)
         pruned = rewrite(self.graph, selection, plan, True, self._base())
         masked_model = rewrite(self.graph, selection, plan, False, self._base()) if masked else None
         timings["rewrite"] = time.perf_counter() - start
@@ -118,6 +133,10 @@ class Pruner:
         cost_after = {"params": float_params(pruned), "macs": pruned_macs(pruned, self.loaded)}
         timings["check"] = time.perf_counter() - start
         report = build_report(self.graph, selection, plan, pruned, self.cost_before, cost_after, timings)
+        if budget_info is not None:
+            before = self.cost_before["macs"]
+            budget_info["achieved_macs_ratio"] = cost_after["macs"] / before if before else 1.0
+            report["budget"] = budget_info
         size = data_bytes(pruned)
         if size > external_data_threshold():
             pruned_bytes = pruned  # too large for one protobuf: save_model_atomic writes external data
@@ -130,6 +149,18 @@ class Pruner:
         else:
             pruned_bytes = pruned.SerializeToString()
         return PruneResult(pruned, masked_model, report, selection, plan, self.graph, pruned_bytes)
+
+    def channel_budget(self, method: str = "lean", min_channels: float = DEFAULT_MIN_CHANNELS,
+                       round_channels: int = DEFAULT_ROUND_CHANNELS) -> ChannelBudget:
+        """The channel units and scores of this model for `method` (made once, then reused: a sweep or a
+        latency search prunes at many budgets)."""
+        key = (method, min_channels, round_channels)
+        if key not in self._budgets:
+            if method not in METHODS:
+                raise LeanOnnxError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+            self._budgets[key] = self._timed("channel scores", ChannelBudget, self.graph, method, min_channels,
+                                             round_channels)
+        return self._budgets[key]
 
     def slice_like(self, result: PruneResult, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`arrays` ({initializer name: array of its shape}, e.g. Adam's moments of the weights) cut the
@@ -157,14 +188,35 @@ class Pruner:
                 if t.name in names and (t.name in arrays or t.name.partition("__")[0] in arrays)}
 
 
-def prune(source, keep: float, method: str = "lean", *, exclude=(), input_shapes=None,
+def prune(source, keep: float | None = None, method: str = "lean", *, exclude=(), input_shapes=None,
           norm_grid: int | None = None, redundancy: bool = True,
           round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,
-          gather_below: float = DEFAULT_GATHER_BELOW) -> PruneResult:
-    """Prune an ONNX model (path or ModelProto) to `keep` of its kernels; the source is not modified."""
+          gather_below: float = DEFAULT_GATHER_BELOW, target_macs: float | None = None,
+          min_channels: float = DEFAULT_MIN_CHANNELS) -> PruneResult:
+    """Prune an ONNX model (path or ModelProto) to `keep` of its kernels, or to `target_macs` of its MACs
+    (channel granularity); the source is not modified."""
     return Pruner(source, exclude=exclude, input_shapes=input_shapes, norm_grid=norm_grid).prune(
         keep, method, redundancy, round_channels=round_channels, fold_constants=fold_constants,
-        gather_below=gather_below)
+        gather_below=gather_below, target_macs=target_macs, min_channels=min_channels)
+
+
+def _check_budget_args(keep, target_macs, granularity) -> str:
+    """Exactly one of `keep` / `target_macs`; the granularity that goes with it (channel for a budget)."""
+    if (keep is None) == (target_macs is None):
+        raise LeanOnnxError("give exactly one of --keep (a kernel fraction) or --target-macs (a MACs fraction)")
+    if granularity not in (None, *GRANULARITIES):
+        raise LeanOnnxError(f"--granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+    if keep is not None:
+        check_keep(keep)
+        if granularity == "channel":
+            raise LeanOnnxError("--granularity channel goes with a budget (--target-macs / --target-latency); "
+                                "--keep counts kernels (the reference's mode)")
+        return "kernel"
+    check_fraction(target_macs, "--target-macs")
+    if granularity == "kernel":
+        raise LeanOnnxError("--granularity kernel cannot meet a MACs budget (kernels leave the dense model only "
+                            "with their whole channel); use the default, channel")
+    return "channel"
 
 
 def _check(model: onnx.ModelProto, what: str, path: str) -> None:

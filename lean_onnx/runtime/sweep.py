@@ -47,8 +47,9 @@ class SweepResult:
     results: list = field(default_factory=list)  # PruneResults, only with keep_results=True (memory)
 
 
-def parse_keeps(text: str) -> list[float]:
+def parse_keeps(text: str, flag: str = "--keep") -> list[float]:
     """`0.5,0.2,0.05` -> [0.5, 0.2, 0.05]; each in (0, 1], no repeats (they would share a file name)."""
+    from ..select.budget import check_fraction
     from ..select.selection import check_keep
 
     keeps = []
@@ -56,24 +57,25 @@ def parse_keeps(text: str) -> list[float]:
         try:
             keep = float(item.strip())
         except ValueError:
-            raise LeanOnnxError(f"--keep {text!r}: expected comma-separated fractions such as 0.5,0.2,0.05") from None
+            raise LeanOnnxError(f"{flag} {text!r}: expected comma-separated fractions such as 0.5,0.2,0.05") from None
         if not math.isfinite(keep):
-            raise LeanOnnxError(f"--keep {text!r}: {item.strip()} is not a finite number")
-        check_keep(keep)
+            raise LeanOnnxError(f"{flag} {text!r}: {item.strip()} is not a finite number")
+        check_keep(keep) if flag == "--keep" else check_fraction(keep, flag)
         if keep_label(keep) in {keep_label(k) for k in keeps}:
-            raise LeanOnnxError(f"--keep {text!r}: {keep:g} appears twice")
+            raise LeanOnnxError(f"{flag} {text!r}: {keep:g} appears twice")
         keeps.append(keep)
     return keeps
 
 
-def keep_label(keep: float) -> str:
-    return f"keep{keep:g}"
+def keep_label(keep: float, kind: str = "keep") -> str:
+    return f"{kind}{keep:g}"
 
 
-def output_paths(model_path: str, keeps: list[float], out_dir: str) -> list[str]:
-    """`D/<stem>_keep<keep>.onnx` per keep; refuses a name that is the input file itself."""
+def output_paths(model_path: str, keeps: list[float], out_dir: str, kind: str = "keep") -> list[str]:
+    """`D/<stem>_keep<keep>.onnx` per keep (`D/<stem>_macs<target>.onnx` per MACs target); refuses a name
+    that is the input file itself."""
     stem = os.path.splitext(os.path.basename(model_path))[0] or "model"
-    paths = [os.path.join(out_dir, f"{stem}_{keep_label(k)}.onnx") for k in keeps]
+    paths = [os.path.join(out_dir, f"{stem}_{keep_label(k, kind)}.onnx") for k in keeps]
     source = os.path.realpath(model_path)
     for path in paths:
         if os.path.realpath(path) == source:
@@ -159,14 +161,17 @@ def sweep(source, keeps: list[float], out_dir: str, *, exclude=(), input_shapes=
 def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean", round_channels: int = 16,
               fold_constants: bool = False, gather_below: float = 0.75, timing: TimingOptions | None = None,
               samples: int = 4, data: str | None = None, plot_dir: str | None = None,
-              keep_results: bool = False, log=None) -> SweepResult:
+              keep_results: bool = False, log=None, target_macs: bool = False,
+              min_channels: float = 0.1) -> SweepResult:
     """Prune `pruner`'s model to every keep (graph and norms are already built: never rebuilt here),
-    write the models, measure them and return the report; `log(level, message)` receives progress."""
+    write the models, measure them and return the report; `log(level, message)` receives progress.
+    `target_macs`: the values of `keeps` are MACs budgets (`--target-macs`, channel granularity)."""
     from ..io.save import save_model_atomic
 
     log = log or (lambda level, msg: None)
     source_path = pruner.loaded.path
-    paths = output_paths(source_path, keeps, out_dir)
+    kind = "macs" if target_macs else "keep"
+    paths = output_paths(source_path, keeps, out_dir, kind)
     make_folder(out_dir, "--out-dir")
     timings = dict(pruner.timings)
     start = time.perf_counter()
@@ -182,20 +187,26 @@ def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean",
     rows, results, plots = [], [], []
     for keep, path in zip(keeps, paths):
         start = time.perf_counter()
-        result = pruner.prune(keep, method, masked=True, round_channels=round_channels,
-                              fold_constants=fold_constants, gather_below=gather_below)
+        options = dict(masked=True, round_channels=round_channels, fold_constants=fold_constants,
+                       gather_below=gather_below)
+        if target_macs:
+            result = pruner.prune(target_macs=keep, method=method, min_channels=min_channels, **options)
+        else:
+            result = pruner.prune(keep, method, **options)
         save_model_atomic(result.model_bytes, path)
         row = sweep_row(result, path, fidelity.measure(result.model_bytes, result.masked),
                         time_model(path, shapes, timing, log), original)
+        if target_macs:
+            row["target_macs"] = keep
         if plot_dir:
             from .plots import plot_prune
 
-            plots += plot_prune(result, plot_dir, label=keep_label(keep))
+            plots += plot_prune(result, plot_dir, label=keep_label(keep, kind))
         row["time_s"] = time.perf_counter() - start
         rows.append(row)
         log("I", describe_row(row))
         if not row["inputs_reach_outputs"]:
-            log("W", f"keep {keep:g}: no chain of kept kernels leads from the inputs to the outputs (layer "
+            log("W", f"{kind} {keep:g}: no chain of kept kernels leads from the inputs to the outputs (layer "
                      "collapse): that model computes a constant")
         if keep_results:
             results.append(result)
@@ -206,7 +217,8 @@ def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean",
 
         plots = plot_sweep(rows, plot_dir, original=original) + plots
     report = {"schema_version": SCHEMA_VERSION, "tool": tool_versions(), "input": {"path": source_path},
-              "method": method, "keeps_requested": list(keeps), "out_dir": out_dir,
+              "method": method, "keeps_requested": None if target_macs else list(keeps),
+              "target_macs": list(keeps) if target_macs else None, "out_dir": out_dir,
               "options": {"round_channels": round_channels, "fold_constants": fold_constants,
                           "gather_below": gather_below, "samples": samples, "data": data,
                           "timing": None if timing is None else vars(timing)},
@@ -224,6 +236,7 @@ def sweep_row(result, path: str, errors: dict, latency: dict | None, original: d
     if latency and original["latency_ms"]:
         speedup = original["latency_ms"]["median"] / latency["median"] if latency["median"] > 0 else None
     return {"keep_requested": r["keep_requested"], "keep_achieved": k["keep_achieved"],
+            "macs_ratio": r["flops"]["after"] / r["flops"]["before"] if r["flops"]["before"] else 1.0,
             "kernels": {"kept": k["kept"], "total": k["total"], "from_paths": k["from_paths"],
                         "from_fallback": k["from_fallback"]},
             "channels": r["channels"]["after"], "params": r["params"]["after"], "macs": r["flops"]["after"],
@@ -273,11 +286,11 @@ def describe_row(row: dict) -> str:
             f"{row['max_rel_err_vs_original']:.3g}")
 
 
-COLUMNS = (("keep", lambda r: f"{r['keep_requested']:g}"),
+COLUMNS = (("keep", lambda r: f"macs {r['target_macs']:g}" if "target_macs" in r else f"{r['keep_requested']:g}"),
            ("achieved", lambda r: f"{100 * r['keep_achieved']:.2f} %"),
            ("kernels", lambda r: f"{r['kernels']['kept']:,}"),
            ("params", lambda r: _si(r["params"])),
-           ("MACs", lambda r: _si(r["macs"])),
+           ("MACs", lambda r: f"{_si(r['macs'])} ({100 * r.get('macs_ratio', 1.0):.1f} %)"),
            ("file", lambda r: _size(r["file_bytes"])),
            ("median ms", lambda r: f"{r['latency_ms']['median']:.3f}" if r["latency_ms"] else "-"),
            ("speedup", lambda r: f"{r['speedup']:.2f}x" if r.get("speedup") else "-"),

@@ -12,9 +12,9 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from lean_onnx.graph.summary import inspect_summary
 from lean_onnx.graph.build import build_channel_graph
 from lean_onnx.graph.load import load_model
+from lean_onnx.graph.summary import inspect_summary
 from models.zoo import ZOO
 from tests.helpers import run_ort, zoo_path
 

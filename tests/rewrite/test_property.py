@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lean_onnx.rewrite.contract import check_contract
 from lean_onnx.errors import NothingToPrune
+from lean_onnx.rewrite.contract import check_contract
 from lean_onnx.rewrite.pruner import prune
 from tests.graphgen import random_cnn
 

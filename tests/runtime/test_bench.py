@@ -8,8 +8,8 @@ import sys
 import onnxruntime as ort
 import pytest
 
-from lean_onnx.runtime.bench import benchmark, random_inputs, time_on_device
 from lean_onnx.cli import main
+from lean_onnx.runtime.bench import benchmark, random_inputs, time_on_device
 from tests.helpers import CHAIN, assert_one_line_error, rand, save, text_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

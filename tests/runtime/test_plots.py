@@ -8,8 +8,8 @@ import pytest
 
 from lean_onnx.cli import main
 from lean_onnx.errors import LeanOnnxError
-from lean_onnx.runtime.plots import cap_edges, channel_positions, plot_chains, plot_channels, plot_prune, plot_sweep
 from lean_onnx.rewrite.pruner import Pruner
+from lean_onnx.runtime.plots import cap_edges, channel_positions, plot_chains, plot_channels, plot_prune, plot_sweep
 from tests.helpers import zoo_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

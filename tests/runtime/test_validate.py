@@ -7,8 +7,8 @@ import pytest
 
 from lean_onnx.rewrite.pruner import Pruner
 from lean_onnx.runtime.validate import argmax_agreement, output_errors, task_of, validate
-from tests.helpers import zoo_path
 from tests.cli.test_cli import cli
+from tests.helpers import zoo_path
 
 
 def test_output_errors_and_agreement_by_hand():

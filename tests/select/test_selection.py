@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from lean_onnx.select.weights import compute_edge_weights
 from lean_onnx.graph.build import build_channel_graph
 from lean_onnx.graph.load import load_model
 from lean_onnx.select.selection import select_kernels
+from lean_onnx.select.weights import compute_edge_weights
 from tests.helpers import save, text_model, zoo_path
 
 TWO_LAYERS = """

@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from lean_onnx.train.bridge import apply_masks, export_onnx, to_torch, zero_kernel_masks  # noqa: E402
-from lean_onnx.rewrite.contract import max_rel_error  # noqa: E402
 from lean_onnx.errors import LeanOnnxError  # noqa: E402
+from lean_onnx.rewrite.contract import max_rel_error  # noqa: E402
+from lean_onnx.train.bridge import apply_masks, export_onnx, to_torch, zero_kernel_masks  # noqa: E402
 from tests.helpers import _as_init, rand, run_ort, zoo_path  # noqa: E402
 
 RTOL = 1e-5

@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from lean_onnx import cli  # noqa: E402
+from lean_onnx.errors import LeanOnnxError  # noqa: E402
 from lean_onnx.train.bridge import to_torch  # noqa: E402
 from lean_onnx.train.circle_square import first_images  # noqa: E402
-from lean_onnx.errors import LeanOnnxError  # noqa: E402
 from lean_onnx.train.finetune import evaluate, finetune, resolve_device  # noqa: E402
 from tests.helpers import rand, run_ort, text_model, zoo_path  # noqa: E402
 

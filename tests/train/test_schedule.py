@@ -9,8 +9,8 @@ import pytest
 from lean_onnx.rewrite.contract import session
 from lean_onnx.train.circle_square import first_images
 from lean_onnx.train.schedule import ScheduleConfig, run_schedule, step_keeps
-from tests.helpers import zoo_path
 from tests.cli.test_cli import cli
+from tests.helpers import zoo_path
 
 torch = pytest.importorskip("torch")
 
@@ -53,8 +53,8 @@ def test_step_keeps_follow_the_paper():
 
 
 def test_small_schedule_lowers_the_loss_and_keeps_the_contract(tmp_path, msd, data, monkeypatch):
-    from lean_onnx.train import schedule
     from lean_onnx.rewrite.pruner import Pruner
+    from lean_onnx.train import schedule
 
     before_finetune = {}
     original_prune = Pruner.prune

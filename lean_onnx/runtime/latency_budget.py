@@ -1,0 +1,69 @@
+"""`--target-latency F`: the largest MACs budget whose pruned model measures at most F of the original's
+median latency, found with real ONNX Runtime timings (same provider, threads, runs and warm-up as
+`--validate`).
+
+Latency is monotone in the MACs budget only roughly (ONNX Runtime's cost per layer is not its MAC count:
+depthwise and memory-bound layers), so this is a bisection on the MACs ratio between the smallest
+reachable one and 1, each step pruning (channel granularity, no masked model), timing the original and the
+pruned model one after the other (so a noisy machine hits both alike) and keeping the budget when the
+measured ratio meets the target. Every step is in the report (`budget.steps`).
+"""
+
+from __future__ import annotations
+
+from ..select.budget import check_fraction
+from .bench import benchmark
+
+MAX_STEPS = 6
+#: the bisection stops when the MACs bracket is narrower than this
+RESOLUTION = 0.02
+
+
+def prune_to_latency(pruner, target: float, *, method: str = "lean", min_channels: float, provider: str = "auto",
+                     threads: int = 2, runs: int = 20, warmup: int = 5, log=lambda msg: None, **prune_options):
+    """(PruneResult, budget report) for the pruned model that meets `target` with the most MACs kept; when
+    no step meets it, the fastest step's budget, with `met` False in the report."""
+    check_fraction(target, "--target-latency")
+    masked = prune_options.pop("masked", True)
+    round_channels = prune_options.get("round_channels", 16)
+    budget = pruner.channel_budget(method, min_channels, round_channels)
+    shapes = pruner.loaded.input_shapes
+    timing = {"provider": provider, "input_shapes": shapes, "threads": threads, "runs": runs, "warmup": warmup}
+    low, high = min(max(budget.smallest_ratio, 0.01), 1.0), 1.0
+    macs = min(max(target, low), 1.0)  # latency roughly follows MACs: start there
+    steps, met, fastest = [], None, None
+    for _ in range(MAX_STEPS):
+        result = pruner.prune(target_macs=macs, method=method, min_channels=min_channels, masked=False,
+                              **prune_options)
+        original = benchmark(pruner.loaded.original, **timing)
+        pruned = benchmark(result.model_bytes, **timing)
+        ratio = pruned["latency_ms"]["median"] / original["latency_ms"]["median"]
+        step = {"target_macs": round(macs, 4), "macs_ratio": round(result.report["budget"]["achieved_macs_ratio"], 4),
+                "latency_ms": {"original": original["latency_ms"]["median"], "pruned": pruned["latency_ms"]["median"]},
+                "latency_ratio": round(ratio, 4), "provider": pruned["provider"]}
+        steps.append(step)
+        log(f"target-latency search: MACs {step['macs_ratio']:.3f} -> latency ratio {ratio:.3f} "
+            f"({step['latency_ms']['pruned']:.2f} / {step['latency_ms']['original']:.2f} ms)")
+        if ratio <= target:
+            if met is None or macs > met["target_macs"]:
+                met = step
+            low = macs
+        else:
+            high = macs
+        if fastest is None or ratio < fastest["latency_ratio"]:
+            fastest = step
+        if high - low < RESOLUTION or (ratio > target and macs <= budget.smallest_ratio):
+            break
+        if met is None and ratio > target:  # not met yet: scale the budget by how far off it was
+            macs = max(budget.smallest_ratio, macs * target / ratio)
+        else:
+            macs = (low + high) / 2
+    chosen = met or fastest
+    result = pruner.prune(target_macs=chosen["target_macs"], method=method, min_channels=min_channels, masked=masked,
+                          **prune_options)
+    info = dict(result.report["budget"])
+    info.update(kind="latency", target=target, target_macs=chosen["target_macs"], met=met is not None,
+                latency_ratio=chosen["latency_ratio"], provider=chosen["provider"], threads=threads, runs=runs,
+                search=steps)
+    result.report["budget"] = info
+    return result, info

