@@ -94,27 +94,18 @@ def emit(result: dict, args, printer) -> int:
 
 
 def check_selection(args) -> None:
-    """Exactly one of --keep / --target-macs / --target-latency, each a fraction in (0, 1]."""
-    from ..select.budget import check_fraction
-    from ..select.selection import check_keep
+    """Exactly one of --keep / --target-macs / --target-latency, each a fraction in (0, 1], and the options
+    that go with it (select/budget.py `check_budget`), refused before any work."""
+    from ..select.budget import check_budget
 
-    given = [flag for flag, value in (("--keep", args.keep), ("--target-macs", getattr(args, "target_macs", None)),
-                                      ("--target-latency", getattr(args, "target_latency", None))) if value is not None]
+    given = [(flag, value) for flag, value in (("--keep", args.keep), ("--target-macs", args.target_macs),
+                                               ("--target-latency", args.target_latency)) if value is not None]
     if len(given) != 1:
         raise LeanOnnxError("give exactly one of --keep, --target-macs or --target-latency"
-                            + (f" (got {' and '.join(given)})" if given else ""))
-    if args.keep is not None:
-        check_keep(args.keep)
-        if getattr(args, "granularity", None) == "channel":
-            raise LeanOnnxError("--granularity channel goes with --target-macs / --target-latency; --keep counts "
-                                "kernels (the reference's mode)")
-        return
-    check_fraction(args.target_macs if args.target_macs is not None else args.target_latency, given[0])
-    if args.granularity == "kernel":
-        raise LeanOnnxError(f"--granularity kernel cannot meet {given[0]} (kernels leave the dense model only with "
-                            "their whole channel); use the default, channel")
-    if not 0 <= args.min_channels <= 1:
-        raise LeanOnnxError(f"--min-channels {args.min_channels:g}: expected a fraction in [0, 1]")
+                            + (f" (got {' and '.join(flag for flag, _ in given)})" if given else ""))
+    flag, value = given[0]
+    check_budget(value if flag == "--keep" else None, None if flag == "--keep" else value, args.granularity,
+                 args.min_channels, target_flag=flag)
 
 
 def check_prune_options(args) -> None:

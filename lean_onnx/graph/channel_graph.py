@@ -14,6 +14,7 @@ constant) and residual sums create new nodes reached by *skippable* edges (lean-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -144,6 +145,19 @@ class ChannelGraph:
             if name in self.tensor_nodes:
                 mask[self.tensor_nodes[name]] = True
         return mask
+
+    @cached_property
+    def coupling_components(self) -> np.ndarray:
+        """Component id per channel node: the connected components of the coupling pairs (channels that
+        leave together); computed once per graph."""
+        from scipy.sparse import coo_matrix  # lazily: `bench`/`eval` need no channel graph
+        from scipy.sparse.csgraph import connected_components
+
+        n, pairs = self.num_nodes, self.coupling_pairs
+        if not len(pairs):
+            return np.arange(n)
+        adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+        return connected_components(adj, directed=False)[1]
 
     def layer_by_name(self, name: str) -> ConvLayer:
         return next(layer for layer in self.layers if layer.name == name)

@@ -10,14 +10,7 @@ from .cost import layer_macs, model_cost
 
 def coupling_groups(graph: ChannelGraph) -> list[dict]:
     """Tensor-level groups of coupled channels: records that share a channel component are merged."""
-    n = graph.num_nodes
-    pairs = graph.coupling_pairs
-    from scipy.sparse import coo_matrix  # lazily: `bench`/`eval` run on machines without scipy
-    from scipy.sparse.csgraph import connected_components
-
-    adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)) if len(pairs) else \
-        coo_matrix((n, n))
-    _, label = connected_components(adj, directed=False)
+    label = graph.coupling_components
     records = [r for r in graph.coupling if any(t in graph.tensor_nodes for t in r.tensors)]
     parent = list(range(len(records)))
 

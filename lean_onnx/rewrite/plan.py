@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from ..graph.channel_graph import ChannelGraph, HeadRead
 from ..select.redundancy import backward_used
@@ -154,12 +152,9 @@ def _starved_inputs(graph: ChannelGraph, plan: Plan) -> list[int]:
 
 def _couple(graph: ChannelGraph, node_keep: np.ndarray) -> np.ndarray:
     """A coupled group of channels stays if any one of them has to stay."""
-    pairs = graph.coupling_pairs
-    if not len(pairs):
+    if not len(graph.coupling_pairs):
         return node_keep
-    n = graph.num_nodes
-    adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _, label = connected_components(adj, directed=False)
+    label = graph.coupling_components
     group_keep = np.zeros(label.max() + 1, dtype=bool)
     np.logical_or.at(group_keep, label, node_keep)
     return group_keep[label]

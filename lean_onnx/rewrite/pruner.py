@@ -22,8 +22,8 @@ from ..graph.normalise import structural_copy
 from ..io.external_data import checker_view, data_bytes, external_data_threshold
 from ..io.ondisk import write_streamed
 from ..io.save import STREAM_BYTES
-from ..select.budget import DEFAULT_MIN_CHANNELS, GRANULARITIES, ChannelBudget, check_fraction
-from ..select.selection import METHODS, Selection, check_keep, select_kernels
+from ..select.budget import DEFAULT_MIN_CHANNELS, ChannelBudget, check_budget
+from ..select.selection import METHODS, Selection, select_kernels
 from ..select.weights import compute_edge_weights
 from .budget_plan import plan_for_macs
 from .plan import Plan, make_plan
@@ -108,7 +108,7 @@ class Pruner:
         `target_macs` F (instead of `keep`): channel granularity, the pruned model's MACs F of the original's
         (select/budget.py, docs/budgets.md), every prunable layer keeping at least `min_channels` of its
         channels; the report's `budget` section says how it went."""
-        granularity = _check_budget_args(keep, target_macs, granularity)
+        check_budget(keep, target_macs, granularity, min_channels)
         timings = dict(self.timings)
         start = time.perf_counter()
         budget_info = None
@@ -198,25 +198,6 @@ def prune(source, keep: float | None = None, method: str = "lean", *, exclude=()
     return Pruner(source, exclude=exclude, input_shapes=input_shapes, norm_grid=norm_grid).prune(
         keep, method, redundancy, round_channels=round_channels, fold_constants=fold_constants,
         gather_below=gather_below, target_macs=target_macs, min_channels=min_channels)
-
-
-def _check_budget_args(keep, target_macs, granularity) -> str:
-    """Exactly one of `keep` / `target_macs`; the granularity that goes with it (channel for a budget)."""
-    if (keep is None) == (target_macs is None):
-        raise LeanOnnxError("give exactly one of --keep (a kernel fraction) or --target-macs (a MACs fraction)")
-    if granularity not in (None, *GRANULARITIES):
-        raise LeanOnnxError(f"--granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
-    if keep is not None:
-        check_keep(keep)
-        if granularity == "channel":
-            raise LeanOnnxError("--granularity channel goes with a budget (--target-macs / --target-latency); "
-                                "--keep counts kernels (the reference's mode)")
-        return "kernel"
-    check_fraction(target_macs, "--target-macs")
-    if granularity == "kernel":
-        raise LeanOnnxError("--granularity kernel cannot meet a MACs budget (kernels leave the dense model only "
-                            "with their whole channel); use the default, channel")
-    return "channel"
 
 
 def _check(model: onnx.ModelProto, what: str, path: str) -> None:

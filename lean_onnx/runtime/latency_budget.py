@@ -11,6 +11,7 @@ measured ratio meets the target. Every step is in the report (`budget.steps`).
 
 from __future__ import annotations
 
+from ..rewrite.pruner import DEFAULT_ROUND_CHANNELS
 from ..select.budget import check_fraction
 from .bench import benchmark
 
@@ -25,7 +26,7 @@ def prune_to_latency(pruner, target: float, *, method: str = "lean", min_channel
     no step meets it, the fastest step's budget, with `met` False in the report."""
     check_fraction(target, "--target-latency")
     masked = prune_options.pop("masked", True)
-    round_channels = prune_options.get("round_channels", 16)
+    round_channels = prune_options.get("round_channels", DEFAULT_ROUND_CHANNELS)
     budget = pruner.channel_budget(method, min_channels, round_channels)
     shapes = pruner.loaded.input_shapes
     timing = {"provider": provider, "input_shapes": shapes, "threads": threads, "runs": runs, "warmup": warmup}

@@ -24,8 +24,7 @@ from ..errors import LeanOnnxError
 from ..graph.channel_graph import ChannelGraph
 from ..graph.cost import layer_macs, model_cost
 from .chain_values import chain_values, magnitude_scores
-from .redundancy import backward_used, forward_alive
-from .selection import Selection
+from .selection import Selection, check_keep, prune_redundancy
 from .weights import compute_edge_weights, l1_scores
 
 GRANULARITIES = ("kernel", "channel")
@@ -40,6 +39,35 @@ def check_fraction(value: float, flag: str) -> float:
         hint = f"; did you mean {value / 100:g}?" if 1 < value <= 100 else ""
         raise LeanOnnxError(f"{flag} is a fraction of the original, in (0, 1]; got {value:g}{hint}")
     return value
+
+
+def check_min_channels(value: float) -> float:
+    if not 0 <= value <= 1:
+        raise LeanOnnxError(f"--min-channels {value:g}: expected a fraction in [0, 1]")
+    return value
+
+
+def check_budget(keep: float | None, target: float | None, granularity: str | None = None,
+                 min_channels: float = DEFAULT_MIN_CHANNELS, target_flag: str = "--target-macs") -> str:
+    """Exactly one of `keep` (a kernel fraction) / `target` (a fraction of the original's MACs or latency,
+    given as `target_flag`); returns the granularity that goes with it (channel for a budget)."""
+    if (keep is None) == (target is None):
+        raise LeanOnnxError("give exactly one of --keep (a kernel fraction) or --target-macs / --target-latency "
+                            "(a fraction of the original)")
+    if granularity not in (None, *GRANULARITIES):
+        raise LeanOnnxError(f"--granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+    if keep is not None:
+        check_keep(keep)
+        if granularity == "channel":
+            raise LeanOnnxError("--granularity channel goes with a budget (--target-macs / --target-latency); "
+                                "--keep counts kernels (the reference's mode)")
+        return "kernel"
+    check_fraction(target, target_flag)
+    if granularity == "kernel":
+        raise LeanOnnxError(f"--granularity kernel cannot meet {target_flag} (kernels leave the dense model only "
+                            "with their whole channel); use the default, channel")
+    check_min_channels(min_channels)
+    return "channel"
 
 
 @dataclass
@@ -57,10 +85,9 @@ class ChannelBudget:
                  round_channels: int = 16):
         if not graph.weights_ready:
             compute_edge_weights(graph)
-        if not 0 <= min_channels <= 1:
-            raise LeanOnnxError(f"--min-channels {min_channels:g}: expected a fraction in [0, 1]")
+        check_min_channels(min_channels)
         self.graph, self.method, self.min_channels = graph, method, min_channels
-        self.unit = _units(graph)
+        self.unit = graph.coupling_components
         removable = np.ones(int(self.unit.max()) + 1, dtype=bool)
         fixed = graph.is_frozen | graph.is_source
         removable[self.unit[fixed]] = False
@@ -183,7 +210,8 @@ class ChannelBudget:
             else:
                 lo = mid + 1
         keep = self.node_keep(lo)
-        if lo == 0 or self.macs(keep) <= target + slack:
+        over = self.macs(keep) - target
+        if lo == 0 or over <= slack:
             return keep
         chosen = list(self.order[:lo - 1])
         best = self.node_keep(lo - 1)
@@ -195,7 +223,7 @@ class ChannelBudget:
                 best = trial
                 if macs >= target - slack:
                     break
-        return keep if self.macs(keep) - target < target - self.macs(best) else best
+        return keep if over < target - self.macs(best) else best
 
     def edge_keep(self, node_keep: np.ndarray) -> np.ndarray:
         """Every prunable kernel whose input and output channels are both kept."""
@@ -203,31 +231,14 @@ class ChannelBudget:
         return graph.prunable_edges & node_keep[graph.src] & node_keep[graph.dst]
 
 
-def _units(graph: ChannelGraph) -> np.ndarray:
-    """Unit id per channel node: connected components of the coupling pairs."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n, pairs = graph.num_nodes, graph.coupling_pairs
-    if not len(pairs):
-        return np.arange(n)
-    adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    return connected_components(adj, directed=False)[1]
-
-
 def select_channels(budget: ChannelBudget, node_keep: np.ndarray) -> Selection:
     """The Selection of a channel keep mask: every prunable kernel between kept channels, then redundancy
     (both directions, as `select_kernels`: a kept channel whose inputs all went is dead, one that nothing
     kept reads is unused; with the floors in place it removes little)."""
     graph = budget.graph
-    prunable = graph.prunable_edges
     edge_keep = budget.edge_keep(node_keep)
-    total, selected = int(prunable.sum()), int(edge_keep.sum())
-    skippable = ~prunable
-    alive, edge_keep = forward_alive(graph.src, graph.indptr, edge_keep, skippable, graph.is_source)
-    removed_fwd = selected - int(edge_keep.sum())
-    used, edge_keep = backward_used(graph.src, graph.indptr, edge_keep, skippable, graph.is_terminal)
-    removed_bwd = selected - removed_fwd - int(edge_keep.sum())
+    total, selected = int(graph.prunable_edges.sum()), int(edge_keep.sum())
+    edge_keep, alive, used, removed_fwd, removed_bwd = prune_redundancy(graph, edge_keep)
     no_paths = np.zeros(graph.num_edges, dtype=bool)
     return Selection(budget.method, selected / total if total else 1.0, total, selected, selected, edge_keep,
                      no_paths, 0, 0, 0.0, removed_fwd, removed_bwd, alive, used)

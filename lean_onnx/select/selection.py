@@ -118,13 +118,20 @@ def select_kernels(graph: ChannelGraph, keep: float, method: str = "lean", redun
     used = np.ones(graph.num_nodes, dtype=bool)
     removed_fwd = removed_bwd = 0
     if redundancy:
-        skippable = ~prunable
-        alive, edge_keep = forward_alive(graph.src, graph.indptr, edge_keep, skippable, graph.is_source)
-        removed_fwd = selected - int(edge_keep.sum())
-        used, edge_keep = backward_used(graph.src, graph.indptr, edge_keep, skippable, graph.is_terminal)
-        removed_bwd = selected - removed_fwd - int(edge_keep.sum())
+        edge_keep, alive, used, removed_fwd, removed_bwd = prune_redundancy(graph, edge_keep)
     return Selection(method, keep, total, num_keep, selected, edge_keep, from_paths, num_paths, longest,
                      longest_product, removed_fwd, removed_bwd, alive, used)
+
+
+def prune_redundancy(graph: ChannelGraph, edge_keep: np.ndarray):
+    """Redundancy pruning in both directions (lean-spec 3.5): returns (edge_keep, alive, used, kernels removed
+    forward, kernels removed backward)."""
+    skippable = ~graph.prunable_edges
+    selected = int(edge_keep.sum())
+    alive, edge_keep = forward_alive(graph.src, graph.indptr, edge_keep, skippable, graph.is_source)
+    removed_fwd = selected - int(edge_keep.sum())
+    used, edge_keep = backward_used(graph.src, graph.indptr, edge_keep, skippable, graph.is_terminal)
+    return edge_keep, alive, used, removed_fwd, selected - removed_fwd - int(edge_keep.sum())
 
 
 def inputs_reach_outputs(graph: ChannelGraph, edge_keep: np.ndarray) -> bool:
