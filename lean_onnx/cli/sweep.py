@@ -73,7 +73,7 @@ def cmd_sweep(args) -> int:
     if args.keep is not None and args.target_macs is not None:
         raise LeanOnnxError("sweep: give --keep or --target-macs, not both")
     budget = args.target_macs is not None
-    keeps = parse_keeps(args.target_macs, "--target-macs") if budget else parse_keeps(args.keep or DEFAULT_KEEPS)
+    keeps = parse_keeps(args.target_macs, "--target-macs") if budget else parse_keeps(DEFAULT_KEEPS if args.keep is None else args.keep)
     _check_options(args)
     output_paths(args.model, keeps, args.out_dir, "macs" if budget else "keep")  # refuse before any work
     if args.plot:

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import LeanOnnxError
 from ..graph.channel_graph import ChannelGraph
 from ..graph.cost import layer_macs, model_cost
+from ..graph.heads import head_layout
 from .chain_values import chain_values, magnitude_scores
 from .selection import Selection, check_keep, prune_redundancy
 from .weights import compute_edge_weights, l1_scores
@@ -70,6 +71,23 @@ def check_budget(keep: float | None, target: float | None, granularity: str | No
     return "channel"
 
 
+def _kept_for_outputs(graph: ChannelGraph) -> np.ndarray:
+    """Channels the plan keeps whatever is selected: model outputs and what a reader that cannot drop
+    columns reads (a linear head whose columns are channel-major blocks can drop a removed channel's,
+    graph/heads.py), and every channel that reaches those through per-channel (skippable) edges only."""
+    fixed = (graph.is_terminal if graph.is_hard_terminal is None else graph.is_hard_terminal).copy()
+    for read in graph.head_reads:
+        nodes = graph.tensor_nodes[read.tensor]
+        if head_layout(graph.loaded, read, len(nodes)) is None:
+            fixed[nodes] = True
+    src, dst, through = graph.src, graph.dst, graph.skippable  # dst: one np.repeat, not one per pass
+    while True:
+        more = through & fixed[dst] & ~fixed[src]
+        if not more.any():
+            return fixed
+        fixed[src[more]] = True
+
+
 @dataclass
 class _Layer:
     out_nodes: np.ndarray
@@ -89,7 +107,7 @@ class ChannelBudget:
         self.graph, self.method, self.min_channels = graph, method, min_channels
         self.unit = graph.coupling_components
         removable = np.ones(int(self.unit.max()) + 1, dtype=bool)
-        fixed = graph.is_frozen | graph.is_source
+        fixed = graph.is_frozen | graph.is_source | _kept_for_outputs(graph)
         removable[self.unit[fixed]] = False
         for layer in graph.layers:  # excluded layers keep their channels: nothing of theirs is selected
             if not layer.prunable:
