@@ -1,7 +1,8 @@
 """MACs budgets on trained and deployment networks: achieved MACs, ORT CPU speed-up, one-shot fidelity.
 
     pip install --no-deps torch-pruning      # the peer, for this benchmark only
-    python tools/bench_budget.py [--targets 0.75,0.5,0.25] [--rounds 30] [--write docs/benchmarks.md]
+    python tools/bench_budget.py [--targets 0.75,0.5,0.25] [--rounds 30] [--target-latency 0.6]
+        [--json R.json] [--write docs/benchmarks.md]
 
 Networks: torchvision's trained ImageNet MobileNetV2 (tools/third_party.py), the PP-OCRv4 text detector and
 the PP-OCR direction classifier (Paddle exports, trained), torchvision ResNet-50 (random weights) and a
@@ -20,6 +21,7 @@ detector, agreement of the map binarised at 0.3).
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import statistics
 import sys
@@ -129,7 +131,7 @@ def networks():
         detector
 
 
-def bench_network(name, source, shape, kind, module, targets, rounds) -> list[dict]:
+def bench_network(name, source, shape, kind, module, targets, rounds, latency_target=None) -> list[dict]:
     from bench_budget_torch import export_bytes, torch_pruning_at
 
     model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
@@ -149,14 +151,25 @@ def bench_network(name, source, shape, kind, module, targets, rounds) -> list[di
             variants[key] = result.model_bytes
             rows.append({"network": name, "target": target, "pruner": f"lean-onnx --method {method}", "key": key,
                          "macs_ratio": result.report["flops"]["after"] / macs_before, "seconds": seconds})
-        if module is not None:
-            pruned, tp_ratio, _ = torch_pruning_at(module, shape, target)
-            key = f"Torch-Pruning @ {target:g}"
+        for round_to in ((None, 16) if module is not None else ()):
+            pruned, _, _ = torch_pruning_at(module, shape, target, round_to=round_to)
+            key = f"Torch-Pruning round_to {round_to} @ {target:g}"
             variants[key] = export_bytes(pruned, shape)
             macs = model_cost(load_model(onnx.load_from_string(variants[key]), {None: shape}))["macs"]
-            rows.append({"network": name, "target": target, "pruner": "Torch-Pruning MagnitudePruner (L1)",
-                         "key": key, "macs_ratio": macs / macs_before, "seconds": None})
+            label = "Torch-Pruning MagnitudePruner (L1)" + (f", round_to={round_to}" if round_to else "")
+            rows.append({"network": name, "target": target, "pruner": label, "key": key,
+                         "macs_ratio": macs / macs_before, "seconds": None})
         log(f"{name}: target {target:g} pruned")
+    if latency_target and kind == "classifier" and module is not None:
+        from lean_onnx.runtime.latency_budget import prune_to_latency
+
+        start = time.perf_counter()
+        result, info = prune_to_latency(pruner, latency_target, min_channels=0.1, runs=rounds, log=log)
+        key = f"lean-onnx --target-latency {latency_target:g}"
+        variants[key] = result.model_bytes
+        rows.append({"network": name, "target": f"latency {latency_target:g}", "pruner": key, "key": key,
+                     "macs_ratio": result.report["flops"]["after"] / macs_before,
+                     "seconds": time.perf_counter() - start, "search": info["steps"]})
     latency = paired_latency(variants, shape, rounds)
     for row in rows:
         row["latency_ms"], row["original_ms"] = latency[row["key"]], latency["original"]
@@ -166,7 +179,33 @@ def bench_network(name, source, shape, kind, module, targets, rounds) -> list[di
     return rows
 
 
-def render(rows: list[dict], args) -> str:
+def selection_seconds(source: bytes, shape: tuple, repeats: int = 3) -> dict[str, float]:
+    """Median end-to-end seconds (load, graph, norms, selection, plan, rewrite; no masked model, no
+    validation) of `--keep 0.3` (kernel LEAN) and of `--target-macs 0.5` (channel LEAN, its scores and MACs
+    model included), each on a fresh Pruner, alternating."""
+    times = {"keep 0.3": [], "target-macs 0.5": []}
+    for _ in range(repeats):
+        for mode, options in (("keep 0.3", {"keep": 0.3}), ("target-macs 0.5", {"target_macs": 0.5})):
+            start = time.perf_counter()
+            model = onnx.load_from_string(source)
+            Pruner(model, input_shapes={model.graph.input[0].name: shape}).prune(masked=False, **options)
+            times[mode].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The issue's targets, read off the rows: lean-onnx's speed-up / MACs at 0.5 and 0.25 per network."""
+    lines, ratios = [], []
+    for row in rows:
+        if row["pruner"] == "lean-onnx --method lean" and row["target"] in (0.5, 0.25):
+            ratios.append(row["speedup_over_macs"])
+            lines.append(f"- {row['network']} at {row['target']:g}: speed-up / MACs {row['speedup_over_macs']:.2f}")
+    if ratios:
+        lines.append(f"- mean over these: {statistics.mean(ratios):.2f}; smallest {min(ratios):.2f}")
+    return lines
+
+
+def render(rows: list[dict], args, timing: dict | None = None) -> str:
     lines = [HEADING, "", f"`python tools/bench_budget.py --targets {args.targets} --rounds {args.rounds}` "
              f"(this 2-core machine, shared; batch 1, 2 threads, ORT CPU, paired rounds; fidelity on "
              f"24 photo crops). *speed-up / MACs* = measured speed-up x MACs ratio: 1.0 means the model got "
@@ -176,9 +215,19 @@ def render(rows: list[dict], args) -> str:
     for r in rows:
         fid = ", ".join(f"{k.replace('_', ' ')} {r[k]:.3f}" for k in ("top1_agreement", "max_rel_err",
                                                                         "mean_rel_err", "map_agreement") if k in r)
-        lines.append(f"| {r['network']} | {r['target']:g} | {r['pruner']} | {r['macs_ratio']:.3f} | "
+        lines.append(f"| {r['network']} | {r['target']} | {r['pruner']} | {r['macs_ratio']:.3f} | "
                      f"{r['latency_ms']:.2f} ({r['original_ms']:.2f}) | {r['speedup']:.2f}x | "
                      f"{r['speedup_over_macs']:.2f} | {fid} |")
+    lines += ["", "lean-onnx (`--method lean`) against the issue's targets (speed-up / MACs >= 0.8 at 0.5 and 0.25):"]
+    lines += summary(rows)
+    for r in rows:
+        if "search" in r:
+            steps = "; ".join(f"MACs {s['macs_ratio']:.3f} -> {s['latency_ratio']:.3f}" for s in r["search"])
+            lines += ["", f"{r['network']}, `{r['pruner']}` search (MACs ratio -> measured latency ratio): {steps}."]
+    if timing:
+        lines += ["", f"End-to-end prune of ResNet-50 (fresh Pruner, median of 3, no masked model): `--keep 0.3` "
+                  f"{timing['keep 0.3']:.2f} s, `--target-macs 0.5` {timing['target-macs 0.5']:.2f} s "
+                  f"(budget selection adds {timing['target-macs 0.5'] - timing['keep 0.3']:+.2f} s)."]
     return "\n".join(lines) + "\n"
 
 
@@ -188,17 +237,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--only", help="comma-separated substrings of network names")
     parser.add_argument("--write", help="markdown file whose section to replace")
+    parser.add_argument("--target-latency", type=float, default=0.6,
+                        help="also --target-latency F on the torch-exportable classifiers (0: no)")
+    parser.add_argument("--json", help="write every row (and the latency search steps) here")
     args = parser.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
-    rows = []
+    rows, timing = [], None
     for name, source, shape, kind, module in networks():
         if args.only and not any(s.lower() in name.lower() for s in args.only.split(",")):
             continue
         if source is None:
             log(f"{name}: not available offline, skipped")
             continue
-        rows += bench_network(name, source, shape, kind, module, targets, args.rounds)
-    text = render(rows, args)
+        rows += bench_network(name, source, shape, kind, module, targets, args.rounds, args.target_latency)
+        if name.startswith("ResNet-50"):
+            timing = selection_seconds(source, shape)
+            log(f"{name}: end-to-end seconds {timing}")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "timing": timing}, indent=1) + "\n")
+    text = render(rows, args, timing)
     print(text)
     if args.write:
         write_section(args.write, HEADING, text)

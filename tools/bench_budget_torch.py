@@ -84,25 +84,27 @@ def _ignored(model: nn.Module) -> list[nn.Module]:
     return ignored
 
 
-def magnitude_prune(model: nn.Module, shape: tuple, ratio: float):
+def magnitude_prune(model: nn.Module, shape: tuple, ratio: float, round_to: int | None = None):
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model).eval()
     example = torch.zeros(shape)
     pruner = tp.pruner.MagnitudePruner(pruned, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                       pruning_ratio=ratio, ignored_layers=_ignored(pruned))
+                                       pruning_ratio=ratio, ignored_layers=_ignored(pruned), round_to=round_to)
     pruner.step()
     return pruned
 
 
-def torch_pruning_at(model: nn.Module, shape: tuple, target_macs: float, tolerance: float = 0.02):
+def torch_pruning_at(model: nn.Module, shape: tuple, target_macs: float, tolerance: float = 0.02,
+                     round_to: int | None = None):
     """Bisection on MagnitudePruner's channel ratio until the pruned model's MACs are `target_macs` of the
-    original's (Torch-Pruning's own count). Returns (pruned module, its MACs ratio, the ratio used)."""
+    original's (Torch-Pruning's own count); `round_to` N keeps channel counts multiples of N (as lean-onnx's
+    default --round-channels 16). Returns (pruned module, its MACs ratio, the ratio used)."""
     base = _macs(model, shape)
     low, high, best = 0.0, 0.95, None
     for _ in range(12):
         ratio = (low + high) / 2
-        pruned = magnitude_prune(model, shape, ratio)
+        pruned = magnitude_prune(model, shape, ratio, round_to)
         achieved = _macs(pruned, shape) / base
         if best is None or abs(achieved - target_macs) < abs(best[1] - target_macs):
             best = (pruned, achieved, ratio)
