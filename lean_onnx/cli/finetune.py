@@ -1,8 +1,11 @@
-"""`lean-onnx finetune IN OUT --data train.npz`: fine-tune in torch, pruned kernels held at zero
-(train/finetune.py does the work; torch is imported only when the command runs)."""
+"""`lean-onnx finetune IN OUT --data train.npz`: fine-tune in torch, pruned kernels held at zero;
+`--teacher ORIGINAL.onnx --data photos/`: recover by distillation from the original, no labels needed
+(train/finetune.py, train/distill.py and train/images.py do the work; torch is imported only when the
+command runs)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -10,6 +13,9 @@ import time
 
 from ..errors import LeanOnnxError
 from ..train.finetune import LOSSES
+from ..train.images import IMAGENET_MEAN, IMAGENET_STD
+
+MAX_SKIPPED_LINES = 20  # one [W] line per skipped file up to this many, then one line for the rest
 
 
 def register(sub) -> None:
@@ -18,8 +24,11 @@ def register(sub) -> None:
                                         "pruned kernels stay zero")
     p.add_argument("model", metavar="IN", help="input .onnx file (never modified)")
     p.add_argument("output", metavar="OUT", help="fine-tuned .onnx file (written atomically; same interface)")
-    p.add_argument("--data", required=True, metavar="NPZ", help="training data: .npz with inputs and targets")
-    p.add_argument("--val-data", metavar="NPZ", help="validation data, evaluated on full inputs after each epoch")
+    p.add_argument("--data", required=True, metavar="NPZ|DIR",
+                   help="training data: .npz with inputs and targets (targets optional with --teacher), or a "
+                        "folder of images (jpg/jpeg/png/bmp, searched recursively; needs --teacher)")
+    p.add_argument("--val-data", metavar="NPZ|DIR", help="validation data, evaluated on full inputs after each "
+                                                         "epoch (an image folder: resized and centre-cropped)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3, as the "
                                                          "paper's schedule per pruning step)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
@@ -30,6 +39,35 @@ def register(sub) -> None:
     p.add_argument("--loss", choices=LOSSES, default="auto",
                    help="ce: cross-entropy on logits (integer targets), mse: float targets; auto (default) "
                         "picks by the targets' dtype")
+    d = p.add_argument_group("distillation (label-free recovery from the original model)")
+    d.add_argument("--teacher", metavar="ORIGINAL.onnx",
+                   help="learn this model's outputs (the model IN was pruned from: same input and output names); "
+                        "it is never changed")
+    d.add_argument("--temperature", type=float, default=4.0, metavar="T",
+                   help="softmax temperature of the KL loss on (N, classes) outputs (default 4, the usual "
+                        "distillation setting: it softens a confident teacher so the student also learns its "
+                        "ranking of the other classes; the loss is scaled by T^2). Other outputs use a "
+                        "scale-normalised MSE")
+    d.add_argument("--alpha", type=float, metavar="A",
+                   help="with targets in the data: A * labelled loss + (1 - A) * distillation (default 0: "
+                        "distillation only); needs --teacher")
+    g = p.add_argument_group("image folders (--data / --val-data DIR)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random resized crops (area 0.25..1, aspect 3/4..4/3) and horizontal flips of the training "
+                        "images (default: on for an image folder); --no-augment: resize and centre crop as for "
+                        "validation")
+    g.add_argument("--input-size", metavar="H,W",
+                   help="the images' size (default: the model input's static height and width)")
+    g.add_argument("--mean", metavar="R,G,B", help="subtracted from pixels in 0..1, RGB order (default ImageNet's "
+                                                   + ",".join(map(str, IMAGENET_MEAN)) + ")")
+    g.add_argument("--std", metavar="R,G,B", help="then divided by, RGB order (default ImageNet's "
+                                                  + ",".join(map(str, IMAGENET_STD)) + ")")
+    g.add_argument("--channel-order", choices=("rgb", "bgr"),
+                   help="channel order the model expects (default rgb); the layout (NCHW or NHWC) is read from "
+                        "the input shape, 1-channel models get grayscale")
+    g.add_argument("--samples-per-epoch", type=int, metavar="N",
+                   help="training crops per epoch (default: the number of images), so a few photos can give many "
+                        "crops")
     p.add_argument("--train-zero-kernels", action="store_true",
                    help="let exactly-zero kernels train (default: they are pruned and stay zero)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
@@ -45,12 +83,13 @@ def register(sub) -> None:
 def cmd_finetune(args) -> int:
     from ..graph.load import read_model
     from ..io.save import save_model_atomic
-    from ..train.finetune import finetune, load_data
+    from ..train.finetune import finetune
 
     _check_args(args)
     model = read_model(args.model)
-    train = load_data(args.data, "--data")
-    val = load_data(args.val_data, "--val-data") if args.val_data else None
+    teacher = _read_teacher(args, model)
+    train = _load(args.data, "--data", model, args, training=True)
+    val = _load(args.val_data, "--val-data", model, args, training=False) if args.val_data else None
     try:
         import torch
     except ImportError:
@@ -58,33 +97,130 @@ def cmd_finetune(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     say = (lambda line: None) if args.quiet else (lambda line: print(f"[I] {line}", file=sys.stderr, flush=True))
-    say(f"fine-tuning {args.model} on {len(train['inputs'])} samples for {args.epochs} epoch(s)")
+    for flag, data in (("--data", train), ("--val-data", val)):
+        if data is not None and not isinstance(data, dict):
+            say(_describe(flag, data))
+    samples = len(train["inputs"]) if isinstance(train, dict) else len(train)
+    say(f"fine-tuning {args.model} on {samples} samples for {args.epochs} epoch(s)")
     started = time.perf_counter()
     trained, history = finetune(model, train, val, epochs=args.epochs, lr=args.lr, batch=args.batch,
                                 seed=args.seed, crop=args.crop or None, loss=args.loss,
                                 keep_zero_kernels=not args.train_zero_kernels, progress=say, path=args.model,
-                                device=args.device)
+                                device=args.device, teacher=teacher, teacher_path=args.teacher,
+                                temperature=args.temperature, alpha=args.alpha)
     save_model_atomic(trained, args.output)
     say(f"wrote {args.output}")
     if args.report:
+        settings = {k: getattr(args, k) for k in ("epochs", "lr", "batch", "seed", "crop", "loss",
+                                                  "train_zero_kernels", "device", "teacher")}
+        settings.update(_distill_settings(args, train, val, samples))
         report = {"schema_version": 1, "command": "finetune", "input": args.model, "output": args.output,
-                  "data": args.data, "val_data": args.val_data,
-                  "settings": {k: getattr(args, k) for k in ("epochs", "lr", "batch", "seed", "crop", "loss",
-                                                             "train_zero_kernels", "device")},
+                  "data": args.data, "val_data": args.val_data, "settings": settings,
+                  "skipped": {flag: [{"file": name, "reason": why} for name, why in data.skipped]
+                              for flag, data in (("data", train), ("val_data", val))
+                              if data is not None and not isinstance(data, dict)},
                   "epochs": history, "seconds": time.perf_counter() - started}
         save_model_atomic((json.dumps(report, indent=1) + "\n").encode(), args.report)
     return 0
 
 
+def _read_teacher(args, model):
+    """The --teacher model, checked against IN's interface; None without --teacher."""
+    from ..graph.load import read_model
+    from ..train.distill import check_interface
+
+    if not args.teacher:
+        return None
+    try:
+        teacher = read_model(args.teacher)
+    except LeanOnnxError as exc:
+        raise LeanOnnxError(f"--teacher {exc}") from None
+    check_interface(model, teacher, args.model, args.teacher)
+    return teacher
+
+
+def _load(path: str, flag: str, model, args, training: bool):
+    """An .npz (a dict of arrays) or an image folder (images.ImageFolder); skipped files are [W] lines."""
+    from ..train.finetune import load_data
+    from ..train.images import load_image_folder
+
+    if not os.path.isdir(path):
+        if training and (args.augment or args.samples_per_epoch is not None):
+            raise LeanOnnxError(f"{path}: --augment and --samples-per-epoch apply to an image folder as --data "
+                                "(.npz data: --crop)")
+        return load_data(path, flag, need_targets=not args.teacher or bool(args.alpha))
+    if not args.teacher:
+        raise LeanOnnxError(f"{path}: {flag} is an image folder: photos carry no labels, so training on them needs "
+                            "--teacher ORIGINAL.onnx (distillation)")
+    if args.alpha:
+        raise LeanOnnxError(f"{path}: {flag} is an image folder, which has no targets for --alpha {args.alpha:g}")
+    folder = load_image_folder(path, model, args.model, flag, input_size=args.size, mean=args.mean_values,
+                               std=args.std_values, channel_order=args.channel_order or "rgb",
+                               augment=training and args.augment is not False,
+                               samples_per_epoch=args.samples_per_epoch if training else None)
+    for name, why in folder.skipped[:MAX_SKIPPED_LINES]:
+        print(f"[W] {os.path.join(path, name)}: {why}; skipped", file=sys.stderr)
+    if len(folder.skipped) > MAX_SKIPPED_LINES:
+        print(f"[W] {path}: {len(folder.skipped) - MAX_SKIPPED_LINES} more files skipped (see --report)",
+              file=sys.stderr)
+    return folder
+
+
+def _describe(flag: str, folder) -> str:
+    colour = folder.channel_order if folder.channels == 3 else "gray"
+    line = (f"{flag} {folder.folder}: {len(folder.images)} images ({len(folder.skipped)} skipped) as "
+            f"{folder.size[0]}x{folder.size[1]} {folder.layout} {colour}")
+    if flag == "--data":
+        line += f", {len(folder)} {'augmented ' if folder.augment else ''}samples per epoch"
+    return line
+
+
+def _distill_settings(args, train, val, samples: int) -> dict:
+    """The report's distillation and image settings (None where they do not apply)."""
+    folder = next((d for d in (train, val) if d is not None and not isinstance(d, dict)), None)
+    return {"temperature": args.temperature if args.teacher else None,
+            "alpha": (args.alpha or 0.0) if args.teacher else None,
+            "augment": train.augment if not isinstance(train, dict) else None,
+            "input_size": list(folder.size) if folder else None,
+            "layout": folder.layout if folder else None,
+            "mean": [float(m) for m in folder.mean] if folder else None,
+            "std": [float(s) for s in folder.std] if folder else None,
+            "channel_order": (folder.channel_order if folder.channels == 3 else "gray") if folder else None,
+            "samples_per_epoch": samples}
+
+
 def _check_args(args) -> None:
-    """Refuse before any work (training can take hours): bad numbers, OUT equal to IN, no output folder."""
+    """Refuse before any work (training can take hours): bad numbers, OUT equal to IN or to the teacher,
+    no output folder, image options without an image folder."""
+    from ..train.images import check_normalisation, parse_floats, parse_size
+
     if args.epochs < 0 or args.batch < 1 or args.lr <= 0 or args.crop < 0:
         raise LeanOnnxError("--epochs must be >= 0, --batch >= 1, --lr > 0 and --crop >= 0")
+    if not args.temperature > 0:
+        raise LeanOnnxError(f"--temperature {args.temperature:g}: expected a positive number (default 4)")
+    if args.alpha is not None:
+        if not args.teacher:
+            raise LeanOnnxError("--alpha mixes the labelled and the distillation loss: it needs --teacher")
+        if not 0 <= args.alpha <= 1:
+            raise LeanOnnxError(f"--alpha {args.alpha:g}: expected a weight in [0, 1]")
+    if args.samples_per_epoch is not None and args.samples_per_epoch < 1:
+        raise LeanOnnxError(f"--samples-per-epoch {args.samples_per_epoch}: expected a positive integer")
+    args.size = parse_size(args.input_size) if args.input_size is not None else None
+    args.mean_values = parse_floats("--mean", args.mean) if args.mean is not None else IMAGENET_MEAN
+    args.std_values = parse_floats("--std", args.std) if args.std is not None else IMAGENET_STD
+    check_normalisation(args.mean_values, args.std_values)
+    image_flags = [flag for flag, value in (("--input-size", args.input_size), ("--mean", args.mean),
+                                            ("--std", args.std), ("--channel-order", args.channel_order))
+                   if value is not None]
+    if image_flags and not any(path and os.path.isdir(path) for path in (args.data, args.val_data)):
+        raise LeanOnnxError(f"{' and '.join(image_flags)} appl{'ies' if len(image_flags) == 1 else 'y'} to image "
+                            "folders; --data and --val-data are not folders")
     for flag, path in (("OUT", args.output), ("--report", args.report)):
         if not path:
             continue
-        if os.path.realpath(path) == os.path.realpath(args.model):
-            raise LeanOnnxError(f"{path}: {flag} is the input file; lean-onnx never overwrites its input")
+        for what, source in (("the input file", args.model), ("the --teacher file", args.teacher)):
+            if source and os.path.realpath(path) == os.path.realpath(source):
+                raise LeanOnnxError(f"{path}: {flag} is {what}; lean-onnx never overwrites its input")
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise LeanOnnxError(f"{path}: output folder {folder} does not exist or is not writable")

@@ -12,6 +12,10 @@ zeroed before each Adam step and the masked weights after it, so DESIGN.md's pru
 still holds for the fine-tuned model. BatchNormalization keeps its running statistics (bridge.py).
 Data: `.npz` files with `inputs` (N, ...) float32 and `targets`: integer class maps or labels for
 cross-entropy, floats of the output's shape for MSE (lean_onnx.train.circle_square writes Circle-Square in this form).
+The loop reads data through `len(data)`, `data.order(rng)` (the epoch's sample order) and
+`data.batch(indices, rng)` -> (inputs, targets or None): `ArrayData` for such arrays, images.py's
+`ImageFolder` for a folder of photos. With a `teacher` (distill.py) the loss is distillation from it,
+mixed with the labelled loss by `alpha` when there are targets, and no targets are needed.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from ..errors import LeanOnnxError
 LOSSES = ("auto", "ce", "mse")
 
 
-def finetune(model: onnx.ModelProto, train: dict, val: dict | None = None, epochs: int = 3, lr: float = 1e-3,
+def finetune(model: onnx.ModelProto, train, val=None, epochs: int = 3, lr: float = 1e-3,
              batch: int = 5, seed: int = 0, crop: int | None = None, loss: str = "auto",
              keep_zero_kernels: bool = True, progress=None, path: str = "<model>", device: str = "auto",
-             optimizer_state: dict | None = None, state_out: dict | None = None):
+             optimizer_state: dict | None = None, state_out: dict | None = None, *, teacher=None,
+             temperature: float = 4.0, alpha: float | None = None, teacher_path: str = "<teacher>"):
     """Train `model` on `train` ({"inputs", "targets"} arrays) for `epochs`; returns (trained ModelProto
     with the template's interface, history: one dict per epoch with train_loss, val_loss, val_accuracy
     (classification/segmentation), seconds). `crop`: random crops of crop x crop pixels for training
@@ -41,22 +46,32 @@ def finetune(model: onnx.ModelProto, train: dict, val: dict | None = None, epoch
     epoch. `device`: "auto" (CUDA when torch sees a GPU, else CPU), "cpu", "cuda" or "cuda:N".
     `optimizer_state`: Adam's state ({initializer name: {"step", "exp_avg", "exp_avg_sq"}}) to start
     from, for the parameters whose name and shape match (the others start fresh); `state_out`, when
-    given, receives the final state in that form (the reference keeps one Adam through its schedule)."""
+    given, receives the final state in that form (the reference keeps one Adam through its schedule).
+    `train`/`val` may also be data objects (`ArrayData`, images.ImageFolder). `teacher` (an ONNX model
+    with the same interface, or a distill.Teacher): distil from it (distill.py) with `temperature`;
+    `alpha` mixes in the labelled loss, alpha * labelled + (1 - alpha) * distill (default 0 with a teacher:
+    targets are then optional); the history then also has the validation agreement with the teacher,
+    and a row for epoch 0 (before training) when there is validation data."""
     import torch
 
     from .bridge import apply_masks, export_onnx, mask_gradients, to_torch, zero_kernel_masks
 
-    train = _checked(train, "train", crop, path)
-    val = _checked(val, "val", None, path) if val is not None else None
-    loss_kind = _loss_kind(loss, train["targets"], path)
+    alpha = _alpha(alpha, teacher)
+    train = as_data(train, "train", crop, path, need_targets=alpha > 0)
+    val = as_data(val, "val", None, path, need_targets=alpha > 0) if val is not None else None
+    labels = next((d.targets for d in (train, val) if d is not None and d.targets is not None), None)
+    loss_kind = _loss_kind(loss, labels, path) if labels is not None else None  # None: distillation only
     device = resolve_device(device)
     with _deterministic(seed, device):
         module = to_torch(model, path).to(device)
         if len(module.input_names) != 1:
             raise LeanOnnxError(f"{path}: finetune needs a model with one input, not {module.input_names}")
+        teacher = _teacher(teacher, teacher_path, device, model, path)
+        objective = _objective(loss_kind, teacher, temperature, alpha, path)
         masks = zero_kernel_masks(module) if keep_zero_kernels else {}
         if progress:
-            progress(_summary(module, masks) + f"; on {device}")
+            progress(_summary(module, masks) + f"; on {device}" + (
+                f"; distilling from {teacher.path} (temperature {temperature:g}, alpha {alpha:g})" if teacher else ""))
         optimizer = torch.optim.Adam(module.parameters(), lr=lr)
         for key, parameter in module.named_parameters():
             saved = (optimizer_state or {}).get(module.onnx_name[key])
@@ -65,39 +80,41 @@ def finetune(model: onnx.ModelProto, train: dict, val: dict | None = None, epoch
                                               for k, v in saved.items()}
         rng = np.random.default_rng(seed)
         history = []
+        if teacher is not None and val is not None:  # where the student starts from
+            start = time.perf_counter()
+            history.append({"epoch": 0, **evaluate(module, val, batch, loss_kind, teacher, temperature, alpha),
+                            "seconds": time.perf_counter() - start})
+            if progress:
+                progress(_epoch_line(history[-1], epochs))
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             module.train()
-            train_loss = _train_epoch(module, optimizer, masks, train, batch, crop, loss_kind, rng,
+            train_loss = _train_epoch(module, optimizer, masks, train, batch, objective, rng,
                                       apply_masks, mask_gradients)
             row = {"epoch": epoch, "train_loss": train_loss}
             if val is not None:
-                row.update(evaluate(module, val, batch, loss_kind))
+                row.update(evaluate(module, val, batch, loss_kind, teacher, temperature, alpha))
             row["seconds"] = time.perf_counter() - start
             history.append(row)
             if progress:
                 progress(_epoch_line(row, epochs))
         module.eval()
         if state_out is not None:
-            state_out.update({module.onnx_name[key]: {k: v.detach().cpu().clone() for k, v in optimizer.state[p].items()}
+            state_out.update({module.onnx_name[key]: {k: v.detach().cpu().clone()
+                                                      for k, v in optimizer.state[p].items()}
                               for key, p in module.named_parameters() if p in optimizer.state})
         return export_onnx(module, model), history
 
 
-def _train_epoch(module, optimizer, masks, data, batch, crop, loss_kind, rng, apply_masks, mask_gradients) -> float:
+def _train_epoch(module, optimizer, masks, data, batch, objective, rng, apply_masks, mask_gradients) -> float:
     """One shuffled pass; returns the training loss averaged over the samples."""
-    import torch
-
-    order = rng.permutation(len(data["inputs"]))
+    order = data.order(rng)
     device = _device_of(module)
     total, count = 0.0, 0
     for first in range(0, len(order), batch):
         index = np.sort(order[first:first + batch])  # sorted: npz-backed arrays read faster
-        x, y = data["inputs"][index], data["targets"][index]
-        if crop:
-            x, y = _random_crops(x, y, crop, rng)
-        loss = _loss(module(torch.from_numpy(np.ascontiguousarray(x)).to(device)),
-                     torch.from_numpy(np.ascontiguousarray(y)).to(device), loss_kind)
+        x, y = _tensors(data.batch(index, rng), device)
+        loss = objective(module(x), x, y)
         optimizer.zero_grad()
         loss.backward()
         mask_gradients(module, masks)
@@ -108,28 +125,90 @@ def _train_epoch(module, optimizer, masks, data, batch, crop, loss_kind, rng, ap
     return total / max(count, 1)
 
 
-def evaluate(module, data: dict, batch: int = 5, loss_kind: str = "ce") -> dict:
+def evaluate(module, data, batch: int = 5, loss_kind: str | None = "ce", teacher=None, temperature: float = 4.0,
+             alpha: float = 0.0) -> dict:
     """Mean loss per element over `data` and, for cross-entropy, global accuracy (correct / total
-    target elements: the paper's pixel accuracy for segmentation)."""
+    target elements: the paper's pixel accuracy for segmentation). With a `teacher` (distill.Teacher):
+    the training objective's mean per sample as val_loss, the accuracy when there are targets, and the
+    agreement with the teacher (distill.Agreement)."""
     import torch
 
+    from .distill import Agreement, mixed_loss
+
+    data = as_data(data, "val", None, getattr(module, "path", "<model>"), need_targets=teacher is None)
     module.eval()
     device = _device_of(module)
-    loss_sum, correct, elements = 0.0, 0, 0
+    loss_sum, correct, elements, samples = 0.0, 0, 0, 0
+    agreement = Agreement(teacher) if teacher is not None else None
     with torch.no_grad():
-        for first in range(0, len(data["inputs"]), batch):
-            x = torch.from_numpy(np.ascontiguousarray(data["inputs"][first:first + batch])).to(device)
-            y = torch.from_numpy(np.ascontiguousarray(data["targets"][first:first + batch])).to(device)
-            out = _first_output(module(x))
-            n = y.numel()
-            loss_sum += _loss(out, y, loss_kind).item() * n
-            elements += n
-            if loss_kind == "ce":
-                correct += int((out.argmax(1) == y).sum())
-    result = {"val_loss": loss_sum / max(elements, 1)}
-    if loss_kind == "ce":
-        result["val_accuracy"] = correct / max(elements, 1)
+        for first in range(0, len(data), batch):
+            x, y = _tensors(data.batch(np.arange(first, min(first + batch, len(data))), None), device)
+            full = module(x)
+            out = _first_output(full)
+            if teacher is not None:
+                taught = teacher(x)
+                agreement.add(full, taught)
+                loss = mixed_loss(full, taught, y, teacher, temperature, alpha,
+                                  lambda s, t: _loss(s, t, loss_kind), module.path)
+                loss_sum += loss.item() * len(x)
+                samples += len(x)
+            if y is not None:
+                n = y.numel()
+                if teacher is None:
+                    loss_sum += _loss(out, y, loss_kind).item() * n
+                elements += n
+                if loss_kind == "ce":
+                    correct += int((out.argmax(1) == y).sum())
+    result = {"val_loss": loss_sum / max(samples if teacher is not None else elements, 1)}
+    if loss_kind == "ce" and elements:
+        result["val_accuracy"] = correct / elements
+    if agreement is not None:
+        result.update(agreement.result())
     return result
+
+
+def _tensors(batch, device):
+    """(inputs, targets or None) numpy -> torch on `device`."""
+    import torch
+
+    x, y = batch
+    x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    return x, (torch.from_numpy(np.ascontiguousarray(y)).to(device) if y is not None else None)
+
+
+def _alpha(alpha: float | None, teacher) -> float:
+    """The labelled loss's weight: 1 without a teacher, default 0 with one."""
+    if alpha is None:
+        return 0.0 if teacher is not None else 1.0
+    if teacher is None:
+        raise LeanOnnxError("--alpha mixes the labelled and the distillation loss: it needs --teacher")
+    if not 0 <= alpha <= 1:
+        raise LeanOnnxError(f"--alpha {alpha:g}: expected a weight in [0, 1]")
+    return float(alpha)
+
+
+def _teacher(teacher, path: str, device: str, student: onnx.ModelProto, student_path: str):
+    """None, or a distill.Teacher on `device` (built from an ONNX model with the student's interface)."""
+    from .distill import Teacher, check_interface
+
+    if teacher is None:
+        return None
+    if isinstance(teacher, Teacher):
+        return teacher.to(device)
+    check_interface(student, teacher, student_path, path)
+    return Teacher(teacher, path, device)
+
+
+def _objective(loss_kind, teacher, temperature: float, alpha: float, path: str):
+    """loss(student outputs, inputs, targets): the labelled loss alone, or mixed with distillation."""
+    from .distill import mixed_loss
+
+    if teacher is None:
+        return lambda out, x, y: _loss(out, y, loss_kind)
+    if not temperature > 0:
+        raise LeanOnnxError(f"--temperature {temperature:g}: expected a positive number")
+    return lambda out, x, y: mixed_loss(out, teacher(x) if alpha < 1 else None, y, teacher, temperature, alpha,
+                                        lambda s, t: _loss(s, t, loss_kind), path)  # alpha 1: labels alone
 
 
 def _loss(output, target, loss_kind: str):
@@ -145,15 +224,52 @@ def _first_output(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _random_crops(x: np.ndarray, y: np.ndarray, crop: int, rng: np.random.Generator):
-    """One random crop x crop window per sample, the same window in input and target."""
+def _random_crops(x: np.ndarray, y: np.ndarray | None, crop: int, rng: np.random.Generator):
+    """One random crop x crop window per sample, the same window in input and target (if any)."""
     height, width = x.shape[-2:]
     xs, ys = [], []
     for k in range(len(x)):
         top, left = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
         xs.append(x[k, ..., top:top + crop, left:left + crop])
-        ys.append(y[k, ..., top:top + crop, left:left + crop])
-    return np.stack(xs), np.stack(ys)
+        if y is not None:
+            ys.append(y[k, ..., top:top + crop, left:left + crop])
+    return np.stack(xs), (np.stack(ys) if y is not None else None)
+
+
+class ArrayData:
+    """`inputs` (and `targets`, or None) arrays as the training loop reads them; `crop`: random
+    crop x crop windows of both in training batches (`batch(indices, rng)` with an rng)."""
+
+    def __init__(self, inputs: np.ndarray, targets: np.ndarray | None = None, crop: int | None = None):
+        self.inputs, self.targets, self.crop = inputs, targets, crop
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def order(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(len(self.inputs))
+
+    def batch(self, indices, rng: np.random.Generator | None):
+        x = self.inputs[indices]
+        y = self.targets[indices] if self.targets is not None else None
+        if self.crop and rng is not None:
+            x, y = _random_crops(x, y, self.crop, rng)
+        return x, y
+
+
+def as_data(data, what: str, crop: int | None, path: str, need_targets: bool = True):
+    """A data object for the loop: a {"inputs", "targets"} dict checked (_checked) into an ArrayData;
+    a data object (ArrayData, images.ImageFolder) as it is, checked for targets and --crop."""
+    if isinstance(data, dict):
+        data = _checked(data, what, crop, path, need_targets)
+        return ArrayData(data["inputs"], data.get("targets"), crop)
+    if crop and not isinstance(data, ArrayData):
+        raise LeanOnnxError(f"{path}: --crop applies to .npz data; image folders are cropped by --augment "
+                            "and --input-size")
+    if need_targets and data.targets is None:
+        raise LeanOnnxError(f"{getattr(data, 'folder', path)}: {what} data has no targets (images carry no labels): "
+                            "give --teacher ORIGINAL.onnx to distil from it")
+    return data
 
 
 def _loss_kind(loss: str, targets: np.ndarray, path: str) -> str:
@@ -164,21 +280,26 @@ def _loss_kind(loss: str, targets: np.ndarray, path: str) -> str:
     return "ce" if np.issubdtype(targets.dtype, np.integer) else "mse"
 
 
-def _checked(data: dict, what: str, crop: int | None, path: str) -> dict:
-    """The data with float32 inputs, or one LeanOnnxError saying what is wrong with it."""
-    for key in ("inputs", "targets"):
+def _checked(data: dict, what: str, crop: int | None, path: str, need_targets: bool = True) -> dict:
+    """The data with float32 inputs, or one LeanOnnxError saying what is wrong with it. Without
+    `need_targets` (distillation) the targets may be missing; then "targets" is absent from the result."""
+    for key in ("inputs", "targets") if need_targets else ("inputs",):
         if key not in data:
-            raise LeanOnnxError(f"{path}: {what} data has no {key!r} array (has {sorted(data)})")
-    if len(data["inputs"]) != len(data["targets"]) or len(data["inputs"]) == 0:
-        raise LeanOnnxError(f"{path}: {what} data: {len(data['inputs'])} inputs but {len(data['targets'])} targets")
+            hint = "; without targets, give --teacher ORIGINAL.onnx to distil from it" if key == "targets" else ""
+            raise LeanOnnxError(f"{path}: {what} data has no {key!r} array (has {sorted(data)}){hint}")
+    x, y = data["inputs"], data.get("targets")
+    if len(x) == 0 or (y is not None and len(x) != len(y)):
+        raise LeanOnnxError(f"{path}: {what} data: {len(x)} inputs but {len(y) if y is not None else 0} targets")
     if crop:
-        x, y = data["inputs"], data["targets"]
-        if x.ndim < 3 or y.ndim < 3 or x.shape[-2:] != y.shape[-2:]:
+        if x.ndim < 3 or (y is not None and (y.ndim < 3 or x.shape[-2:] != y.shape[-2:])):
             raise LeanOnnxError(f"{path}: --crop needs targets with the inputs' spatial size "
-                                f"(inputs {x.shape}, targets {y.shape})")
+                                f"(inputs {x.shape}, targets {None if y is None else y.shape})")
         if crop > min(x.shape[-2:]):
             raise LeanOnnxError(f"{path}: --crop {crop} is larger than the images {x.shape[-2:]}")
-    return {"inputs": np.asarray(data["inputs"], dtype=np.float32), "targets": np.asarray(data["targets"])}
+    checked = {"inputs": np.asarray(x, dtype=np.float32)}
+    if y is not None:
+        checked["targets"] = np.asarray(y)
+    return checked
 
 
 def resolve_device(name: str) -> str:
@@ -239,14 +360,16 @@ def _summary(module, masks: dict) -> str:
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
-    parts = [f"epoch {row['epoch']}/{epochs}", f"train_loss {row['train_loss']:.5f}"]
-    parts += [f"{k} {row[k]:.5f}" for k in ("val_loss", "val_accuracy") if k in row]
+    parts = [f"epoch {row['epoch']}/{epochs}" if row["epoch"] else "before training"]
+    parts += [f"{k} {row[k]:.5f}" for k in ("train_loss", "val_loss", "val_accuracy", "val_top1_agreement",
+                                            "val_relative_error") if k in row]
     return " | ".join(parts) + f" | {row['seconds']:.1f} s"
 
 
 # -------------------------------------------------------------------------------------------- data
-def load_data(path: str, flag: str) -> dict:
-    """An `.npz` with `inputs` and `targets`; every failure is one LeanOnnxError naming the file."""
+def load_data(path: str, flag: str, need_targets: bool = True) -> dict:
+    """An `.npz` with `inputs` and `targets` (optional without `need_targets`: distillation); every
+    failure is one LeanOnnxError naming the file."""
     if not os.path.isfile(path):
         raise LeanOnnxError(f"{path}: {flag}: no such file")
     try:
@@ -254,4 +377,4 @@ def load_data(path: str, flag: str) -> dict:
             arrays = {key: data[key] for key in data.files}
     except Exception as exc:
         raise LeanOnnxError(f"{path}: {flag}: not a readable .npz file ({str(exc).splitlines()[0][:200]})") from None
-    return _checked(arrays, flag, None, path)
+    return _checked(arrays, flag, None, path, need_targets)

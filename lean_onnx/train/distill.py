@@ -1,0 +1,194 @@
+"""Label-free recovery: the pruned model (student) learns the original's (teacher's) outputs.
+
+`Teacher(model)` is the original through the same bridge as the student (`to_torch`), in eval mode with
+`requires_grad_(False)`, run under `torch.no_grad()` on every batch the student sees (never cached, so
+each augmented batch gets fresh teacher outputs); nothing ever updates it. `distill_loss` compares the
+outputs one by one and averages:
+
+* a 2-D (N, classes) output with classes > 1: `T^2 * KL(softmax(t / T) || softmax(s / T))`, batch mean
+  (Hinton et al. 2015). T > 1 softens a confident teacher so the student also learns how it ranks the
+  other classes; the T^2 keeps the gradients' size independent of T. Default T = 4, the usual setting of
+  distillation benchmarks on ImageNet-style classifiers. An output that is already a softmax
+  (its node is Softmax) is compared through its log, i.e. as the logits up to a constant;
+* every other float output (detector heads, segmentation or depth maps, features): the scale-normalised
+  squared error `mean((s - t)^2) / (mean(t^2) + eps)`, a relative error: 1 for a student that outputs
+  zeros, whatever the output's units, so box coordinates in pixels and objectness logits weigh the same
+  and the learning rate does not depend on the output's scale.
+
+`mixed_loss` blends in a labelled loss when the data has targets: `alpha * labelled + (1 - alpha) * distill`.
+`Agreement` measures how close student and teacher are on validation data: top-1 agreement for
+(N, classes) outputs, mean relative error `mean|s - t| / mean|t|` for the others.
+`check_interface` refuses a teacher whose inputs or outputs are not the student's.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ..errors import LeanOnnxError
+
+EPS = 1e-8  # only guards an all-zero teacher output; small against any real output's mean square
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+class Teacher:
+    """The frozen original model (see the module docstring); `teacher(x)` -> tuple of its outputs."""
+
+    def __init__(self, model: onnx.ModelProto, path: str = "<teacher>", device: str = "cpu"):
+        from .bridge import to_torch
+
+        self.path = path
+        self.output_names = [o.name for o in model.graph.output]
+        floats = [o.type.tensor_type.elem_type in FLOAT_TYPES for o in model.graph.output]
+        #: outputs the loss compares (float ones: an ArgMax output has no gradient)
+        self.compared = [k for k, is_float in enumerate(floats) if is_float]
+        if not self.compared:
+            raise LeanOnnxError(f"{path}: the teacher has no float output to distil from "
+                                f"(outputs {self.output_names})")
+        self.probabilities = _softmax_outputs(model)
+        self.module = to_torch(model, path).to(device).eval().requires_grad_(False)
+
+    def to(self, device) -> Teacher:
+        self.module.to(device)
+        return self
+
+    def __call__(self, x) -> tuple:
+        import torch
+
+        self.module.eval()
+        with torch.no_grad():
+            out = self.module(x)
+        return out if isinstance(out, tuple) else (out,)
+
+
+def _softmax_outputs(model: onnx.ModelProto) -> set[int]:
+    """Indices of the outputs computed by a Softmax node (through Identity nodes)."""
+    producer = {name: node for node in model.graph.node for name in node.output}
+    found = set()
+    for k, output in enumerate(model.graph.output):
+        node = producer.get(output.name)
+        while node is not None and node.op_type == "Identity":
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Softmax":
+            found.add(k)
+    return found
+
+
+def is_classes(tensor) -> bool:
+    """A (N, classes) output with more than one class: compared as a distribution."""
+    return tensor.dim() == 2 and tensor.shape[1] > 1
+
+
+def distill_loss(student, teacher_out: tuple, teacher: Teacher, temperature: float = 4.0, student_path: str = ""):
+    """The mean over the compared outputs of KL (classes) or scale-normalised MSE (everything else)."""
+    import torch
+    import torch.nn.functional as F
+
+    student = student if isinstance(student, tuple) else (student,)
+    losses = []
+    for k in teacher.compared:
+        s, t = student[k], teacher_out[k]
+        if s.shape != t.shape:
+            raise LeanOnnxError(f"{student_path or '<student>'} and {teacher.path}: output "
+                                f"{teacher.output_names[k]!r} has shape {list(s.shape)} in the student and "
+                                f"{list(t.shape)} in the teacher")
+        s, t = s.float(), t.float()
+        if is_classes(t):
+            if k in teacher.probabilities:
+                s, t = torch.log(s.clamp_min(1e-12)), torch.log(t.clamp_min(1e-12))
+            kl = F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1),
+                          reduction="batchmean", log_target=True)
+            losses.append(temperature * temperature * kl)
+        else:
+            losses.append(((s - t) ** 2).mean() / ((t ** 2).mean() + EPS))
+    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+
+def mixed_loss(student, teacher_out: tuple, target, teacher: Teacher, temperature: float, alpha: float,
+               labelled, student_path: str = ""):
+    """`alpha * labelled(student, target) + (1 - alpha) * distill`; alpha 0 is pure distillation (no
+    target needed), alpha 1 the labelled loss alone."""
+    if alpha >= 1:
+        return labelled(student, target)
+    distill = distill_loss(student, teacher_out, teacher, temperature, student_path)
+    if alpha <= 0:
+        return distill
+    return alpha * labelled(student, target) + (1 - alpha) * distill
+
+
+class Agreement:
+    """Student-teacher agreement over a validation pass, per compared output."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+        #: output -> [classes?, agreeing rows, rows] or [classes?, sum |s - t|, sum |t|]
+        self.sums: dict[int, list] = {}
+
+    def add(self, student, teacher_out: tuple) -> None:
+        student = student if isinstance(student, tuple) else (student,)
+        for k in self.teacher.compared:
+            s, t = student[k].float(), teacher_out[k].float()
+            acc = self.sums.setdefault(k, [is_classes(t), 0.0, 0.0])
+            if acc[0]:
+                acc[1] += float((s.argmax(1) == t.argmax(1)).sum())
+                acc[2] += t.shape[0]
+            else:
+                acc[1] += float((s - t).abs().sum())
+                acc[2] += float(t.abs().sum())
+
+    def result(self) -> dict:
+        """{"val_top1_agreement": mean over (N, classes) outputs, "val_relative_error": mean over the
+        others, "val_agreement": {output name: {"top1_agreement" | "relative_error": value}}}."""
+        per, top1, relative = {}, [], []
+        for k, (classes, num, den) in sorted(self.sums.items()):
+            name = self.teacher.output_names[k]
+            if classes:
+                top1.append(num / max(den, 1))
+                per[name] = {"top1_agreement": top1[-1]}
+            else:
+                relative.append(num / den if den > 0 else (0.0 if num == 0 else float("inf")))
+                per[name] = {"relative_error": relative[-1]}
+        result = {}
+        if top1:
+            result["val_top1_agreement"] = sum(top1) / len(top1)
+        if relative:
+            result["val_relative_error"] = sum(relative) / len(relative)
+        result["val_agreement"] = per
+        return result
+
+
+# ------------------------------------------------------------------------------------------- interface
+def check_interface(student: onnx.ModelProto, teacher: onnx.ModelProto, student_path: str, teacher_path: str) -> None:
+    """The teacher must take the student's inputs (names, ranks, static dims) and give its outputs
+    (names, ranks): a pruned model keeps its original's interface. One LeanOnnxError naming both files."""
+    mine, theirs = _interface(student), _interface(teacher)
+    for what in ("inputs", "outputs"):
+        names = [name for name, _ in mine[what]], [name for name, _ in theirs[what]]
+        if names[0] != names[1]:
+            raise LeanOnnxError(f"{teacher_path}: the teacher's {what} {names[1]} are not those of {student_path} "
+                                f"{names[0]}: --teacher must be the model {student_path} was pruned from")
+        for (name, dims), (_, other) in zip(mine[what], theirs[what]):
+            if dims is None or other is None:
+                continue
+            static = what == "inputs" and any(a is not None and b is not None and a != b for a, b in zip(dims, other))
+            if len(dims) != len(other) or static:
+                raise LeanOnnxError(f"{teacher_path}: the teacher's {what[:-1]} {name!r} has shape {_shown(other)}, "
+                                    f"{student_path} has {_shown(dims)}: --teacher must be the model "
+                                    f"{student_path} was pruned from")
+
+
+def _interface(model: onnx.ModelProto) -> dict:
+    inits = {t.name for t in model.graph.initializer}
+
+    def dims(value):
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+
+    return {"inputs": [(i.name, dims(i)) for i in model.graph.input if i.name not in inits],
+            "outputs": [(o.name, dims(o)) for o in model.graph.output]}
+
+
+def _shown(dims) -> str:
+    return "[" + "x".join("?" if d is None else str(d) for d in dims) + "]"
