@@ -68,9 +68,10 @@ def cmd_prune(args) -> int:
     check_prune_options(args)
     check_outputs(args)
     if wants_schedule(args):
-        if args.keep is None:
-            raise LeanOnnxError("--steps / --finetune-data go with --keep for now; a --target-* schedule is not "
-                                "built yet")
+        if args.target_latency is not None:
+            raise LeanOnnxError("--steps / --finetune-data go with --keep or --target-macs; a latency target "
+                                "is measured on the final model: prune to --target-macs in steps, then "
+                                "--target-latency")
         return cmd_schedule(args, info, warn)
     if args.plot:
         from ..runtime.plots import require_matplotlib

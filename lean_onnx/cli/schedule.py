@@ -27,6 +27,12 @@ def add_arguments(p) -> None:
                    "(default: a fresh Adam per step)")
     g.add_argument("--device", default="auto", help="fine-tune on: auto (default: CUDA when torch sees a GPU, "
                    "else CPU), cpu, cuda or cuda:N")
+    g.add_argument("--teacher", metavar="ONNX", help="distil from this model after every step (usually IN "
+                   "itself): --finetune-data then needs inputs only")
+    g.add_argument("--temperature", type=float, default=4.0, help="with --teacher: softmax temperature of the "
+                   "logits' KL divergence (default 4)")
+    g.add_argument("--alpha", type=float, default=None, help="with --teacher and targets: weight of the labelled "
+                   "loss, alpha * labelled + (1 - alpha) * distillation (default 0)")
 
 
 def wants_schedule(args) -> bool:
@@ -34,7 +40,8 @@ def wants_schedule(args) -> bool:
 
 
 def cmd_schedule(args, info, warn) -> int:
-    """`lean-onnx IN OUT --keep R --steps N [--finetune-data ...]`: run or resume, then write OUT."""
+    """`lean-onnx IN OUT --keep R | --target-macs F --steps N [--finetune-data ... [--teacher IN]]`: run or
+    resume, then write OUT."""
     from ..graph.load import parse_input_shapes, read_model
     from ..io.save import save_model_atomic
     from ..train.schedule import ScheduleConfig, run_schedule, step_keeps
@@ -43,12 +50,24 @@ def cmd_schedule(args, info, warn) -> int:
         raise LeanOnnxError("--steps and --batch must be >= 1, --epochs-per-step and --crop >= 0, --lr > 0")
     if args.val_data and not args.finetune_data:
         raise LeanOnnxError("--val-data needs --finetune-data")
+    if (args.teacher or args.alpha is not None) and not args.finetune_data:
+        raise LeanOnnxError("--teacher / --alpha need --finetune-data (the inputs to distil on)")
+    if args.alpha is not None and not args.teacher:
+        raise LeanOnnxError("--alpha goes with --teacher (it mixes the labelled loss into the distillation)")
+    if args.temperature <= 0 or not 0 <= (args.alpha or 0) <= 1:
+        raise LeanOnnxError("--temperature must be > 0 and --alpha in [0, 1]")
+    teacher = teacher_digest = None
+    if args.teacher:
+        from ..io.save import sha256
+
+        teacher, teacher_digest = read_model(args.teacher), sha256(args.teacher)
     train = val = None
     if args.finetune_data:
         from ..train.finetune import load_data
 
-        train = load_data(args.finetune_data, "--finetune-data")
-        val = load_data(args.val_data, "--val-data") if args.val_data else None
+        labelled = not args.teacher or bool(args.alpha)  # distillation alone needs inputs only
+        train = load_data(args.finetune_data, "--finetune-data", need_targets=labelled)
+        val = load_data(args.val_data, "--val-data", need_targets=labelled) if args.val_data else None
     else:
         warn("--steps without --finetune-data: pruning in steps without fine-tuning in between")
     shapes = parse_input_shapes(args.input_shape)
@@ -57,7 +76,9 @@ def cmd_schedule(args, info, warn) -> int:
         inits = {t.name for t in model.graph.initializer}
         name = next(i.name for i in model.graph.input if i.name not in inits)
         shapes = {name: (1,) + tuple(train["inputs"].shape[1:])}
-    config = ScheduleConfig(keep=args.keep, steps=args.steps, method=args.method,
+    config = ScheduleConfig(keep=args.keep, target_macs=args.target_macs, min_channels=args.min_channels,
+                            teacher=teacher_digest, temperature=args.temperature, alpha=args.alpha or 0.0,
+                            steps=args.steps, method=args.method,
                             epochs_per_step=args.epochs_per_step if train is not None else 0, lr=args.lr,
                             batch=args.batch, crop=args.crop or None, seed=args.seed,
                             round_channels=args.round_channels, fold_constants=args.fold_constants,
@@ -66,16 +87,19 @@ def cmd_schedule(args, info, warn) -> int:
                             norm_grid=None if args.norm_grid == "auto" else int(args.norm_grid),
                             carry_optimizer=args.carry_optimizer)
     folder = args.checkpoint_dir or args.output + ".steps"
-    info(f"schedule: {args.steps} step(s) to keep {args.keep:g} "
-         f"({', '.join(f'{k:.4f}' for k in step_keeps(args.keep, args.steps))}); checkpoints in {folder}")
-    state = run_schedule(args.model, config, folder, train, val, progress=info, device=args.device)
+    goal, what = (args.target_macs, "MACs") if args.target_macs is not None else (args.keep, "keep")
+    info(f"schedule: {args.steps} step(s) to {what} {goal:g} "
+         f"({', '.join(f'{k:.4f}' for k in step_keeps(goal, args.steps))}); checkpoints in {folder}"
+         + (f"; distilling from {args.teacher}" if teacher is not None else ""))
+    state = run_schedule(args.model, config, folder, train, val, progress=info, device=args.device,
+                         teacher=teacher)
     final = os.path.join(folder, state["steps"][-1]["model"])
     with open(final, "rb") as f:
         save_model_atomic(f.read(), args.output)
     state["output"] = args.output
     if args.report:
         save_model_atomic((json.dumps(state, indent=1) + "\n").encode(), args.report)
-    print(f"{'step':>4}  {'keep target':>11}  {'achieved':>8}  {'kernels':>9}  {'params':>9}  val metrics")
+    print(f"{'step':>4}  {what + ' target':>11}  {'achieved':>8}  {'kernels':>9}  {'params':>9}  val metrics")
     for row in state["steps"]:
         last = row["finetune"][-1] if row["finetune"] else {}
         metrics = ", ".join(f"{k} {last[k]:.4f}" for k in ("train_loss", "val_loss", "val_accuracy") if k in last)

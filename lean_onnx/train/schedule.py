@@ -37,7 +37,7 @@ ADAM = "step_{:02d}.adam.pt"
 class ScheduleConfig:
     """What defines a schedule's result; a checkpoint folder is resumed only with the same config."""
 
-    keep: float
+    keep: float | None  # None with target_macs
     steps: int
     method: str = "lean"
     epochs_per_step: int = 3
@@ -54,6 +54,11 @@ class ScheduleConfig:
     train_data: str | None = None  # sha256 of the training/validation arrays, not their paths
     val_data: str | None = None
     carry_optimizer: bool = False  # one Adam through the schedule (step t starts from step t-1's state)
+    target_macs: float | None = None  # a MACs budget instead of keep: step t prunes to target^(t/steps) of the MACs
+    min_channels: float = 0.1
+    teacher: str | None = None  # sha256 of the teacher model (distillation after every step)
+    temperature: float = 4.0
+    alpha: float = 0.0
 
 
 def step_keeps(keep: float, steps: int) -> list[float]:
@@ -73,11 +78,14 @@ def data_digest(arrays: dict | None) -> str | None:
 
 def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train: dict | None = None,
                  val: dict | None = None, progress=None, stop_after: int | None = None,
-                 verify: bool = True, device: str = "auto") -> dict:
+                 verify: bool = True, device: str = "auto", teacher=None) -> dict:
     """Run (or resume) the schedule; returns the state: config, original kernel count and one row per
     finished step (its checkpoint file, keep target/achieved, kernels, params, MACs, fine-tuning history,
     contract error). `stop_after` k stops after step k (as an interruption would). `device`: where to
-    fine-tune (finetune.resolve_device); not part of the config, so a run can resume on another machine."""
+    fine-tune (finetune.resolve_device); not part of the config, so a run can resume on another machine.
+    `teacher` (an onnx.ModelProto, usually the original; `config.teacher` is its sha256): every step's
+    fine-tuning distils from it (finetune.finetune's `teacher`); `config.target_macs`: step t prunes to
+    target_macs^(t/steps) of the original's MACs at channel granularity instead of a kernel keep."""
     from ..graph.load import read_model
     from ..io.save import save_model_atomic, sha256
 
@@ -90,18 +98,23 @@ def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train
     os.makedirs(checkpoint_dir, exist_ok=True)
     config.train_data, config.val_data = data_digest(train), data_digest(val)
     state = _resume(checkpoint_dir, source, config, sha256(source), say)
+    if state.get("original_macs") is None:  # a fresh run, or a folder written before MACs were recorded
+        from ..graph.cost import model_cost
+        from ..graph.load import load_model
+
+        state["original_macs"] = model_cost(load_model(read_model(source), config.input_shapes))["macs"]
     current = read_model(os.path.join(checkpoint_dir, state["steps"][-1]["model"])) if state["steps"] \
         else read_model(source)
     carry = config.carry_optimizer and train is not None and config.epochs_per_step > 0
     adam = _load_adam(checkpoint_dir, len(state["steps"])) if carry and state["steps"] else None
-    keeps = step_keeps(config.keep, config.steps)
+    keeps = step_keeps(config.target_macs if config.target_macs is not None else config.keep, config.steps)
     for t in range(len(state["steps"]) + 1, config.steps + 1):
         if stop_after is not None and t > stop_after:
             break
         start = time.perf_counter()
         out = {} if carry else None
         row, current = _step(current, t, keeps[t - 1], state, config, train, val, verify, say, device,
-                             optimizer_state=adam, state_out=out)
+                             optimizer_state=adam, state_out=out, teacher=teacher)
         row["model"] = f"step_{t:02d}.onnx"
         if carry:  # before the model and state.json: a step that counts as finished has its Adam state
             _save_adam(out, os.path.join(checkpoint_dir, ADAM.format(t)))
@@ -150,8 +163,9 @@ def _resume(folder: str, source: str, config: ScheduleConfig, digest: str, say) 
 
 def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, train, val, verify: bool, say,
           device: str, optimizer_state: dict | None = None, state_out: dict | None = None,
-          finetune_masked: bool = False):
-    """Prune `model` to `target` of the original kernels, then fine-tune; returns (row, new model).
+          finetune_masked: bool = False, teacher=None):
+    """Prune `model` to `target` of the original kernels (of the original's MACs with
+    `config.target_macs`), then fine-tune (distil from `teacher` when given); returns (row, new model).
     `optimizer_state`/`state_out`: Adam's state to start from / to fill (finetune.finetune); a state of
     `model`'s fine-tuning is cut like the weights (Pruner.slice_like) unless `finetune_masked`.
     `finetune_masked` (needs `verify`): fine-tune the masked model, which has `model`'s shapes (so a
@@ -162,15 +176,22 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
     prunable = int(pruner.graph.prunable_edges.sum())
     if state["original_kernels"] is None:
         state["original_kernels"] = prunable
-    keep_here = min(1.0, target * state["original_kernels"] / prunable)
-    result = pruner.prune(keep_here, config.method, masked=verify, round_channels=config.round_channels,
-                          fold_constants=config.fold_constants, gather_below=config.gather_below,
-                          zeros_are_pruned=True)
+    options = {"masked": verify, "round_channels": config.round_channels, "fold_constants": config.fold_constants,
+               "gather_below": config.gather_below, "method": config.method}
+    if config.target_macs is not None:  # the step's MACs target, as a fraction of this step's input
+        in_step = min(1.0, target * state["original_macs"] / pruner.cost_before["macs"])
+        result = pruner.prune(target_macs=in_step, min_channels=config.min_channels, **options)
+    else:
+        in_step = min(1.0, target * state["original_kernels"] / prunable)
+        result = pruner.prune(in_step, zeros_are_pruned=True, **options)
     report = result.report
-    row = {"step": t, "keep_target": target, "keep_in_step": keep_here, "kernels_kept": report["kernels"]["kept"],
+    row = {"step": t, "keep_target": target, "keep_in_step": in_step, "kernels_kept": report["kernels"]["kept"],
            "keep_achieved": report["kernels"]["kept"] / state["original_kernels"],
            "kernels_in_model": report["kernels"]["in_pruned_model"], "params": report["params"]["after"],
-           "macs": report["flops"]["after"], "inputs_reach_outputs": report["inputs_reach_outputs"]}
+           "macs": report["flops"]["after"], "macs_ratio": report["flops"]["after"] / state["original_macs"],
+           "inputs_reach_outputs": report["inputs_reach_outputs"]}
+    if config.target_macs is not None:  # the step's target is a MACs ratio, not a keep
+        row.update(target_kind="macs", keep_achieved=row["macs_ratio"])
     if verify:
         from ..rewrite.contract import check_contract
 
@@ -189,10 +210,11 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
         from .finetune import finetune
 
         row["finetune_device"] = device
+        distil = {"teacher": teacher, "temperature": config.temperature, "alpha": config.alpha} if teacher else {}
         model, row["finetune"] = finetune(model, train, val, epochs=config.epochs_per_step, lr=config.lr,
                                           batch=config.batch, seed=config.seed + t, crop=config.crop,
                                           path=f"step {t}", device=device, optimizer_state=optimizer_state,
-                                          state_out=state_out)
+                                          state_out=state_out, **distil)
     return row, model
 
 
@@ -239,7 +261,8 @@ def _load_adam(folder: str, t: int) -> dict:
 
 
 def _step_line(row: dict, steps: int) -> str:
-    parts = [f"step {row['step']}/{steps}: keep {row['keep_achieved']:.4f} (target {row['keep_target']:.4f})",
+    what = "MACs" if row.get("target_kind") == "macs" else "keep"
+    parts = [f"step {row['step']}/{steps}: {what} {row['keep_achieved']:.4f} (target {row['keep_target']:.4f})",
              f"{row['kernels_kept']:,} kernels", f"params {row['params']:,}"]
     if row["finetune"]:
         last = row["finetune"][-1]

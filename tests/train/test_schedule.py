@@ -175,3 +175,64 @@ def test_a_folder_from_before_a_config_field_existed_still_resumes():
     del saved["carry_optimizer"]  # written before the field existed: it meant the default
     assert settings_differ({"input_sha256": "x", "config": saved}, "x", config()) == []
     assert settings_differ({"input_sha256": "x", "config": saved}, "x", config(carry_optimizer=True))
+
+
+@pytest.fixture(scope="module")
+def unet(zoo_cache):  # MS-D's layers are one channel wide: no channel can leave, so budgets use the U-Net
+    return zoo_path("unet4", True, zoo_cache)
+
+
+@pytest.fixture(scope="module")
+def trained_unet(unet, tmp_path_factory):
+    """The zoo U-Net trained a little on Circle-Square, so it is a teacher worth distilling from."""
+    from lean_onnx.train.finetune import finetune
+
+    images = first_images(8, image_size=32)
+    model, _ = finetune(onnx.load(unet), images, epochs=6, lr=1e-2, batch=2, seed=0)
+    path = tmp_path_factory.mktemp("teacher") / "unet_trained.onnx"
+    onnx.save(model, path)
+    return str(path), images
+
+
+def test_budget_schedule_with_a_teacher(tmp_path, trained_unet):
+    """--target-macs in steps (target^(t/steps) of the original's MACs), distilling from the original after
+    every step on inputs only: the MACs follow the steps, the contract holds at every step, the distillation
+    loss falls in every step, the teacher file is untouched, and the result has the pruned-only MACs."""
+    from lean_onnx.io.save import sha256
+
+    path, images = trained_unet
+    digest = sha256(path)
+    budget = dict(keep=None, target_macs=0.5, min_channels=0.1, epochs_per_step=2)
+    state = run_schedule(path, config(**budget), str(tmp_path / "d"), {"inputs": images["inputs"]},
+                         teacher=onnx.load(path))
+    assert state["finished"] and [row["target_kind"] for row in state["steps"]] == ["macs", "macs"]
+    for row, target in zip(state["steps"], step_keeps(0.5, 2)):
+        assert abs(row["macs_ratio"] - target) <= 0.05 and row["max_rel_err_vs_masked"] < 1e-4
+        losses = [epoch["train_loss"] for epoch in row["finetune"]]
+        assert len(losses) == 2 and losses[1] < losses[0]
+    plain = run_schedule(path, config(**{**budget, "epochs_per_step": 0}), str(tmp_path / "p"), None)
+    assert plain["steps"][-1]["macs"] == state["steps"][-1]["macs"] and sha256(path) == digest
+    distilled, pruned_only = (onnx.load(tmp_path / f / "step_02.onnx") for f in ("d", "p"))
+    assert [t.raw_data for t in distilled.graph.initializer] != [t.raw_data for t in pruned_only.graph.initializer]
+
+
+def test_cli_budget_schedule_with_teacher_resumes_and_refuses_another_teacher(tmp_path, unet, data, zoo_cache):
+    """The main command: --target-macs with --steps and --teacher on inputs only, resumed, and refused with
+    another teacher or a latency target."""
+    np.savez(tmp_path / "inputs.npz", inputs=data["inputs"])
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    args = ["--target-macs", "0.6", "--steps", "2", "--finetune-data", tmp_path / "inputs.npz",
+            "--epochs-per-step", "1", "--batch", "2", "--teacher", unet]
+    code, stdout, err = cli(unet, out, *args, "--report", report)
+    assert code == 0, err
+    onnx.checker.check_model(str(out), full_check=True)
+    state = json.loads(report.read_text())
+    assert state["config"]["teacher"] and state["config"]["target_macs"] == 0.6
+    assert abs(state["steps"][-1]["macs_ratio"] - 0.6) <= 0.05 and "MACs target" in stdout
+    code, _, err = cli(unet, out, *args)  # the same run again: every step is there, nothing is redone
+    assert code == 0 and "resuming after step 2/2" in err
+    other = zoo_path("unet4", False, zoo_cache)  # another model as teacher: other settings, refused
+    code, _, err = cli(unet, out, *args[:-1], other)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("[E]") and "other settings" in err
+    code, _, err = cli(unet, out, "--target-latency", "0.6", "--steps", "2")
+    assert code == 2 and "latency target" in err
