@@ -21,8 +21,6 @@ from lean_onnx.rewrite.contract import RTOL, check_contract, max_rel_error, run
 from lean_onnx.rewrite.pruner import Pruner
 from tools import third_party as tp
 
-pytestmark = pytest.mark.slow
-
 MNV2_PRUNE_SHAPE = (1, 3, 224, 224)  # MACs per image; the batch stays dynamic
 MNV2_RANDOM_SHAPE = (2, 3, 224, 224)
 

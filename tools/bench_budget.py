@@ -38,6 +38,7 @@ import onnxruntime as ort  # noqa: E402
 import third_party  # noqa: E402
 from mdsection import write_section  # noqa: E402
 
+from lean_onnx.errors import LeanOnnxError  # noqa: E402
 from lean_onnx.graph.cost import model_cost  # noqa: E402
 from lean_onnx.graph.load import load_model  # noqa: E402
 from lean_onnx.rewrite.pruner import Pruner  # noqa: E402
@@ -49,13 +50,14 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def photo_inputs(shape: tuple, count: int = 24, seed: int = 0) -> np.ndarray:
-    """`count` random crops (and flips) of the scikit-image photos, resized to `shape` (N, 3, H, W),
-    ImageNet-normalised."""
+def photo_inputs(shape: tuple, count: int = 24, seed: int = 0, photos: list[np.ndarray] | None = None) -> np.ndarray:
+    """`count` random crops (and flips) of `photos` (H, W, 3 uint8; default the scikit-image photos of
+    tools/third_party.py), resized to `shape` (N, 3, H, W), ImageNet-normalised."""
     import skimage.transform
 
     rng = np.random.default_rng(seed)
-    photos = [np.asarray(third_party._load_image(n))[..., :3] for n in third_party.IMAGES]
+    if photos is None:
+        photos = [np.asarray(third_party._load_image(n))[..., :3] for n in third_party.IMAGES]
     photos = [p for p in photos if p.ndim == 3]
     out = []
     for k in range(count):
@@ -131,7 +133,8 @@ def networks():
         detector
 
 
-def bench_network(name, source, shape, kind, module, targets, rounds, latency_target=None) -> list[dict]:
+def bench_network(name, source, shape, kind, module, targets, rounds, latency_target=None,
+                  failures: list | None = None) -> list[dict]:
     from bench_budget_torch import export_bytes, torch_pruning_at
 
     model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
@@ -142,21 +145,32 @@ def bench_network(name, source, shape, kind, module, targets, rounds, latency_ta
     original = model.SerializeToString()
     reference = outputs(session(original), inputs)
     variants, rows = {"original": original}, []
+    failures = [] if failures is None else failures
     for target in targets:
         for method in ("lean", "l1"):
             start = time.perf_counter()
-            result = pruner.prune(target_macs=target, method=method, masked=False)
+            try:
+                result = pruner.prune(target_macs=target, method=method, masked=False)
+            except LeanOnnxError as exc:  # below the floor: refused, as the CLI refuses it
+                failures.append(f"{name} at {target:g}: lean-onnx --method {method} refused ({exc})")
+                log(failures[-1])
+                continue
             seconds = time.perf_counter() - start
             key = f"lean-onnx {method} @ {target:g}"
             variants[key] = result.model_bytes
             rows.append({"network": name, "target": target, "pruner": f"lean-onnx --method {method}", "key": key,
                          "macs_ratio": result.report["flops"]["after"] / macs_before, "seconds": seconds})
         for round_to in ((None, 16) if module is not None else ()):
-            pruned, _, _ = torch_pruning_at(module, shape, target, round_to=round_to)
+            label = "Torch-Pruning MagnitudePruner (L1)" + (f", round_to={round_to}" if round_to else "")
+            try:
+                pruned, _, _ = torch_pruning_at(module, shape, target, round_to=round_to)
+            except Exception as exc:  # noqa: BLE001 - the peer's failure is a result, recorded as such
+                failures.append(f"{name} at {target:g}: {label} failed ({type(exc).__name__}: {exc})")
+                log(failures[-1])
+                continue
             key = f"Torch-Pruning round_to {round_to} @ {target:g}"
             variants[key] = export_bytes(pruned, shape)
             macs = model_cost(load_model(onnx.load_from_string(variants[key]), {None: shape}))["macs"]
-            label = "Torch-Pruning MagnitudePruner (L1)" + (f", round_to={round_to}" if round_to else "")
             rows.append({"network": name, "target": target, "pruner": label, "key": key,
                          "macs_ratio": macs / macs_before, "seconds": None})
         log(f"{name}: target {target:g} pruned")
@@ -169,7 +183,7 @@ def bench_network(name, source, shape, kind, module, targets, rounds, latency_ta
         variants[key] = result.model_bytes
         rows.append({"network": name, "target": f"latency {latency_target:g}", "pruner": key, "key": key,
                      "macs_ratio": result.report["flops"]["after"] / macs_before,
-                     "seconds": time.perf_counter() - start, "search": info["steps"]})
+                     "seconds": time.perf_counter() - start, "search": info["search"]})
     latency = paired_latency(variants, shape, rounds)
     for row in rows:
         row["latency_ms"], row["original_ms"] = latency[row["key"]], latency["original"]
@@ -239,23 +253,29 @@ def main() -> None:
     parser.add_argument("--write", help="markdown file whose section to replace")
     parser.add_argument("--target-latency", type=float, default=0.6,
                         help="also --target-latency F on the torch-exportable classifiers (0: no)")
-    parser.add_argument("--json", help="write every row (and the latency search steps) here")
+    parser.add_argument("--json", help="write every row (and the latency search steps) here, after each network")
+    parser.add_argument("--resume", action="store_true", help="with --json: keep the networks already in it")
     args = parser.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
-    rows, timing = [], None
+    rows, timing, failures = [], None, []
+    if args.resume and args.json and pathlib.Path(args.json).exists():  # networks already measured stay
+        saved = json.loads(pathlib.Path(args.json).read_text())
+        rows, timing, failures = saved["rows"], saved["timing"], saved["failures"]
+    done = {row["network"] for row in rows}
     for name, source, shape, kind, module in networks():
-        if args.only and not any(s.lower() in name.lower() for s in args.only.split(",")):
+        if args.only and not any(s.lower() in name.lower() for s in args.only.split(",")) or name in done:
             continue
         if source is None:
             log(f"{name}: not available offline, skipped")
             continue
-        rows += bench_network(name, source, shape, kind, module, targets, args.rounds, args.target_latency)
+        rows += bench_network(name, source, shape, kind, module, targets, args.rounds, args.target_latency, failures)
         if name.startswith("ResNet-50"):
             timing = selection_seconds(source, shape)
             log(f"{name}: end-to-end seconds {timing}")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "timing": timing}, indent=1) + "\n")
-    text = render(rows, args, timing)
+        if args.json:  # after every network, so a crash or a stop loses one network at most (--resume)
+            pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "timing": timing, "failures": failures},
+                                                          indent=1) + "\n")
+    text = render(rows, args, timing) + "".join(f"\n- {f}" for f in failures) + ("\n" if failures else "")
     print(text)
     if args.write:
         write_section(args.write, HEADING, text)

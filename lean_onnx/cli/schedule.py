@@ -7,6 +7,7 @@ import json
 import os
 
 from ..errors import LeanOnnxError
+from ..train.distill import DEFAULT_LR, DISTILL_LR
 
 
 def add_arguments(p) -> None:
@@ -18,7 +19,7 @@ def add_arguments(p) -> None:
     g.add_argument("--epochs-per-step", type=int, default=3, help="fine-tuning epochs after each step (default 3)")
     g.add_argument("--checkpoint-dir", metavar="DIR", help="step models and state (default OUT.steps/); a run "
                    "started again with the same settings resumes after the last finished step")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3; 1e-4 with --teacher)")
     g.add_argument("--batch", type=int, default=5, help="fine-tuning batch size (default 5)")
     g.add_argument("--crop", type=int, default=0, metavar="PIXELS", help="fine-tune on random crops (0: full inputs)")
     g.add_argument("--seed", type=int, default=0, help="step t fine-tunes with seed + t (default 0)")
@@ -29,8 +30,8 @@ def add_arguments(p) -> None:
                    "else CPU), cpu, cuda or cuda:N")
     g.add_argument("--teacher", metavar="ONNX", help="distil from this model after every step (usually IN "
                    "itself): --finetune-data then needs inputs only")
-    g.add_argument("--temperature", type=float, default=4.0, help="with --teacher: softmax temperature of the "
-                   "logits' KL divergence (default 4)")
+    g.add_argument("--temperature", type=float, default=1.0, help="with --teacher: softmax temperature of the "
+                   "logits' KL divergence (default 1)")
     g.add_argument("--alpha", type=float, default=None, help="with --teacher and targets: weight of the labelled "
                    "loss, alpha * labelled + (1 - alpha) * distillation (default 0)")
 
@@ -46,6 +47,8 @@ def cmd_schedule(args, info, warn) -> int:
     from ..io.save import save_model_atomic
     from ..train.schedule import ScheduleConfig, run_schedule, step_keeps
 
+    if args.lr is None:
+        args.lr = DISTILL_LR if args.teacher else DEFAULT_LR
     if args.steps < 1 or args.epochs_per_step < 0 or args.batch < 1 or args.lr <= 0 or args.crop < 0:
         raise LeanOnnxError("--steps and --batch must be >= 1, --epochs-per-step and --crop >= 0, --lr > 0")
     if args.val_data and not args.finetune_data:

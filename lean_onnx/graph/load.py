@@ -256,15 +256,24 @@ def load_model(source: str | onnx.ModelProto, input_shapes: dict[str | None, tup
         warnings.append(f"{path}: node names used more than once ({', '.join(map(repr, duplicates[:5]))}): made "
                         "unique in the pruned model with a __2, __3... suffix (ONNX Runtime refuses duplicates)")
     model = _infer(model, path)
-    shape_reads = _fold_constant_arithmetic(model, fold_shapes=True)
-    _bypass_identity_of_initializers(model.graph)
-    if shape_reads:
+    shape_reads: dict[str, str] = {}
+    for _ in range(FOLD_PASSES):  # a folded Shape can make the next one static (torch's chunk in every block)
+        folded = _fold_constant_arithmetic(model, fold_shapes=True)
+        _bypass_identity_of_initializers(model.graph)
+        if not folded:
+            break
+        shape_reads.update(folded)
         model = _infer(model, path)
     loaded = LoadedModel(path, model, used, assumed, warnings, skeleton=skeleton, _original=original,
                          _tensors=tensors, _file_id=file_id)
     loaded.shape_reads = shape_reads
     _index(loaded)
     return loaded
+
+
+#: rounds of shape inference and Shape folding at most (each round makes the shapes after one more
+#: Shape-computed Slice/Reshape static)
+FOLD_PASSES = 32
 
 
 def _infer(model: onnx.ModelProto, path: str) -> onnx.ModelProto:

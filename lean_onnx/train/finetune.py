@@ -38,7 +38,7 @@ def finetune(model: onnx.ModelProto, train, val=None, epochs: int = 3, lr: float
              batch: int = 5, seed: int = 0, crop: int | None = None, loss: str = "auto",
              keep_zero_kernels: bool = True, progress=None, path: str = "<model>", device: str = "auto",
              optimizer_state: dict | None = None, state_out: dict | None = None, *, teacher=None,
-             temperature: float = 4.0, alpha: float | None = None, teacher_path: str = "<teacher>"):
+             temperature: float = 1.0, alpha: float | None = None, teacher_path: str = "<teacher>"):
     """Train `model` on `train` ({"inputs", "targets"} arrays) for `epochs`; returns (trained ModelProto
     with the template's interface, history: one dict per epoch with train_loss, val_loss, val_accuracy
     (classification/segmentation), seconds). `crop`: random crops of crop x crop pixels for training
@@ -125,7 +125,7 @@ def _train_epoch(module, optimizer, masks, data, batch, objective, rng, apply_ma
     return total / max(count, 1)
 
 
-def evaluate(module, data, batch: int = 5, loss_kind: str | None = "ce", teacher=None, temperature: float = 4.0,
+def evaluate(module, data, batch: int = 5, loss_kind: str | None = "ce", teacher=None, temperature: float = 1.0,
              alpha: float = 0.0) -> dict:
     """Mean loss per element over `data` and, for cross-entropy, global accuracy (correct / total
     target elements: the paper's pixel accuracy for segmentation). With a `teacher` (distill.Teacher):

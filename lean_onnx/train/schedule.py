@@ -57,7 +57,7 @@ class ScheduleConfig:
     target_macs: float | None = None  # a MACs budget instead of keep: step t prunes to target^(t/steps) of the MACs
     min_channels: float = 0.1
     teacher: str | None = None  # sha256 of the teacher model (distillation after every step)
-    temperature: float = 4.0
+    temperature: float = 1.0
     alpha: float = 0.0
 
 

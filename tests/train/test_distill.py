@@ -141,10 +141,10 @@ def test_several_outputs_average_and_alpha_mixes(nets):
         return torch.nn.functional.cross_entropy(out[0], target)
 
     mixed = mixed_loss(s, t, y, teacher, 4.0, 0.25, labelled)
-    want = 0.25 * float(labelled(s, y)) + 0.75 * float(distill_loss(s, t, teacher))
+    want = 0.25 * float(labelled(s, y)) + 0.75 * float(distill_loss(s, t, teacher, 4.0))
     assert float(mixed) == pytest.approx(want, rel=1e-5)
     pure = mixed_loss(s, t, None, teacher, 4.0, 0.0, labelled)
-    assert float(pure) == pytest.approx(float(distill_loss(s, t, teacher)))
+    assert float(pure) == pytest.approx(float(distill_loss(s, t, teacher, 4.0)))
     assert float(mixed_loss(s, None, y, teacher, 4.0, 1.0, labelled)) == pytest.approx(float(labelled(s, y)))
 
 
@@ -355,7 +355,7 @@ def test_cli_distils_on_a_photo_folder(photos, nets, tmp_path, capsys):
     assert [row["epoch"] for row in data["epochs"]] == [0, 1]
     assert 0 <= data["epochs"][1]["val_top1_agreement"] <= 1 and data["epochs"][1]["seconds"] > 0
     settings = data["settings"]
-    assert settings["teacher"] == teacher_path and settings["temperature"] == 4.0 and settings["alpha"] == 0.0
+    assert settings["teacher"] == teacher_path and settings["temperature"] == 1.0 and settings["alpha"] == 0.0 and settings["lr"] == 1e-4
     assert settings["augment"] is True and settings["input_size"] == [SIZE, SIZE] and settings["layout"] == "NCHW"
     assert settings["samples_per_epoch"] == 6 and settings["channel_order"] == "rgb"
     assert settings["mean"] == pytest.approx(IMAGENET_MEAN) and settings["std"] == pytest.approx(IMAGENET_STD)

