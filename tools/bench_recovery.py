@@ -17,7 +17,8 @@ original as teacher: KL of temperature-softened logits), same data, epochs, batc
 `--long-epochs N` adds one longer run per pruner at the first target.
 
 Detector: the trained PP-OCRv4 text detector (Paddle export) at `--detector-target` (default 0.5), 2
-epochs of distillation (scale-normalised MSE on the probability map) on crops of the same photos; mean
+epochs of distillation (scale-normalised MSE on the probability map) on crops of the same photos with
+printed words drawn on them (on plain photos its map is empty: nothing to compare); mean
 relative error to the original (mean |s - t| / mean |t|) and agreement of the map binarised at 0.3, before
 and after, on new crops.
 """
@@ -47,6 +48,7 @@ from lean_onnx.rewrite.pruner import Pruner  # noqa: E402
 
 HEADING = "## Recovery without labels: distillation after --target-macs (tools/bench_recovery.py, issue 18)"
 HELD_OUT = ("china", "flower", "camera", "clock")
+ARGS = None
 
 
 def log(msg: str) -> None:
@@ -90,15 +92,17 @@ def pruned_models(source: bytes, module, shape: tuple, target: float, pruners: l
     return found
 
 
-def distil(student: bytes, teacher: bytes, inputs: np.ndarray, epochs: int, args) -> tuple[bytes, list, float]:
-    """lean-onnx's own distillation (the library call behind `finetune --teacher`): (model, history, s)."""
+def distil(student: bytes, teacher: bytes, inputs, epochs: int, args) -> tuple[bytes, list, float]:
+    """lean-onnx's own distillation (the library call behind `finetune --teacher`): (model, history, s).
+    `inputs`: an array of crops, or a data object (an image folder with fresh random crops every epoch)."""
     import torch
 
     from lean_onnx.train.finetune import finetune
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    trained, history = finetune(onnx.load_from_string(student), {"inputs": inputs}, None, epochs=epochs,
+    data = {"inputs": inputs} if isinstance(inputs, np.ndarray) else inputs
+    trained, history = finetune(onnx.load_from_string(student), data, None, epochs=epochs,
                                 lr=args.lr, batch=args.batch, seed=0, teacher=onnx.load_from_string(teacher),
                                 temperature=args.temperature, device="cpu",
                                 progress=lambda line: log(f"  {line}"))
@@ -136,7 +140,67 @@ def classifier_rows(args) -> list[dict]:
                              "one_shot": one_shot, "distilled": after, "seconds": seconds,
                              "train_loss": [h["train_loss"] for h in history]})
                 log(f"  one-shot {one_shot} -> distilled {after} in {seconds:.0f} s")
+            if args.folder_epochs and i == 0 and any(label.lower().startswith(p) for p in args.folder_pruners):
+                folder = photo_folder(shape, original)
+                log(f"MobileNetV2 @ {target:g}, {label}: distilling {args.folder_epochs} epoch(s) of {args.crops} "
+                    "fresh random crops of the photo folder (finetune --data DIR --augment)")
+                trained, history, seconds = distil(pruned, original, folder, args.folder_epochs, args)
+                after = {k: top1_agreement(reference[k], outputs(session(trained), x)[0]) for k, x in evals.items()}
+                rows.append({"network": "MobileNetV2 (trained)", "target": target, "pruner": label,
+                             "macs_ratio": macs_ratio(pruned, shape, before),
+                             "macs_ratio_after": macs_ratio(trained, shape, before),
+                             "epochs": f"{args.folder_epochs} (photo folder, fresh crops)", "one_shot": one_shot,
+                             "distilled": after, "seconds": seconds,
+                             "train_loss": [h["train_loss"] for h in history]})
+                log(f"  one-shot {one_shot} -> distilled {after} in {seconds:.0f} s")
     return rows
+
+
+def photo_folder(shape: tuple, model: bytes, samples: int | None = None):
+    """The 8 training photos written as PNG files into a temporary folder and loaded the way
+    `finetune --data DIR` loads a folder (random resized crops and flips, drawn afresh every epoch)."""
+    import tempfile
+
+    from PIL import Image
+
+    from lean_onnx.train.images import load_image_folder
+
+    folder = tempfile.mkdtemp(prefix="lean-onnx-photos-")
+    for name in third_party.IMAGES:
+        image = np.asarray(third_party._load_image(name))[..., :3]
+        if image.ndim == 3:
+            Image.fromarray(image.astype(np.uint8)).save(f"{folder}/{name}.png")
+    return load_image_folder(folder, onnx.load_from_string(model), augment=True,
+                             samples_per_epoch=samples or ARGS.crops)
+
+
+WORDS = ("invoice", "total", "LEAN", "onnx", "pruning", "2026", "model", "speed", "channel", "graph", "Paris",
+         "coffee", "rocket", "budget", "text", "No. 42")
+
+
+def texted_photos(seed: int = 0) -> list[np.ndarray]:
+    """The training photos with lines of printed words drawn on them (a text detector finds nothing on
+    plain photos, so its map would be empty and any student would match it): Pillow's scalable default
+    font, random words, sizes, places and black or white ink."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    photos = []
+    for name in third_party.IMAGES:
+        image = np.asarray(third_party._load_image(name))[..., :3]
+        if image.ndim != 3:
+            continue
+        canvas = Image.fromarray(image.astype(np.uint8))
+        draw = ImageDraw.Draw(canvas)
+        h, w = image.shape[:2]
+        for _ in range(8):
+            size = int(rng.integers(max(12, h // 24), max(14, h // 8)))
+            font = ImageFont.load_default(size=size)
+            words = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 4))))
+            xy = (int(rng.integers(0, max(1, w - size * len(words) // 2))), int(rng.integers(0, max(1, h - size))))
+            draw.text(xy, words, fill=(0, 0, 0) if rng.random() < 0.5 else (255, 255, 255), font=font)
+        photos.append(np.asarray(canvas))
+    return photos
 
 
 def detector_rows(args) -> list[dict]:
@@ -147,9 +211,11 @@ def detector_rows(args) -> list[dict]:
     original = source if isinstance(source, bytes) else pathlib.Path(source).read_bytes()
     shape = (1, 3, 320, 320)
     before = model_cost(load_model(onnx.load_from_string(original), {None: shape}))["macs"]
-    train = photo_inputs(shape, args.crops, seed=0)
-    new = photo_inputs(shape, 96, seed=1)
+    photos = texted_photos()
+    train = photo_inputs(shape, args.crops, seed=0, photos=photos)
+    new = photo_inputs(shape, 96, seed=1, photos=photos)
     reference = outputs(session(original), new)[0]
+    log(f"text detector: {float((reference > 0.3).mean()):.3f} of the map's pixels are text at 0.3")
 
     def fidelity(model: bytes) -> dict:
         out = outputs(session(model), new)[0]
@@ -196,6 +262,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--long-epochs", type=int, default=0)
     parser.add_argument("--crops", type=int, default=512)
+    parser.add_argument("--folder-epochs", type=int, default=0,
+                        help="also distil this many epochs on fresh random crops of the photo folder (first target)")
+    parser.add_argument("--folder-pruners", default="lean-onnx --method lean,torch-pruning",
+                        help="comma-separated label prefixes (lower case) of the pruners that get the folder run")
     parser.add_argument("--batch", type=int, default=5)  # finetune's default
     parser.add_argument("--lr", type=float, default=1e-4)  # finetune --teacher's default
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -207,6 +277,9 @@ def main() -> None:
     args = parser.parse_args()
     args.targets = [float(t) for t in args.targets.split(",")]
     args.pruners = args.pruners.split(",")
+    args.folder_pruners = args.folder_pruners.split(",")
+    global ARGS
+    ARGS = args
     command = "python tools/bench_recovery.py " + " ".join(sys.argv[1:])
     rows = []
     if "classifier" in args.only:

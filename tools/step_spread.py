@@ -39,6 +39,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def _origin(state: dict) -> dict:
+    """What a step needs of the schedule's state: the original's kernel count and MACs."""
+    return {"original_kernels": state["original_kernels"], "original_macs": state.get("original_macs")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", required=True, help="a schedule's checkpoint folder (state.json, step_NN.onnx)")
@@ -90,7 +95,7 @@ def main(argv=None) -> int:
             if args.carry_adam else None
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]}, config,
+        row, model = _step(previous, args.step, target, _origin(state), config,
                            None, None, True, lambda line: None, "cpu")
         save_model_atomic(model, os.path.join(tmp, "pruned.onnx"))
         before = test_accuracy(os.path.join(tmp, "pruned.onnx"), test, args.eval_threads)
@@ -98,7 +103,7 @@ def main(argv=None) -> int:
               "kernels", flush=True)
         for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
             start = time.perf_counter()
-            row, model = _step(previous, args.step, target, {"original_kernels": state["original_kernels"]},
+            row, model = _step(previous, args.step, target, _origin(state),
                                dataclasses.replace(config, seed=seed), train, val, True, lambda line: None, "cpu",
                                optimizer_state=carried, finetune_masked=args.carry_adam)
             path = os.path.join(tmp, f"seed_{seed}.onnx")
@@ -138,7 +143,7 @@ def _carried_state(folder: str, state: dict, config, t: int, train: dict, val: d
     before = read_model(os.path.join(folder, state["steps"][t - 3]["model"]) if t > 2 else state["input"])
     carried = {}
     _, rebuilt = _step(before, t - 1, step_keeps(config.keep, config.steps)[t - 2],
-                       {"original_kernels": state["original_kernels"]}, config, train, val, True, lambda line: None,
+                       _origin(state), config, train, val, True, lambda line: None,
                        "cpu", state_out=carried)
     saved = read_model(os.path.join(folder, state["steps"][t - 2]["model"]))
     if rebuilt.SerializeToString() != saved.SerializeToString():

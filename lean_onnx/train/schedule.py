@@ -188,7 +188,8 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
     row = {"step": t, "keep_target": target, "keep_in_step": in_step, "kernels_kept": report["kernels"]["kept"],
            "keep_achieved": report["kernels"]["kept"] / state["original_kernels"],
            "kernels_in_model": report["kernels"]["in_pruned_model"], "params": report["params"]["after"],
-           "macs": report["flops"]["after"], "macs_ratio": report["flops"]["after"] / state["original_macs"],
+           "macs": report["flops"]["after"],
+           "macs_ratio": report["flops"]["after"] / state["original_macs"] if state.get("original_macs") else None,
            "inputs_reach_outputs": report["inputs_reach_outputs"]}
     if config.target_macs is not None:  # the step's target is a MACs ratio, not a keep
         row.update(target_kind="macs", keep_achieved=row["macs_ratio"])
