@@ -13,7 +13,10 @@ outputs one by one and averages:
 * every other float output (detector heads, segmentation or depth maps, features): the scale-normalised
   squared error `mean((s - t)^2) / (mean(t^2) + eps)`, a relative error: 1 for a student that outputs
   zeros, whatever the output's units, so box coordinates in pixels and objectness logits weigh the same
-  and the learning rate does not depend on the output's scale.
+  and the learning rate does not depend on the output's scale. An output made by a Sigmoid node (a
+  text detector's probability map) is compared as logits, log(p / (1 - p)) (the teacher's clamped to
+  +-16, float32's limit): a pruned detector whose map saturated at 0 (pre-sigmoid values of -20..-44 on
+  the PP-OCR detector at half the MACs) gets a gradient of about 1 through the sigmoid instead of e^-40.
 
 `mixed_loss` blends in a labelled loss when the data has targets: `alpha * labelled + (1 - alpha) * distill`.
 `Agreement` measures how close student and teacher are on validation data: top-1 agreement for
@@ -49,7 +52,8 @@ class Teacher:
         if not self.compared:
             raise LeanOnnxError(f"{path}: the teacher has no float output to distil from "
                                 f"(outputs {self.output_names})")
-        self.probabilities = _softmax_outputs(model)
+        self.probabilities = _outputs_of(model, "Softmax")
+        self.sigmoids = _outputs_of(model, "Sigmoid")
         self.module = to_torch(model, path).to(device).eval().requires_grad_(False)
 
     def to(self, device) -> Teacher:
@@ -65,15 +69,15 @@ class Teacher:
         return out if isinstance(out, tuple) else (out,)
 
 
-def _softmax_outputs(model: onnx.ModelProto) -> set[int]:
-    """Indices of the outputs computed by a Softmax node (through Identity nodes)."""
+def _outputs_of(model: onnx.ModelProto, op: str) -> set[int]:
+    """Indices of the outputs computed by an `op` node (through Identity nodes)."""
     producer = {name: node for node in model.graph.node for name in node.output}
     found = set()
     for k, output in enumerate(model.graph.output):
         node = producer.get(output.name)
         while node is not None and node.op_type == "Identity":
             node = producer.get(node.input[0])
-        if node is not None and node.op_type == "Softmax":
+        if node is not None and node.op_type == op:
             found.add(k)
     return found
 
@@ -104,8 +108,23 @@ def distill_loss(student, teacher_out: tuple, teacher: Teacher, temperature: flo
                           reduction="batchmean", log_target=True)
             losses.append(temperature * temperature * kl)
         else:
+            if k in teacher.sigmoids:  # compared as logits: a saturated sigmoid passes no gradient back
+                s, t = _logit(s), _logit(t).clamp(-LOGIT_MAX, LOGIT_MAX)
             losses.append(((s - t) ** 2).mean() / ((t ** 2).mean() + EPS))
     return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+
+#: a float32 sigmoid rounds to 1 above about 16.6: the teacher's logits are known up to that
+LOGIT_MAX = 16.0
+
+
+def _logit(p):
+    """log(p / (1 - p)) of a sigmoid's output, computed so its gradient through the sigmoid is 1 (the
+    student's pre-sigmoid value of -40 still learns; an MSE on the probabilities would pass e^-40 back)."""
+    import torch
+
+    p = p.clamp(1e-30, 1 - 1e-7)
+    return torch.log(p) - torch.log1p(-p)
 
 
 def mixed_loss(student, teacher_out: tuple, target, teacher: Teacher, temperature: float, alpha: float,

@@ -395,3 +395,22 @@ def test_cli_bad_input_is_one_error_line(nets, tmp_path, capsys, problem, needle
     code = cli.main(["finetune", student_path, str(tmp_path / "out.onnx")] + extra)
     assert_one_line_error(code, capsys.readouterr().err, 2, needle)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_saturated_sigmoid_output_still_learns(tmp_path):
+    """A Sigmoid output is compared as logits: at pre-sigmoid -30 the gradient reaching the student's
+    pre-sigmoid value is about 1 per element (an MSE on the probabilities would pass about e^-30)."""
+    import onnx.helper as oh
+
+    from lean_onnx.train.distill import Teacher, distill_loss
+
+    graph = oh.make_graph([oh.make_node("Sigmoid", ["x"], ["y"])], "g",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 4, 4])])
+    teacher = Teacher(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), "sigmoid.onnx")
+    assert teacher.sigmoids == {0}
+    z = torch.full((1, 1, 4, 4), -30.0, requires_grad=True)
+    target = torch.sigmoid(torch.full((1, 1, 4, 4), 2.0))
+    distill_loss((torch.sigmoid(z),), (target,), teacher).backward()
+    # d/dz of mean((z - 2)^2) / mean(2^2) = 2 (z - 2) / (16 * 4) per element
+    assert torch.allclose(z.grad, torch.full_like(z, 2 * (-32.0) / 64), rtol=1e-3)
