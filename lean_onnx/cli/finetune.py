@@ -14,6 +14,7 @@ import time
 from ..errors import LeanOnnxError
 from ..train.finetune import LOSSES
 from ..train.images import IMAGENET_MEAN, IMAGENET_STD
+from .options import check_distill_options
 
 MAX_SKIPPED_LINES = 20  # one [W] line per skipped file up to this many, then one line for the rest
 
@@ -86,10 +87,7 @@ def cmd_finetune(args) -> int:
     from ..io.save import save_model_atomic
     from ..train.finetune import finetune
 
-    if args.lr is None:
-        from ..train.distill import DEFAULT_LR, DISTILL_LR
-
-        args.lr = DISTILL_LR if args.teacher else DEFAULT_LR
+    check_distill_options(args)
     _check_args(args)
     model = read_model(args.model)
     teacher = _read_teacher(args, model)
@@ -201,13 +199,6 @@ def _check_args(args) -> None:
 
     if args.epochs < 0 or args.batch < 1 or args.lr <= 0 or args.crop < 0:
         raise LeanOnnxError("--epochs must be >= 0, --batch >= 1, --lr > 0 and --crop >= 0")
-    if not args.temperature > 0:
-        raise LeanOnnxError(f"--temperature {args.temperature:g}: expected a positive number (default 1)")
-    if args.alpha is not None:
-        if not args.teacher:
-            raise LeanOnnxError("--alpha mixes the labelled and the distillation loss: it needs --teacher")
-        if not 0 <= args.alpha <= 1:
-            raise LeanOnnxError(f"--alpha {args.alpha:g}: expected a weight in [0, 1]")
     if args.samples_per_epoch is not None and args.samples_per_epoch < 1:
         raise LeanOnnxError(f"--samples-per-epoch {args.samples_per_epoch}: expected a positive integer")
     args.size = parse_size(args.input_size) if args.input_size is not None else None

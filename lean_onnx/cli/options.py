@@ -166,3 +166,20 @@ def explain_selection(selection) -> None:
         warn(f"redundancy pruning removed {removed:,} of the {selection.selected:,} selected kernels "
              f"({selection.removed_forward:,} read channels with no kept input, {selection.removed_backward:,} "
              f"fed channels nothing reads); kept {100 * selection.keep_achieved:.2f} %")
+
+
+def check_distill_options(args) -> None:
+    """`--lr` / `--temperature` / `--alpha` of `finetune` and of the schedule: the learning rate's default
+    (1e-4 with `--teacher`, 1e-3 without: train/distill.py), a positive temperature, an alpha in [0, 1]
+    that only goes with a teacher. Sets `args.lr`; one LeanOnnxError otherwise."""
+    from ..train.distill import DEFAULT_LR, DISTILL_LR
+
+    if args.lr is None:
+        args.lr = DISTILL_LR if args.teacher else DEFAULT_LR
+    if not args.temperature > 0:
+        raise LeanOnnxError(f"--temperature {args.temperature:g}: expected a positive number (default 1)")
+    if args.alpha is not None:
+        if not args.teacher:
+            raise LeanOnnxError("--alpha mixes the labelled and the distillation loss: it needs --teacher")
+        if not 0 <= args.alpha <= 1:
+            raise LeanOnnxError(f"--alpha {args.alpha:g}: expected a weight in [0, 1]")

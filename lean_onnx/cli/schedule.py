@@ -7,7 +7,7 @@ import json
 import os
 
 from ..errors import LeanOnnxError
-from ..train.distill import DEFAULT_LR, DISTILL_LR
+from .options import check_distill_options
 
 
 def add_arguments(p) -> None:
@@ -47,18 +47,13 @@ def cmd_schedule(args, info, warn) -> int:
     from ..io.save import save_model_atomic
     from ..train.schedule import ScheduleConfig, run_schedule, step_keeps
 
-    if args.lr is None:
-        args.lr = DISTILL_LR if args.teacher else DEFAULT_LR
+    check_distill_options(args)
     if args.steps < 1 or args.epochs_per_step < 0 or args.batch < 1 or args.lr <= 0 or args.crop < 0:
         raise LeanOnnxError("--steps and --batch must be >= 1, --epochs-per-step and --crop >= 0, --lr > 0")
     if args.val_data and not args.finetune_data:
         raise LeanOnnxError("--val-data needs --finetune-data")
     if (args.teacher or args.alpha is not None) and not args.finetune_data:
         raise LeanOnnxError("--teacher / --alpha need --finetune-data (the inputs to distil on)")
-    if args.alpha is not None and not args.teacher:
-        raise LeanOnnxError("--alpha goes with --teacher (it mixes the labelled loss into the distillation)")
-    if args.temperature <= 0 or not 0 <= (args.alpha or 0) <= 1:
-        raise LeanOnnxError("--temperature must be > 0 and --alpha in [0, 1]")
     teacher = teacher_digest = None
     if args.teacher:
         from ..io.save import sha256

@@ -34,13 +34,7 @@ def text_model(graph_text: str, inits: dict | None = None, opset: int = 17) -> o
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two torch threads on a busy 2-core machine spin on each other: far slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def torch_outputs(module, *inputs) -> list[np.ndarray]:

@@ -19,13 +19,7 @@ from lean_onnx.train.finetune import evaluate, finetune, resolve_device  # noqa:
 from tests.helpers import rand, run_ort, text_model, zoo_path  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two torch threads on a busy 2-core machine spin on each other: 20x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 @pytest.fixture(scope="module")
