@@ -98,7 +98,7 @@ def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train
     os.makedirs(checkpoint_dir, exist_ok=True)
     config.train_data, config.val_data = data_digest(train), data_digest(val)
     state = _resume(checkpoint_dir, source, config, sha256(source), say)
-    if state.get("original_macs") is None:  # a fresh run, or a folder written before MACs were recorded
+    if state["steps"] and state.get("original_macs") is None:  # a folder written before MACs were recorded
         from ..graph.cost import model_cost
         from ..graph.load import load_model
 
@@ -174,8 +174,8 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
 
     pruner = Pruner(model, exclude=config.exclude, input_shapes=config.input_shapes, norm_grid=config.norm_grid)
     prunable = int(pruner.graph.prunable_edges.sum())
-    if state["original_kernels"] is None:
-        state["original_kernels"] = prunable
+    if state["original_kernels"] is None:  # step 1 prunes the original itself
+        state["original_kernels"], state["original_macs"] = prunable, pruner.cost_before["macs"]
     options = {"masked": verify, "round_channels": config.round_channels, "fold_constants": config.fold_constants,
                "gather_below": config.gather_below, "method": config.method}
     if config.target_macs is not None:  # the step's MACs target, as a fraction of this step's input
