@@ -2,7 +2,9 @@
 
 * PP-OCRv4 text detector and PP-OCR direction classifier: Paddle exports (paddle2onnx) with weights in
   Constant nodes, depthwise convs, ConvTranspose, Resize, hard-swish as Clip/Div, symbolic dims;
-* torchvision's trained ImageNet MobileNetV2, exported by torch, run on real photographs.
+* torchvision's trained ImageNet MobileNetV2, exported by torch, run on real photographs;
+* for the budgets only: a trained PP-PicoDet layout detector and a trained YOLOv8n (detectors with Split/Concat)
+  and a trained PP-LCNet orientation classifier.
 
 For each: prune (lean at keep 1.0 / 0.5 / 0.1, sv at 0.5), the contract holds (pruned == masked
 under ORT) and the output passes the full ONNX checker. MobileNetV2's top-1 agreement with the
@@ -91,6 +93,9 @@ def subject(name, subjects, request) -> Subject:
             # as shipped, the loader refuses it (test_classifier_as_shipped): run it with the -1 renamed
             model = tp.with_symbolic_negative_dims(_fetch(tp.ocr_classifier, tp.OCR_WHEEL))
             subjects[name] = Subject(model, {"x": tp.CLASSIFIER_SHAPE}, {"x": tp.CLASSIFIER_SHAPE})
+        elif name in BUDGET_ONLY:
+            fetch, wheel, input_name, shape = BUDGET_ONLY[name]
+            subjects[name] = Subject(_fetch(fetch, wheel), {input_name: shape}, {input_name: shape})
         else:
             batch, _ = request.getfixturevalue("images")
             model = _fetch(tp.mobilenet_v2, tp.MOBILENET_WHEEL)
@@ -100,6 +105,10 @@ def subject(name, subjects, request) -> Subject:
 
 
 MODELS = ["det", "cls", "mobilenet_v2"]
+#: trained networks run with the budgets only (the kernel-keep cases above are the reference mode's)
+BUDGET_ONLY = {"layout": (tp.layout_detector, tp.LAYOUT_WHEEL, "image", tp.LAYOUT_SHAPE),
+               "yolov8n": (tp.yolov8n, tp.YOLO_WHEEL, "images", tp.YOLO_SHAPE),
+               "orientation": (tp.orientation_classifier, tp.ORIENTATION_WHEEL, "x", tp.ORIENTATION_SHAPE)}
 
 
 @pytest.mark.parametrize("method,keep", CASES, ids=[f"{m}-{k:g}" for m, k in CASES])
@@ -164,7 +173,7 @@ def test_classifier_as_shipped():
 
 
 @pytest.mark.parametrize("target", [0.5, 0.25])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODELS + list(BUDGET_ONLY))
 def test_target_macs_on_trained_networks(name, target, subjects, request):
     """Issue 17's acceptance on the trained networks: `--target-macs` lands within 0.05 of the target (or
     is refused below the floor, naming it), the output still depends on the input, pruned == masked."""

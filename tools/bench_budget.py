@@ -5,17 +5,20 @@
         [--json R.json] [--write docs/benchmarks.md]
 
 Networks: torchvision's trained ImageNet MobileNetV2 (tools/third_party.py), the PP-OCRv4 text detector and
-the PP-OCR direction classifier (Paddle exports, trained), torchvision ResNet-50 (random weights) and a
-YOLO-like detector with CSP Split/Concat blocks and an FPN neck (tools/bench_budget_torch.py, random weights).
+the PP-OCR direction classifier (Paddle exports, trained), a trained YOLOv8n and a trained PP-PicoDet layout
+detector (Split/Concat necks) and a trained PP-LCNet classifier (wheels, tools/third_party.py), torchvision
+ResNet-50 (random weights) and a YOLO-like detector with CSP Split/Concat blocks and an FPN neck
+(tools/bench_budget_torch.py, random weights).
 For each network and target: lean-onnx `--target-macs` with `--method lean` and `--method l1` (channel
 granularity), and on the torch-exportable ones Torch-Pruning's `MagnitudePruner` (L1, uniform per-layer
 ratio) searched to the same MACs and exported to ONNX. Per pruned model: MACs ratio (lean-onnx's count on
 the ONNX model for every row), median latency at batch 1, 2 threads, CPU, timed in paired rounds (every
 model of a network once per round, the order rotated), speed-up = original / pruned and its ratio to the
 MACs speed-up (1 / MACs ratio); fidelity vs the original on crops of natural photos (scikit-image): top-1
-agreement for classifiers, and for every network max and mean relative error of the outputs (to the
-original's largest magnitude) (and, for the text
-detector, agreement of the map binarised at 0.3).
+agreement for classifiers, and for every network the centred cosine (per crop, all outputs flattened, both
+centred on the original's mean over the crops: 1 = the same, 0 = a constant or unrelated output; a collapsed
+model scores 0 here while its mean error can look small), max and mean relative error of the outputs (to the
+original's largest magnitude) (and, for the text detector, agreement of the map binarised at 0.3).
 """
 
 from __future__ import annotations
@@ -50,9 +53,11 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def photo_inputs(shape: tuple, count: int = 24, seed: int = 0, photos: list[np.ndarray] | None = None) -> np.ndarray:
+def photo_inputs(shape: tuple, count: int = 24, seed: int = 0, photos: list[np.ndarray] | None = None,
+                 normalise: str = "imagenet") -> np.ndarray:
     """`count` random crops (and flips) of `photos` (H, W, 3 uint8; default the scikit-image photos of
-    tools/third_party.py), resized to `shape` (N, 3, H, W), ImageNet-normalised."""
+    tools/third_party.py), resized to `shape` (N, 3, H, W), ImageNet-normalised (`normalise="unit"`: RGB in
+    [0, 1], as Ultralytics models take it)."""
     import skimage.transform
 
     rng = np.random.default_rng(seed)
@@ -69,13 +74,18 @@ def photo_inputs(shape: tuple, count: int = 24, seed: int = 0, photos: list[np.n
                                         preserve_range=True) / 255.0
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        out.append(((crop - third_party.IMAGENET_MEAN) / third_party.IMAGENET_STD).transpose(2, 0, 1))
+        if normalise == "imagenet":
+            crop = (crop - third_party.IMAGENET_MEAN) / third_party.IMAGENET_STD
+        out.append(crop.transpose(2, 0, 1))
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 
 def session(model: bytes):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+    # sessions take turns in paired rounds: spinning idle threads would take the cores from the one running
+    # (runtime/bench.paired_benchmark)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
@@ -89,6 +99,14 @@ def fidelity(reference: list[np.ndarray], other: list[np.ndarray], kind: str) ->
     scale = max(float(np.abs(r).max()) for r in reference) or 1.0
     result = {"max_rel_err": max(float(np.abs(r - o).max()) for r, o in zip(reference, other)) / scale,
               "mean_rel_err": float(np.mean([np.abs(r - o).mean() for r, o in zip(reference, other)])) / scale}
+    # a collapsed output (near 0 or constant) has a small mean error but no cosine: per sample, every output
+    # flattened and concatenated, centred on the original's mean over the samples
+    ref = np.concatenate([r.reshape(len(r), -1) for r in reference], 1).astype(np.float64)
+    oth = np.concatenate([o.reshape(len(o), -1) for o in other], 1).astype(np.float64)
+    centre = ref.mean(0)
+    ref, oth = ref - centre, oth - centre
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(oth, axis=1)
+    result["cosine"] = float(np.mean(np.where(norms > 0, (ref * oth).sum(1) / np.maximum(norms, 1e-300), 0.0)))
     if kind == "classifier":
         result["top1_agreement"] = float((reference[0].argmax(1) == other[0].argmax(1)).mean())
     if kind == "text-detector":
@@ -114,7 +132,7 @@ def paired_latency(models: dict[str, bytes], shape: tuple, rounds: int, warmup: 
 
 
 def networks():
-    """(name, ONNX path or bytes, input shape, fidelity kind, torch module or None)."""
+    """(name, ONNX path or bytes, input shape, fidelity kind, torch module or None, input normalisation)."""
     import torch
     import torchvision
     from bench_budget_torch import TinyDetector, export_bytes
@@ -125,23 +143,30 @@ def networks():
     torch.manual_seed(0)
     resnet = torchvision.models.resnet50().eval()
     detector = TinyDetector().eval()
-    yield "MobileNetV2 (trained)", export_bytes(mobilenet, (1, 3, 224, 224)), (1, 3, 224, 224), "classifier", mobilenet
-    yield "PP-OCRv4 detector (trained)", third_party.ocr_detector(), (1, 3, 320, 320), "text-detector", None
-    yield "PP-OCR classifier (trained)", third_party.ocr_classifier(), (1, 3, 48, 192), "classifier", None
-    yield "ResNet-50 (random)", export_bytes(resnet, (1, 3, 224, 224)), (1, 3, 224, 224), "regression", resnet
+    net = "imagenet"
+    yield "MobileNetV2 (trained)", export_bytes(mobilenet, (1, 3, 224, 224)), (1, 3, 224, 224), "classifier", \
+        mobilenet, net
+    yield "PP-OCRv4 detector (trained)", third_party.ocr_detector(), (1, 3, 320, 320), "text-detector", None, net
+    yield "PP-OCR classifier (trained)", third_party.ocr_classifier(), (1, 3, 48, 192), "classifier", None, net
+    yield "YOLOv8n (trained)", third_party.yolov8n(), third_party.YOLO_SHAPE, "regression", None, "unit"
+    yield "PP-PicoDet layout detector (trained)", third_party.layout_detector(), third_party.LAYOUT_SHAPE, \
+        "regression", None, net
+    yield "PP-LCNet orientation classifier (trained)", third_party.orientation_classifier(), \
+        third_party.ORIENTATION_SHAPE, "classifier", None, net
+    yield "ResNet-50 (random)", export_bytes(resnet, (1, 3, 224, 224)), (1, 3, 224, 224), "regression", resnet, net
     yield "YOLO-like detector (random)", export_bytes(detector, (1, 3, 320, 320)), (1, 3, 320, 320), "regression", \
-        detector
+        detector, net
 
 
 def bench_network(name, source, shape, kind, module, targets, rounds, latency_target=None,
-                  failures: list | None = None) -> list[dict]:
+                  failures: list | None = None, normalise: str = "imagenet") -> list[dict]:
     from bench_budget_torch import export_bytes, torch_pruning_at
 
     model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
     input_name = model.graph.input[0].name
     pruner = Pruner(model, input_shapes={input_name: shape})
     macs_before = pruner.cost_before["macs"]
-    inputs = photo_inputs(shape)
+    inputs = photo_inputs(shape, normalise=normalise)
     original = model.SerializeToString()
     reference = outputs(session(original), inputs)
     variants, rows = {"original": original}, []
@@ -227,7 +252,7 @@ def render(rows: list[dict], args, timing: dict | None = None) -> str:
              "| network | target | pruner | MACs ratio | latency ms (original) | speed-up | speed-up / MACs | "
              "fidelity |", "|---|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        fid = ", ".join(f"{k.replace('_', ' ')} {r[k]:.3f}" for k in ("top1_agreement", "max_rel_err",
+        fid = ", ".join(f"{k.replace('_', ' ')} {r[k]:.3f}" for k in ("top1_agreement", "cosine", "max_rel_err",
                                                                         "mean_rel_err", "map_agreement") if k in r)
         lines.append(f"| {r['network']} | {r['target']} | {r['pruner']} | {r['macs_ratio']:.3f} | "
                      f"{r['latency_ms']:.2f} ({r['original_ms']:.2f}) | {r['speedup']:.2f}x | "
@@ -262,13 +287,14 @@ def main() -> None:
         saved = json.loads(pathlib.Path(args.json).read_text())
         rows, timing, failures = saved["rows"], saved["timing"], saved["failures"]
     done = {row["network"] for row in rows}
-    for name, source, shape, kind, module in networks():
+    for name, source, shape, kind, module, normalise in networks():
         if args.only and not any(s.lower() in name.lower() for s in args.only.split(",")) or name in done:
             continue
         if source is None:
             log(f"{name}: not available offline, skipped")
             continue
-        rows += bench_network(name, source, shape, kind, module, targets, args.rounds, args.target_latency, failures)
+        rows += bench_network(name, source, shape, kind, module, targets, args.rounds, args.target_latency, failures,
+                              normalise)
         if name.startswith("ResNet-50"):
             timing = selection_seconds(source, shape)
             log(f"{name}: end-to-end seconds {timing}")

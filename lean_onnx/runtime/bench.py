@@ -74,10 +74,12 @@ def read_source(model: str | os.PathLike | onnx.ModelProto | bytes) -> ModelSour
 
 
 def open_session(source: ModelSource, provider: str = "auto", threads: int = DEFAULT_THREADS,
-                 strict: bool = False) -> Session:
+                 strict: bool = False, spinning: bool = True) -> Session:
     """Create the session; inter-op threads are 1 and intra-op `threads` (0 = ORT's own choice) so that
     runs are comparable. A requested GPU provider that is missing or that ORT dropped gives a warning
-    (CPU figures follow) or, with `strict`, a LeanOnnxError."""
+    (CPU figures follow) or, with `strict`, a LeanOnnxError. `spinning=False` stops the intra-op threads
+    from busy-waiting after a run (ORT's `session.intra_op.allow_spinning`): sessions that take turns need
+    it, or each one's idle threads spin on the cores the next one runs on."""
     import onnxruntime as ort
 
     if provider not in ("auto", *PROVIDERS):
@@ -89,6 +91,8 @@ def open_session(source: ModelSource, provider: str = "auto", threads: int = DEF
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     start = time.perf_counter_ns()
     try:
         sess = ort.InferenceSession(source.ort_source, options,
@@ -244,6 +248,41 @@ def benchmark(model: str | os.PathLike | onnx.ModelProto | bytes, *, provider: s
             "throughput_per_s": items / (latency["median"] / 1e3) if latency["median"] > 0 else None,
             "params": float_params(source.proto), "file_bytes": source.file_bytes,
             "warnings": warnings + session.warnings}
+
+
+def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict | None = None,
+                     threads: int = DEFAULT_THREADS, runs: int = DEFAULT_RUNS,
+                     warmup: int = DEFAULT_WARMUP) -> list[dict]:
+    """Time several models in paired rounds: every model warmed up, then `runs` rounds of one run of each,
+    the order reversed every other round, so that what a shared, noisy machine does to one model's timings
+    it does to the others' too (a drifting load moves all medians alike and their ratio stays). The sessions
+    do not spin: with ORT's default busy-wait, the idle sessions' threads took the cores from the one
+    running (on 2 cores, MobileNetV2 and PP-LCNet taking turns measured 4.4x and 4.0x slower than alone, with
+    spinning off within 10 %). Returns per model `{"provider", "latency_ms": latency_summary}`, in order."""
+    if runs < 1 or warmup < 0 or threads < 0:
+        raise LeanOnnxError(f"--runs {runs} / --warmup {warmup} / --threads {threads}: expected runs >= 1, "
+                            "warmup >= 0, threads >= 0")
+    opened = []
+    for model in models:
+        source = read_source(model)
+        shapes, _ = input_shapes_for(source.proto, input_shapes, None, source.label)
+        session = open_session(source, provider, threads, spinning=False)
+        timer = time_on_device if session.on_device else time_on_cpu
+        opened.append((source.label, session, random_inputs(source.proto, shapes), timer))
+    times: list[list[float]] = [[] for _ in opened]
+    try:
+        for label, session, feeds, timer in opened:
+            label_now = label
+            timer(session.ort_session, feeds, 0, warmup)
+        for r in range(runs):
+            order = range(len(opened)) if r % 2 == 0 else reversed(range(len(opened)))
+            for k in order:
+                label_now, session, feeds, timer = opened[k]
+                times[k] += timer(session.ort_session, feeds, 1, 0)
+    except Exception as exc:
+        raise LeanOnnxError(f"{label_now}: inference failed ({_first_line(exc)})") from None
+    return [{"provider": session.provider, "latency_ms": latency_summary(t)}
+            for (_, session, _, _), t in zip(opened, times)]
 
 
 def _batch_of(shapes: dict[str, tuple[int, ...]]) -> int:

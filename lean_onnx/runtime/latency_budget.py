@@ -5,15 +5,16 @@ median latency, found with real ONNX Runtime timings (same provider, threads, ru
 Latency is monotone in the MACs budget only roughly (ONNX Runtime's cost per layer is not its MAC count:
 depthwise and memory-bound layers), so this is a bisection on the MACs ratio between the smallest
 reachable one and 1, each step pruning (channel granularity, no masked model), timing the original and the
-pruned model one after the other (so a noisy machine hits both alike) and keeping the budget when the
-measured ratio meets the target. Every step is in the report (`budget.steps`).
+pruned model in paired rounds (one run of each per round, runtime/bench.paired_benchmark: a noisy machine
+hits both alike) and keeping the budget when the measured ratio meets the target. Every step is in the
+report (`budget.search`).
 """
 
 from __future__ import annotations
 
 from ..rewrite.pruner import DEFAULT_ROUND_CHANNELS
 from ..select.budget import check_fraction
-from .bench import benchmark
+from .bench import paired_benchmark
 
 MAX_STEPS = 6
 #: the bisection stops when the MACs bracket is narrower than this
@@ -36,8 +37,7 @@ def prune_to_latency(pruner, target: float, *, method: str = "lean", min_channel
     for _ in range(MAX_STEPS):
         result = pruner.prune(target_macs=macs, method=method, min_channels=min_channels, masked=False,
                               **prune_options)
-        original = benchmark(pruner.loaded.original, **timing)
-        pruned = benchmark(result.model_bytes, **timing)
+        original, pruned = paired_benchmark([pruner.loaded.original, result.model_bytes], **timing)
         ratio = pruned["latency_ms"]["median"] / original["latency_ms"]["median"]
         step = {"target_macs": round(macs, 4), "macs_ratio": round(result.report["budget"]["achieved_macs_ratio"], 4),
                 "latency_ms": {"original": original["latency_ms"]["median"], "pruned": pruned["latency_ms"]["median"]},

@@ -9,7 +9,8 @@ import onnxruntime as ort
 import pytest
 
 from lean_onnx.cli import main
-from lean_onnx.runtime.bench import benchmark, random_inputs, time_on_device
+from lean_onnx.errors import LeanOnnxError
+from lean_onnx.runtime.bench import benchmark, paired_benchmark, random_inputs, time_on_device
 from tests.helpers import CHAIN, assert_one_line_error, rand, save, text_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -173,3 +174,25 @@ g (float[2,3] a, int64[4] b, bool[2] c) => (float[2,3] y) {
     assert feeds["a"].dtype.name == "float32" and feeds["b"].dtype.name == "int64" and feeds["c"].dtype == bool
     assert set(feeds["b"].tolist()) <= {0, 1}
     assert all((feeds[k] == again[k]).all() for k in feeds)
+
+
+HEAVY = """
+g (float[1,32,64,64] x) => (float[1,32,64,64] y) {
+  y = Conv <pads = [1,1,1,1]> (x, w)
+}"""
+
+
+def test_paired_rounds_time_every_model_in_order(models):
+    """paired_benchmark (the --target-latency search's timer): one summary per model, in the order given; a
+    conv of 37,748,736 MACs is slower than the 2-conv chain of 4,224, however busy the machine."""
+    heavy = text_model(HEAVY, {"w": rand(32, 32, 3, 3)})
+    tiny, big = paired_benchmark([models["chain"], heavy.SerializeToString()], provider="cpu", runs=7, warmup=1,
+                                 threads=1)
+    assert tiny["provider"] == big["provider"] == "CPUExecutionProvider"
+    assert 0 < tiny["latency_ms"]["min"] <= tiny["latency_ms"]["median"]
+    assert big["latency_ms"]["median"] > 5 * tiny["latency_ms"]["median"]
+
+
+def test_paired_rounds_bad_runs_is_an_error(models):
+    with pytest.raises(LeanOnnxError, match="--runs 0"):
+        paired_benchmark([models["chain"]], runs=0)
