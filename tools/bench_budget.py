@@ -10,7 +10,8 @@ detector (Split/Concat necks) and a trained PP-LCNet classifier (wheels, tools/t
 ResNet-50 (random weights) and a YOLO-like detector with CSP Split/Concat blocks and an FPN neck
 (tools/bench_budget_torch.py, random weights).
 For each network and target: lean-onnx `--target-macs` with `--method lean` and `--method l1` (channel
-granularity), and on the torch-exportable ones Torch-Pruning's `MagnitudePruner` (L1, uniform per-layer
+granularity, `--allocate time`, the default) and `--method lean --allocate macs` (value alone), and on the
+torch-exportable ones Torch-Pruning's `MagnitudePruner` (L1, uniform per-layer
 ratio) searched to the same MACs and exported to ONNX. Per pruned model: MACs ratio (lean-onnx's count on
 the ONNX model for every row), median latency at batch 1, 2 threads, CPU, timed in paired rounds (every
 model of a network once per round, the order rotated), speed-up = original / pruned and its ratio to the
@@ -172,18 +173,19 @@ def bench_network(name, source, shape, kind, module, targets, rounds, latency_ta
     variants, rows = {"original": original}, []
     failures = [] if failures is None else failures
     for target in targets:
-        for method in ("lean", "l1"):
+        for method, allocate in (("lean", "time"), ("lean", "macs"), ("l1", "time")):
+            label = f"lean-onnx --method {method}" + (" --allocate macs" if allocate == "macs" else "")
             start = time.perf_counter()
             try:
-                result = pruner.prune(target_macs=target, method=method, masked=False)
+                result = pruner.prune(target_macs=target, method=method, allocate=allocate, masked=False)
             except LeanOnnxError as exc:  # below the floor: refused, as the CLI refuses it
-                failures.append(f"{name} at {target:g}: lean-onnx --method {method} refused ({exc})")
+                failures.append(f"{name} at {target:g}: {label} refused ({exc})")
                 log(failures[-1])
                 continue
             seconds = time.perf_counter() - start
-            key = f"lean-onnx {method} @ {target:g}"
+            key = f"lean-onnx {method} {allocate} @ {target:g}"
             variants[key] = result.model_bytes
-            rows.append({"network": name, "target": target, "pruner": f"lean-onnx --method {method}", "key": key,
+            rows.append({"network": name, "target": target, "pruner": label, "key": key,
                          "macs_ratio": result.report["flops"]["after"] / macs_before, "seconds": seconds})
         for round_to in ((None, 16) if module is not None else ()):
             label = "Torch-Pruning MagnitudePruner (L1)" + (f", round_to={round_to}" if round_to else "")
@@ -233,14 +235,24 @@ def selection_seconds(source: bytes, shape: tuple, repeats: int = 3) -> dict[str
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """The issue's targets, read off the rows: lean-onnx's speed-up / MACs at 0.5 and 0.25 per network."""
-    lines, ratios = [], []
+    """The issue's targets, read off the rows: lean-onnx's speed-up / MACs at 0.5 and 0.25 per network
+    (`--allocate time`, the default, beside `--allocate macs` from the same paired rounds)."""
+    lines, ratios, by_macs = [], [], {}
+    for row in rows:
+        if row["pruner"] == "lean-onnx --method lean --allocate macs":
+            by_macs[(row["network"], row["target"])] = row["speedup_over_macs"]
     for row in rows:
         if row["pruner"] == "lean-onnx --method lean" and row["target"] in (0.5, 0.25):
             ratios.append(row["speedup_over_macs"])
-            lines.append(f"- {row['network']} at {row['target']:g}: speed-up / MACs {row['speedup_over_macs']:.2f}")
+            other = by_macs.get((row["network"], row["target"]))
+            lines.append(f"- {row['network']} at {row['target']:g}: speed-up / MACs {row['speedup_over_macs']:.2f}"
+                         + (f" (--allocate macs: {other:.2f})" if other is not None else ""))
     if ratios:
         lines.append(f"- mean over these: {statistics.mean(ratios):.2f}; smallest {min(ratios):.2f}")
+    others = [by_macs[(r["network"], r["target"])] for r in rows if r["pruner"] == "lean-onnx --method lean"
+              and r["target"] in (0.5, 0.25) and (r["network"], r["target"]) in by_macs]
+    if others:
+        lines.append(f"- with --allocate macs: mean {statistics.mean(others):.2f}; smallest {min(others):.2f}")
     return lines
 
 

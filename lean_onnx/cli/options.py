@@ -52,6 +52,8 @@ def selection_args(p: argparse.ArgumentParser, model: bool = True, budgets: bool
         g.add_argument("--min-channels", type=float, default=0.1, metavar="F",
                        help="with a --target-*: every prunable layer keeps at least F of its channels and one "
                             "rounding block, so the network never collapses (default 0.1)")
+        g.add_argument("--allocate", choices=("time", "macs"), default="time",
+                       help="with a --target-*: rank channel units by value per estimated time per MAC (time, the default: the budget is taken where ONNX Runtime spends its time, e.g. depthwise convs on large maps) or by value alone (macs)")
     g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"),
                    help="lean: longest chains (default); sv / l1: individual operator-norm / L1 ranking")
     g.add_argument("--keep-connected", action="store_true",

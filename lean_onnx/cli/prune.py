@@ -90,14 +90,15 @@ def cmd_prune(args) -> int:
         from ..runtime.latency_budget import prune_to_latency
 
         result, budget = prune_to_latency(pruner, args.target_latency, method=args.method,
-                                          min_channels=args.min_channels, provider=args.provider,
+                                          min_channels=args.min_channels, allocate=args.allocate,
+                                          provider=args.provider,
                                           threads=args.threads, runs=args.runs, warmup=args.warmup, log=info, **options)
         if not budget["met"]:
             warn(f"--target-latency {args.target_latency:g} was not met: the fastest budget measured "
                  f"{budget['latency_ratio']:.3f} of the original's latency (MACs {budget['achieved_macs_ratio']:.3f})")
     elif args.target_macs is not None:
         result = pruner.prune(target_macs=args.target_macs, method=args.method, min_channels=args.min_channels,
-                              granularity=args.granularity, **options)
+                              granularity=args.granularity, allocate=args.allocate, **options)
     else:
         result = pruner.prune(args.keep, args.method, keep_connected=args.keep_connected, **options)
     if args.keep is not None:  # a budget's selection has no paths or fallback to explain

@@ -26,6 +26,8 @@ def register(sub) -> None:
                         "writes D/<stem>_macs<F>.onnx")
     g.add_argument("--min-channels", type=float, default=0.1, metavar="F",
                    help="with --target-macs: every prunable layer keeps at least F of its channels (default 0.1)")
+    g.add_argument("--allocate", choices=("time", "macs"), default="time",
+                   help="with --target-macs: rank channel units by value per estimated time per MAC (time, the default: the budget is taken where ONNX Runtime spends its time, e.g. depthwise convs on large maps) or by value alone (macs)")
     g.add_argument("--out-dir", required=True, metavar="D", help="folder for the pruned models (created if missing)")
     g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"), help="selection method (default lean)")
     g.add_argument("--round-channels", type=int, default=16, metavar="N",
@@ -90,7 +92,7 @@ def cmd_sweep(args) -> int:
         make_folder(args.plot, "--plot")
     timing = None if args.no_bench else TimingOptions(args.provider, args.threads, args.runs, args.warmup)
     report = run_sweep(pruner, keeps, args.out_dir, method=args.method, round_channels=args.round_channels,
-                       target_macs=budget, min_channels=args.min_channels,
+                       target_macs=budget, min_channels=args.min_channels, allocate=args.allocate,
                        fold_constants=args.fold_constants, gather_below=args.gather_below, timing=timing,
                        samples=args.samples, data=args.validate_data, plot_dir=args.plot, log=log).report
     report["command"] = " ".join(["lean-onnx"] + sys.argv[1:])

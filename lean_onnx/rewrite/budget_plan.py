@@ -43,6 +43,6 @@ def plan_for_macs(graph: ChannelGraph, budget: ChannelBudget, target: float, rou
         requested = min(1.0, max(0.0, requested + target - planned))
     selection, plan, planned = best
     info = {"kind": "macs", "target": target, "granularity": "channel", "method": budget.method,
-            "min_channels": budget.min_channels, "smallest_ratio": round(smallest, 6),
+            "min_channels": budget.min_channels, "allocate": budget.allocate, "smallest_ratio": round(smallest, 6),
             "planned_ratio": round(planned, 6), "steps": steps}
     return selection, plan, info

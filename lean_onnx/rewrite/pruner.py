@@ -22,7 +22,7 @@ from ..graph.normalise import structural_copy
 from ..io.external_data import checker_view, data_bytes, external_data_threshold
 from ..io.ondisk import write_streamed
 from ..io.save import STREAM_BYTES
-from ..select.budget import DEFAULT_MIN_CHANNELS, ChannelBudget, check_budget
+from ..select.budget import DEFAULT_ALLOCATE, DEFAULT_MIN_CHANNELS, ChannelBudget, check_budget
 from ..select.selection import METHODS, Selection, select_kernels
 from ..select.weights import compute_edge_weights
 from .budget_plan import plan_for_macs
@@ -97,7 +97,7 @@ class Pruner:
               round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,
               gather_below: float = DEFAULT_GATHER_BELOW, zeros_are_pruned: bool = False,
               keep_connected: bool = False, *, target_macs: float | None = None, granularity: str | None = None,
-              min_channels: float = DEFAULT_MIN_CHANNELS) -> PruneResult:
+              min_channels: float = DEFAULT_MIN_CHANNELS, allocate: str = DEFAULT_ALLOCATE) -> PruneResult:
         """Prune to `keep`; `masked=False` skips building (and checking) the masked model;
         `round_channels` N keeps conv output channel counts at multiples of N (see plan.make_plan);
         `fold_constants`: dead channels keep their constant act(bias) (the masked model keeps biases, as
@@ -107,13 +107,14 @@ class Pruner:
         `keep_connected`: add the best input-to-output chain when the selection collapsed a layer.
         `target_macs` F (instead of `keep`): channel granularity, the pruned model's MACs F of the original's
         (select/budget.py, docs/budgets.md), every prunable layer keeping at least `min_channels` of its
-        channels; the report's `budget` section says how it went."""
+        channels, the units ranked by value per estimated time per MAC (`allocate="time"`) or by value
+        alone (`"macs"`); the report's `budget` section says how it went."""
         check_budget(keep, target_macs, granularity, min_channels)
         timings = dict(self.timings)
         start = time.perf_counter()
         budget_info = None
         if target_macs is not None:
-            budget = self.channel_budget(method, min_channels, round_channels)
+            budget = self.channel_budget(method, min_channels, round_channels, allocate)
             selection, plan, budget_info = plan_for_macs(self.graph, budget, target_macs, round_channels,
                                                          fold_constants, gather_below)
             timings["select"] = time.perf_counter() - start
@@ -151,15 +152,16 @@ class Pruner:
         return PruneResult(pruned, masked_model, report, selection, plan, self.graph, pruned_bytes)
 
     def channel_budget(self, method: str = "lean", min_channels: float = DEFAULT_MIN_CHANNELS,
-                       round_channels: int = DEFAULT_ROUND_CHANNELS) -> ChannelBudget:
+                       round_channels: int = DEFAULT_ROUND_CHANNELS,
+                       allocate: str = DEFAULT_ALLOCATE) -> ChannelBudget:
         """The channel units and scores of this model for `method` (made once, then reused: a sweep or a
         latency search prunes at many budgets)."""
-        key = (method, min_channels, round_channels)
+        key = (method, min_channels, round_channels, allocate)
         if key not in self._budgets:
             if method not in METHODS:
                 raise LeanOnnxError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
             self._budgets[key] = self._timed("channel scores", ChannelBudget, self.graph, method, min_channels,
-                                             round_channels)
+                                             round_channels, allocate)
         return self._budgets[key]
 
     def slice_like(self, result: PruneResult, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -192,12 +194,12 @@ def prune(source, keep: float | None = None, method: str = "lean", *, exclude=()
           norm_grid: int | None = None, redundancy: bool = True,
           round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,
           gather_below: float = DEFAULT_GATHER_BELOW, target_macs: float | None = None,
-          min_channels: float = DEFAULT_MIN_CHANNELS) -> PruneResult:
+          min_channels: float = DEFAULT_MIN_CHANNELS, allocate: str = DEFAULT_ALLOCATE) -> PruneResult:
     """Prune an ONNX model (path or ModelProto) to `keep` of its kernels, or to `target_macs` of its MACs
     (channel granularity); the source is not modified."""
     return Pruner(source, exclude=exclude, input_shapes=input_shapes, norm_grid=norm_grid).prune(
         keep, method, redundancy, round_channels=round_channels, fold_constants=fold_constants,
-        gather_below=gather_below, target_macs=target_macs, min_channels=min_channels)
+        gather_below=gather_below, target_macs=target_macs, min_channels=min_channels, allocate=allocate)
 
 
 def _check(model: onnx.ModelProto, what: str, path: str) -> None:

@@ -26,11 +26,18 @@ from ..graph.cost import layer_macs, model_cost
 from ..graph.heads import head_layout
 from .chain_values import chain_values, magnitude_scores
 from .selection import Selection, check_keep, prune_redundancy
+from .unit_cost import unit_costs
 from .weights import compute_edge_weights, l1_scores
 
 GRANULARITIES = ("kernel", "channel")
 #: every prunable layer keeps at least this fraction of its channels (and at least one rounding block)
 DEFAULT_MIN_CHANNELS = 0.1
+#: how the budget is allocated: `time` ranks units by value per estimated time per MAC (unit_cost.py),
+#: `macs` by value alone
+ALLOCATIONS = ("time", "macs")
+DEFAULT_ALLOCATE = "time"
+#: weight of log(time / MACs) against a unit's log-value in the `time` allocation
+TIME_WEIGHT = 2.0
 #: units tried one by one after a rounding block jumped past the target
 WINDOW = 512
 
@@ -100,7 +107,7 @@ class ChannelBudget:
     """Units, their scores and the MACs model of one channel graph (see the module docstring)."""
 
     def __init__(self, graph: ChannelGraph, method: str = "lean", min_channels: float = DEFAULT_MIN_CHANNELS,
-                 round_channels: int = 16):
+                 round_channels: int = 16, allocate: str = DEFAULT_ALLOCATE, time_weight: float = TIME_WEIGHT):
         if not graph.weights_ready:
             compute_edge_weights(graph)
         check_min_channels(min_channels)
@@ -130,8 +137,12 @@ class ChannelBudget:
         self.round_channels = round_channels
         self.ranked = self._rank_layers()
         self.forced = self._floor(round_channels)
+        if allocate not in ALLOCATIONS:
+            raise LeanOnnxError(f"--allocate {allocate!r}: choose one of {', '.join(ALLOCATIONS)}")
+        self.allocate = allocate
+        self.unit_key = self._keys(time_weight if allocate == "time" else 0.0)
         candidates = np.flatnonzero(self.removable & ~self.forced)
-        order = np.lexsort((-candidates, -self.unit_score[candidates]))  # best first; ties: higher unit id
+        order = np.lexsort((-candidates, -self.unit_key[candidates]))  # best first; ties: higher unit id
         self.order = candidates[order]
 
     # -- scores ------------------------------------------------------------------------------
@@ -147,6 +158,22 @@ class ChannelBudget:
         total = np.bincount(self.unit[conv_out], node_scores[conv_out], minlength=n_units)
         count = np.bincount(self.unit[conv_out], minlength=n_units)
         return np.where(count > 0, total / np.maximum(count, 1), -np.inf)
+
+    def _keys(self, time_weight: float) -> np.ndarray:
+        """The order in which units are kept, best first: the log-value (chain values are log-products;
+        the baselines' positive scores are logged) minus `time_weight` x log(estimated time / MACs), so that
+        of two units of equal value the one that costs more time per MAC goes first."""
+        n_units = self.unit_score.size
+        if self.method == "lean":
+            key = self.unit_score.copy()
+        else:
+            key = np.full(n_units, -np.inf)
+            np.log(self.unit_score, out=key, where=self.unit_score > 0)
+        if time_weight:
+            macs, time = unit_costs(self.graph, self.unit, n_units)
+            per_mac = np.where(macs > 0, time / np.maximum(macs, 1e-300), 1.0)
+            key -= time_weight * np.log(np.maximum(per_mac, 1.0))
+        return key
 
     def _rank_layers(self) -> list[tuple[np.ndarray, int, int]]:
         """Per prunable layer with removable channels: (its distinct units, best first; c_out; index)."""

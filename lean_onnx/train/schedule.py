@@ -28,6 +28,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 import numpy as np
 
 from ..errors import LeanOnnxError
+from ..select.budget import DEFAULT_ALLOCATE
 
 STATE = "state.json"
 ADAM = "step_{:02d}.adam.pt"
@@ -56,6 +57,7 @@ class ScheduleConfig:
     carry_optimizer: bool = False  # one Adam through the schedule (step t starts from step t-1's state)
     target_macs: float | None = None  # a MACs budget instead of keep: step t prunes to target^(t/steps) of the MACs
     min_channels: float = 0.1
+    allocate: str | None = None  # with target_macs: "time" or "macs" (select/budget.py); None: a --keep run
     teacher: str | None = None  # sha256 of the teacher model (distillation after every step)
     temperature: float = 1.0
     alpha: float = 0.0
@@ -180,7 +182,8 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
                "gather_below": config.gather_below, "method": config.method}
     if config.target_macs is not None:  # the step's MACs target, as a fraction of this step's input
         in_step = min(1.0, target * state["original_macs"] / pruner.cost_before["macs"])
-        result = pruner.prune(target_macs=in_step, min_channels=config.min_channels, **options)
+        result = pruner.prune(target_macs=in_step, min_channels=config.min_channels,
+                              allocate=config.allocate or DEFAULT_ALLOCATE, **options)
     else:
         in_step = min(1.0, target * state["original_kernels"] / prunable)
         result = pruner.prune(in_step, zeros_are_pruned=True, **options)

@@ -177,3 +177,73 @@ def test_exactly_one_of_keep_and_target():
             pruner.prune(target_macs=bad)
     with pytest.raises(LeanOnnxError, match="granularity kernel"):
         pruner.prune(target_macs=0.5, granularity="kernel")
+
+
+TWO_BRANCHES = """
+g (float[1,2,16,16] x) => (float[1,2,16,16] y) {
+  a = Conv (x, wa)
+  da = Conv <group = 4, pads = [1, 1, 1, 1]> (a, wda)
+  ya = Conv (da, wpa)
+  b = Conv (x, wb)
+  yb = Conv (b, wpb)
+  y = Add (ya, yb)
+}"""
+
+
+def two_branches():
+    ones = {"wa": (4, 2, 1, 1), "wda": (4, 1, 3, 3), "wpa": (2, 4, 1, 1), "wb": (4, 2, 1, 1), "wpb": (2, 4, 1, 1)}
+    return text_model(TWO_BRANCHES, {k: np.ones(s, np.float32) for k, s in ones.items()})
+
+
+def test_unit_costs_by_hand():
+    """Branch a: 1x1 conv 2->4, depthwise 3x3, 1x1 conv 4->2; branch b: 1x1 2->4, 1x1 4->2; 16x16 maps.
+    A channel of a (coupled with its depthwise output) carries: 2 x 256 MACs out of the first conv,
+    9 x 256 of the depthwise conv (its one kernel, counted once), 2 x 256 into the last; its time adds
+    KAPPA x 256 for each of the four conv reads/writes of its channels (a written, a read, da written, da read). A channel of b: 2 x 256 MACs out, 2 x 256 in, two reads/writes."""
+    from lean_onnx.select.unit_cost import KAPPA, unit_costs
+
+    graph = graph_of(two_branches())
+    unit = graph.coupling_components
+    macs, time = unit_costs(graph, unit, int(unit.max()) + 1)
+    a, da, b = (graph.tensor_nodes[t] for t in ("a", "da", "b"))
+    assert (unit[a] == unit[da]).all()
+    assert macs[unit[a]] == pytest.approx(np.full(4, 512 + 2304 + 512))
+    assert time[unit[a]] == pytest.approx(np.full(4, 3328 + 4 * KAPPA * 256))
+    assert macs[unit[b]] == pytest.approx(np.full(4, 1024))
+    assert time[unit[b]] == pytest.approx(np.full(4, 1024 + 2 * KAPPA * 256))
+
+
+def test_time_allocation_takes_the_budget_where_the_time_goes():
+    """All kernels equal, so every chain has the same value: `macs` allocation orders by unit id only, `time`
+    keeps the units with the least estimated time per MAC (branch a, 3.8 per MAC, against b's 5.5) first, so
+    at the same MACs budget it removes b's channels, which cost more time per MAC."""
+    graph = graph_of(two_branches())
+    a, b = graph.tensor_nodes["a"], graph.tensor_nodes["b"]
+    by_time = ChannelBudget(graph, "lean", min_channels=0.25, round_channels=1, allocate="time")
+    by_macs = ChannelBudget(graph, "lean", min_channels=0.25, round_channels=1, allocate="macs")
+    assert np.isfinite(by_macs.unit_key[by_macs.unit[a]]).all() and np.ptp(by_macs.unit_key[by_macs.unit[a]]) == 0
+    order = list(by_time.order)
+    last_a = max(order.index(u) for u in set(by_time.unit[a]) if u in order)
+    first_b = min(order.index(u) for u in set(by_time.unit[b]) if u in order)
+    assert last_a < first_b
+    ratio = by_time.macs(by_time.node_keep(3)) / by_time.macs_before  # floor + the three other a units
+    keep = by_time.node_keep_for(ratio)
+    assert keep[a].all() and keep[b].sum() == 1  # b at its floor
+    assert by_macs.macs(by_macs.node_keep_for(ratio)) == pytest.approx(by_time.macs(keep), rel=0.05)
+    with pytest.raises(LeanOnnxError, match="--allocate"):
+        ChannelBudget(graph, "lean", allocate="fast")
+
+
+def test_allocation_is_in_the_report_and_the_contract_holds():
+    pruner = Pruner(two_branches())
+    kept = {}
+    for allocate in ("time", "macs"):
+        result = pruner.prune(target_macs=0.83, allocate=allocate, round_channels=1, min_channels=0.25)
+        assert result.report["budget"]["allocate"] == allocate
+        if allocate == "time":  # `macs` removes one of a's units instead (0.19 of the MACs at once)
+            assert abs(result.report["budget"]["achieved_macs_ratio"] - 0.83) <= 0.03
+        check_contract(pruner.loaded.original, result, pruner.loaded.input_shapes, np.random.default_rng(0))
+        kept[allocate] = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    # 0.83 of the MACs: three of b's four channels gone (0.059 of the MACs each; they cost the most time per MAC)
+    assert kept["time"]["wb"] == (1, 2, 1, 1) and kept["time"]["wa"] == (4, 2, 1, 1)
+    assert kept["time"] != kept["macs"]  # the same MACs, other channels
