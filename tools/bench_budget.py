@@ -10,7 +10,9 @@ detector (Split/Concat necks) and a trained PP-LCNet classifier (wheels, tools/t
 ResNet-50 (random weights) and a YOLO-like detector with CSP Split/Concat blocks and an FPN neck
 (tools/bench_budget_torch.py, random weights).
 For each network and target: lean-onnx `--target-macs` with `--method lean` and `--method l1` (channel
-granularity, `--allocate time`, the default) and `--method lean --allocate macs` (value alone), and on the
+granularity, `--allocate time`, the default), `--method lean --allocate macs` (value alone) and, on the trained
+networks, `--method lean --calibrate-data` (`--calibrate` crops; fidelity only, its shapes are the uncalibrated
+model's), and on the
 torch-exportable ones Torch-Pruning's `MagnitudePruner` (L1, uniform per-layer
 ratio) searched to the same MACs and exported to ONNX. Per pruned model: MACs ratio (lean-onnx's count on
 the ONNX model for every row), median latency at batch 1, 2 threads, CPU, timed in paired rounds (every
@@ -160,7 +162,7 @@ def networks():
 
 
 def bench_network(name, source, shape, kind, module, targets, rounds, latency_target=None,
-                  failures: list | None = None, normalise: str = "imagenet") -> list[dict]:
+                  failures: list | None = None, normalise: str = "imagenet", calibrate_samples: int = 0) -> list[dict]:
     from bench_budget_torch import export_bytes, torch_pruning_at
 
     model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
@@ -170,7 +172,12 @@ def bench_network(name, source, shape, kind, module, targets, rounds, latency_ta
     inputs = photo_inputs(shape, normalise=normalise)
     original = model.SerializeToString()
     reference = outputs(session(original), inputs)
-    variants, rows = {"original": original}, []
+    variants, rows, calibrated_models = {"original": original}, [], {}
+    calibration = None
+    if calibrate_samples and "(trained)" in name:  # other crops of the same photos than the fidelity's
+        from lean_onnx.train.calibrate import calibrate
+
+        calibration = photo_inputs(shape, calibrate_samples, seed=5, normalise=normalise)
     failures = [] if failures is None else failures
     for target in targets:
         for method, allocate in (("lean", "time"), ("lean", "macs"), ("l1", "time")):
@@ -187,6 +194,11 @@ def bench_network(name, source, shape, kind, module, targets, rounds, latency_ta
             variants[key] = result.model_bytes
             rows.append({"network": name, "target": target, "pruner": label, "key": key,
                          "macs_ratio": result.report["flops"]["after"] / macs_before, "seconds": seconds})
+            if calibration is not None and allocate == "time":  # the same model, its statistics calibrated
+                calibrated_models[f"{key} calibrated"] = (calibrate(pruner, result, calibration)[0].model_bytes, key)
+                rows.append({"network": name, "target": target, "pruner": label + " --calibrate-data",
+                             "key": f"{key} calibrated", "macs_ratio": rows[-1]["macs_ratio"], "seconds": None,
+                             "timed_as": key})
         for round_to in ((None, 16) if module is not None else ()):
             label = "Torch-Pruning MagnitudePruner (L1)" + (f", round_to={round_to}" if round_to else "")
             try:
@@ -212,6 +224,8 @@ def bench_network(name, source, shape, kind, module, targets, rounds, latency_ta
                      "macs_ratio": result.report["flops"]["after"] / macs_before,
                      "seconds": time.perf_counter() - start, "search": info["search"]})
     latency = paired_latency(variants, shape, rounds)
+    for key, (model, timed_as) in calibrated_models.items():  # same shapes as the uncalibrated model: not timed
+        variants[key], latency[key] = model, latency[timed_as]
     for row in rows:
         row["latency_ms"], row["original_ms"] = latency[row["key"]], latency["original"]
         row["speedup"] = latency["original"] / latency[row["key"]]
@@ -267,7 +281,8 @@ def render(rows: list[dict], args, timing: dict | None = None) -> str:
         fid = ", ".join(f"{k.replace('_', ' ')} {r[k]:.3f}" for k in ("top1_agreement", "cosine", "max_rel_err",
                                                                         "mean_rel_err", "map_agreement") if k in r)
         lines.append(f"| {r['network']} | {r['target']} | {r['pruner']} | {r['macs_ratio']:.3f} | "
-                     f"{r['latency_ms']:.2f} ({r['original_ms']:.2f}) | {r['speedup']:.2f}x | "
+                     f"{r['latency_ms']:.2f} ({r['original_ms']:.2f}){' (same shapes)' if r.get('timed_as') else ''} | "
+                     f"{r['speedup']:.2f}x | "
                      f"{r['speedup_over_macs']:.2f} | {fid} |")
     lines += ["", "lean-onnx (`--method lean`) against the issue's targets (speed-up / MACs >= 0.8 at 0.5 and 0.25):"]
     lines += summary(rows)
@@ -290,6 +305,9 @@ def main() -> None:
     parser.add_argument("--write", help="markdown file whose section to replace")
     parser.add_argument("--target-latency", type=float, default=0.6,
                         help="also --target-latency F on the torch-exportable classifiers (0: no)")
+    parser.add_argument("--calibrate", type=int, default=16, metavar="N",
+                        help="also lean-onnx --method lean with --calibrate-data on N photo crops (trained networks; "
+                             "fidelity only: same shapes, so its latency is the uncalibrated model's); 0: no")
     parser.add_argument("--json", help="write every row (and the latency search steps) here, after each network")
     parser.add_argument("--resume", action="store_true", help="with --json: keep the networks already in it")
     args = parser.parse_args()
@@ -306,7 +324,7 @@ def main() -> None:
             log(f"{name}: not available offline, skipped")
             continue
         rows += bench_network(name, source, shape, kind, module, targets, args.rounds, args.target_latency, failures,
-                              normalise)
+                              normalise, args.calibrate)
         if name.startswith("ResNet-50"):
             timing = selection_seconds(source, shape)
             log(f"{name}: end-to-end seconds {timing}")

@@ -12,6 +12,9 @@ original on 192 *new* random crops of the same photos (the deployment case: same
 192 crops of 4 photos never used for training (scikit-learn's china and flower, scikit-image's camera and
 clock: generalisation). Pruners at each target: lean-onnx `--target-macs` with `--method lean` and
 `--method l1`, and Torch-Pruning's `MagnitudePruner` searched to the same MACs (tools/bench_budget_torch.py);
+lean-onnx's also calibrated on the first `--calibrate` training crops (`--calibrate-data`: each kept channel's
+statistics matched to the original's, train/calibrate.py) before distillation, a step of lean-onnx's pruning
+that a Torch-Pruning model (no record of which channels it kept) does not get;
 every pruned model, whoever pruned it, is distilled by the same code (`lean_onnx.train.finetune` with the
 original as teacher: KL of temperature-softened logits), same data, epochs, batch, learning rate and seed.
 `--long-epochs N` adds one longer run per pruner at the first target.
@@ -21,6 +24,8 @@ epochs of distillation (scale-normalised MSE on the probability map) on crops of
 printed words drawn on them (on plain photos its map is empty: nothing to compare); mean
 relative error to the original (mean |s - t| / mean |t|) and agreement of the map binarised at 0.3, before
 and after, on new crops.
+YOLO: the trained YOLOv8n (tools/third_party.py) at the same target, 2 epochs on crops of the 8 photos, mean
+relative error of its output before and after (`--only yolo`).
 """
 
 from __future__ import annotations
@@ -75,17 +80,24 @@ def macs_ratio(model: bytes, shape: tuple, before: float) -> float:
     return model_cost(load_model(onnx.load_from_string(model), {None: shape}))["macs"] / before
 
 
-def pruned_models(source: bytes, module, shape: tuple, target: float, pruners: list[str]):
-    """{pruner label: pruned ONNX bytes} at `target` of the original's MACs."""
+def pruned_models(source: bytes, module, shape: tuple, target: float, pruners: list[str],
+                  calibration: np.ndarray | None = None):
+    """{pruner label: pruned ONNX bytes} at `target` of the original's MACs; with `calibration` (inputs),
+    lean-onnx's models also calibrated on them (`--calibrate-data`, train/calibrate.py)."""
     from bench_budget_torch import export_bytes, torch_pruning_at
+
+    from lean_onnx.train.calibrate import calibrate
 
     model = onnx.load_from_string(source)
     pruner = Pruner(model, input_shapes={model.graph.input[0].name: shape})
     found = {}
     for name in pruners:
         if name in ("lean", "l1"):
-            found[f"lean-onnx --method {name}"] = pruner.prune(target_macs=target, method=name,
-                                                               masked=False).model_bytes
+            result = pruner.prune(target_macs=target, method=name, masked=False)
+            found[f"lean-onnx --method {name}"] = result.model_bytes
+            if calibration is not None:
+                calibrated, _ = calibrate(pruner, result, calibration)
+                found[f"lean-onnx --method {name} --calibrate-data"] = calibrated.model_bytes
         elif name == "tp" and module is not None:
             pruned, _, _ = torch_pruning_at(module, shape, target)
             found["Torch-Pruning MagnitudePruner (L1)"] = export_bytes(pruned, shape)
@@ -127,7 +139,8 @@ def classifier_rows(args) -> list[dict]:
     reference = {k: outputs(session(original), x)[0] for k, x in evals.items()}
     rows = []
     for i, target in enumerate(args.targets):
-        for label, pruned in pruned_models(original, module, shape, target, args.pruners).items():
+        calibration = train[:args.calibrate] if args.calibrate else None
+        for label, pruned in pruned_models(original, module, shape, target, args.pruners, calibration).items():
             runs = [args.epochs] + ([args.long_epochs] if args.long_epochs and i == 0 else [])
             one_shot = {k: top1_agreement(reference[k], outputs(session(pruned), x)[0]) for k, x in evals.items()}
             for epochs in runs:
@@ -222,17 +235,51 @@ def detector_rows(args) -> list[dict]:
         return {"mean_rel_err": float(np.abs(out - reference).mean() / np.abs(reference).mean()),
                 "map_agreement": float(((out > 0.3) == (reference > 0.3)).mean())}
 
+    return detector_runs("PP-OCRv4 text detector (trained)", original, shape, train, before, fidelity, args)
+
+
+def detector_runs(network: str, original: bytes, shape: tuple, train: np.ndarray, before: float, fidelity,
+                  args) -> list[dict]:
+    """lean-onnx's lean and l1 models (and, with `--calibrate`, their calibrated versions) at
+    `--detector-target`, each distilled 2 epochs on `train`; `fidelity(model bytes)` before and after."""
     rows = []
-    for label, pruned in pruned_models(original, None, shape, args.detector_target, ["lean", "l1"]).items():
-        log(f"PP-OCRv4 detector @ {args.detector_target:g}, {label}: distilling 2 epochs")
+    calibration = train[:args.calibrate] if args.calibrate else None
+    for label, pruned in pruned_models(original, None, shape, args.detector_target, ["lean", "l1"],
+                                       calibration).items():
+        log(f"{network} @ {args.detector_target:g}, {label}: distilling 2 epochs")
         trained, history, seconds = distil(pruned, original, train, 2, args)
-        rows.append({"network": "PP-OCRv4 text detector (trained)", "target": args.detector_target,
+        rows.append({"network": network, "target": args.detector_target,
                      "pruner": label, "macs_ratio": macs_ratio(pruned, shape, before),
                      "macs_ratio_after": macs_ratio(trained, shape, before), "epochs": 2,
                      "one_shot": fidelity(pruned), "distilled": fidelity(trained), "seconds": seconds,
                      "train_loss": [h["train_loss"] for h in history]})
         log(f"  {rows[-1]['one_shot']} -> {rows[-1]['distilled']}")
     return rows
+
+
+def yolo_rows(args) -> list[dict]:
+    """The trained YOLOv8n (Split/Concat C2f blocks, decoded DFL head; tools/third_party.py) at
+    `--detector-target`, 2 epochs of distillation (scale-normalised MSE on its one output, boxes and class
+    scores) on crops of the 8 photos (RGB in [0, 1], as Ultralytics takes it); mean relative error of the
+    output to the original's (mean |s - t| / mean |t|) and of its class scores alone, on new crops."""
+    source = third_party.yolov8n()
+    if source is None:
+        log("YOLOv8n not available offline: skipped")
+        return []
+    original = pathlib.Path(source).read_bytes()
+    shape = third_party.YOLO_SHAPE
+    before = model_cost(load_model(onnx.load_from_string(original), {None: shape}))["macs"]
+    train = photo_inputs(shape, args.crops, seed=0, normalise="unit")
+    new = photo_inputs(shape, 96, seed=1, normalise="unit")
+    reference = outputs(session(original), new)[0]
+
+    def fidelity(model: bytes) -> dict:
+        out = outputs(session(model), new)[0]
+        scores, ref_scores = out[:, 4:], reference[:, 4:]
+        return {"mean_rel_err": float(np.abs(out - reference).mean() / np.abs(reference).mean()),
+                "scores_mean_rel_err": float(np.abs(scores - ref_scores).mean() / np.abs(ref_scores).mean())}
+
+    return detector_runs("YOLOv8n detector (trained)", original, shape, train, before, fidelity, args)
 
 
 def render(rows: list[dict], args, command: str) -> str:
@@ -251,7 +298,8 @@ def render(rows: list[dict], args, command: str) -> str:
     lines += ["", "Classifier columns: top-1 agreement with the original on new crops of the training photos "
               "(*same photos*) and on crops of photos never used for training (*other photos*). Detector "
               "columns: mean relative error of the probability map to the original's and agreement of the "
-              "map binarised at 0.3, on new crops."]
+              "map binarised at 0.3, on new crops; YOLOv8n: mean relative error of its output (boxes and class "
+              "scores) and of the class scores alone, on new crops."]
     return "\n".join(lines) + "\n"
 
 
@@ -266,12 +314,14 @@ def main() -> None:
                         help="also distil this many epochs on fresh random crops of the photo folder (first target)")
     parser.add_argument("--folder-pruners", default="lean-onnx --method lean,torch-pruning",
                         help="comma-separated label prefixes (lower case) of the pruners that get the folder run")
+    parser.add_argument("--calibrate", type=int, default=64, metavar="N",
+                        help="also lean-onnx's pruned models calibrated on the first N training crops (0: no)")
     parser.add_argument("--batch", type=int, default=5)  # finetune's default
     parser.add_argument("--lr", type=float, default=1e-4)  # finetune --teacher's default
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--detector-target", type=float, default=0.5)
-    parser.add_argument("--only", default="classifier,detector")
+    parser.add_argument("--only", default="classifier,detector,yolo")
     parser.add_argument("--json", help="write every row here")
     parser.add_argument("--write", help="markdown file whose section to replace")
     args = parser.parse_args()
@@ -286,6 +336,8 @@ def main() -> None:
         rows += classifier_rows(args)
     if "detector" in args.only:
         rows += detector_rows(args)
+    if "yolo" in args.only:
+        rows += yolo_rows(args)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     text = render(rows, args, command.strip())

@@ -39,6 +39,15 @@ def register(sub) -> None:
                    help="dead channels (no kept input kernel) keep their constant act(bias) instead of becoming "
                         "0, as in the reference's masked network; where such a constant reaches a Gemm head it "
                         "is folded into the Gemm bias and the channel is removed")
+    g = p.add_argument_group("calibration (label-free: no training, no labels; needs torch)")
+    g.add_argument("--calibrate-data", metavar="NPZ|DIR",
+                   help="after pruning, match every kept conv channel's mean and spread to the original's on these "
+                        "inputs (an .npz `inputs` array or a folder of images, resized and centre-cropped for the "
+                        "model's input): the statistics a pruned trained network loses (docs/finetune.md); the "
+                        "pruned model still equals its masked model, now with the corrected weights")
+    g.add_argument("--calibrate-samples", type=int, default=64, metavar="N",
+                   help="inputs used for the calibration, in one batch (default 64)")
+    g.add_argument("--input-size", metavar="H,W", help="with an image folder: the input size (default: the model's)")
     g = p.add_argument_group("validation (exit 3 when a gate fails; OUT is still written)")
     g.add_argument("--validate", action="store_true",
                    help="compare pruned vs masked vs original under ONNX Runtime and time original vs pruned")
@@ -77,6 +86,8 @@ def cmd_prune(args) -> int:
         from ..runtime.plots import require_matplotlib
 
         require_matplotlib()
+    if args.calibrate_data:
+        _check_calibration(args)
     validation_inputs = None
     if args.validate_data:
         from ..runtime.validate import read_inputs
@@ -101,6 +112,8 @@ def cmd_prune(args) -> int:
                               granularity=args.granularity, allocate=args.allocate, **options)
     else:
         result = pruner.prune(args.keep, args.method, keep_connected=args.keep_connected, **options)
+    if args.calibrate_data:
+        result = _calibrate(pruner, result, args)
     if args.keep is not None:  # a budget's selection has no paths or fallback to explain
         explain_selection(result.selection)
     if not result.report["inputs_reach_outputs"]:
@@ -149,3 +162,40 @@ def cmd_prune(args) -> int:
         print("PASSED" if not failures else "FAILED: " + "; ".join(failures))
         return 0 if not failures else 3
     return 0
+
+
+def _check_calibration(args) -> None:
+    """Refused before any work: a missing calibration source, too few samples, no torch."""
+    if not os.path.exists(args.calibrate_data):
+        raise LeanOnnxError(f"{args.calibrate_data}: --calibrate-data: no such file or folder")
+    if args.calibrate_samples < 2:
+        raise LeanOnnxError(f"--calibrate-samples {args.calibrate_samples}: expected at least 2")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise LeanOnnxError("--calibrate-data needs torch (pip install 'lean-onnx[train]')") from None
+
+
+def _calibrate(pruner, result, args):
+    """`--calibrate-data`: the calibration inputs (an .npz's `inputs`, or images of a folder resized and
+    centre-cropped as `finetune --val-data` does), then train/calibrate.py."""
+    from ..train.calibrate import calibrate
+
+    path = args.calibrate_data
+    if os.path.isdir(path):
+        from ..train.images import load_image_folder, parse_size
+
+        size = parse_size(args.input_size) if args.input_size else None
+        folder = load_image_folder(path, pruner.loaded.original, args.model, "--calibrate-data", input_size=size)
+        for name, why in folder.skipped[:5]:
+            warn(f"{os.path.join(path, name)}: {why}; skipped")
+        count = min(args.calibrate_samples, len(folder.images))
+        inputs, _ = folder.batch(range(count), None)
+    else:
+        from ..runtime.validate import read_inputs
+
+        inputs = read_inputs(path)[:args.calibrate_samples]
+    calibrated, summary = calibrate(pruner, result, inputs, batch=args.calibrate_samples)
+    info(f"calibrated {summary['channels']} channels of {summary['tensors']} convs on {summary['samples']} inputs "
+         f"({summary['seconds']:.1f} s; median scale {summary['scale_median']:.3f}, {summary['scale_capped']} capped)")
+    return calibrated

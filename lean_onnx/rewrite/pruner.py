@@ -6,6 +6,7 @@ many keeps (a sweep) without repeating them. `prune(...)` is the one-shot form.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -188,6 +189,32 @@ class Pruner:
         names = {t.name for t in result.model.graph.initializer}
         return {t.name: numpy_helper.to_array(t) for t in moved.graph.initializer
                 if t.name in names and (t.name in arrays or t.name.partition("__")[0] in arrays)}
+
+
+def replace_initializers(pruner: Pruner, result: PruneResult, arrays: dict[str, np.ndarray]) -> PruneResult:
+    """`result` written again, with the same selection and plan, from the original whose initializers
+    `arrays` ({name: full-size array}) replace (train/calibrate.py): the pruned and the masked model both
+    come from the new values, so the pruned model still equals the masked one. Checked as `prune` checks."""
+    from onnx import numpy_helper
+
+    def base():
+        model = pruner._base()
+        found = set()
+        for tensor in model.graph.initializer:
+            if tensor.name in arrays:
+                tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arrays[tensor.name]), tensor.name))
+                found.add(tensor.name)
+        if found != set(arrays):
+            raise LeanOnnxError(f"{pruner.loaded.path}: no initializer {sorted(set(arrays) - found)[0]!r} to replace")
+        return model
+
+    pruned = rewrite(result.graph, result.selection, result.plan, True, base())
+    masked = rewrite(result.graph, result.selection, result.plan, False, base()) if result.masked is not None else None
+    _check(pruned, "pruned", pruner.loaded.path)
+    if masked is not None:
+        _check(masked, "masked", pruner.loaded.path)
+    report = copy.deepcopy(result.report)
+    return PruneResult(pruned, masked, report, result.selection, result.plan, result.graph, pruned.SerializeToString())
 
 
 def prune(source, keep: float | None = None, method: str = "lean", *, exclude=(), input_shapes=None,

@@ -64,6 +64,9 @@ class OnnxModule(nn.Module):
             self._nodes.append((ctx, inputs, list(node.output)))
         if fuse_slices:
             self._nodes = _fuse_slice_concats(norm, self._nodes, self.opset)
+        #: optional `hook(ctx, output names, results) -> results`, called after every node (calibrate.py
+        #: reads and corrects conv outputs with it)
+        self.node_hook = None
         self.eval()  # like the ONNX model: Dropout off until someone calls .train()
 
     def _check_supported(self, node: onnx.NodeProto) -> None:
@@ -114,6 +117,8 @@ class OnnxModule(nn.Module):
             except Exception as exc:
                 raise LeanOnnxError(f"{self.path}: node {ctx.name!r} ({ctx.op_type}): {exc}".splitlines()[0]) from None
             results = result if isinstance(result, (tuple, list)) else (result,)
+            if self.node_hook is not None:
+                results = self.node_hook(ctx, outputs, results)
             values.update((name, r) for name, r in zip(outputs, results) if name)
         out = tuple(values[name] for name in self.output_names)
         return out[0] if len(out) == 1 else out
