@@ -43,8 +43,8 @@ MAX_SCALE = 10.0
 
 
 def _targets(pruner, result) -> dict[str, tuple]:
-    """{tensor: (layer, kept original channel indices, ('conv', weight, bias) or ('bn', scale, shift))} for
-    every prunable conv with kept channels whose statistics can be corrected."""
+    """{tensor: (kept original channel indices, which of them are alive, ('conv', weight, bias) or ('bn', scale,
+    shift))} for every prunable conv with live channels whose statistics can be corrected."""
     base = pruner._base().graph
     by_name = {(n.name or n.output[0]): n for n in base.node}
     producer = {o: n for n in base.node for o in n.output}
@@ -57,10 +57,9 @@ def _targets(pruner, result) -> dict[str, tuple]:
         if not layer.prunable:
             continue
         keep = result.plan.keep(layer.output)
-        kept = np.arange(layer.c_out) if keep is None else np.flatnonzero(keep)
-        alive = ~result.plan.dead[layer.out_nodes[kept]]
-        kept = kept[alive]
-        if kept.size == 0:
+        kept = np.arange(layer.c_out) if keep is None else np.flatnonzero(keep)  # the pruned model's channels
+        alive = ~result.plan.dead[layer.out_nodes[kept]]  # dead ones stay in the model, zeroed
+        if not alive.any():
             continue
         if layer.bn_name is not None and layer.bn_name in by_name:
             bn = by_name[layer.bn_name]
@@ -71,7 +70,7 @@ def _targets(pruner, result) -> dict[str, tuple]:
                 continue  # no bias to carry the shift
             tensor, params = layer.output, ("conv", conv.input[1], conv.input[2])
         if all(readers.get(name) == 1 for name in params[1:]):  # a shared weight would change another reader
-            targets[tensor] = (layer, kept, params)
+            targets[tensor] = (kept, alive, params)
     return targets
 
 
@@ -114,14 +113,14 @@ def calibrate(pruner, result, inputs: np.ndarray, batch: int = 64):
         for k, name in enumerate(outputs):
             if name not in targets or name not in reference:
                 continue
-            _, kept, _ = targets[name]
+            kept, alive, _ = targets[name]
             y = results[k]
             if y.shape[1] != kept.size:
                 raise LeanOnnxError(f"{pruner.loaded.path}: {name!r}: {y.shape[1]} channels in the pruned model, "
                                     f"{kept.size} kept in the plan")
             m, s = _channel_stats(y)
             m0, s0 = (v[torch.from_numpy(kept)] for v in reference[name])
-            usable = s > MIN_RELATIVE_STD * s0
+            usable = (s > MIN_RELATIVE_STD * s0) & torch.from_numpy(alive)
             scale = torch.where(usable, (s0 / s.clamp_min(1e-30)).clamp(max=MAX_SCALE), torch.ones_like(s))
             shift = torch.where(usable, m0 - m * scale, torch.zeros_like(m))
             shape = (1, -1) + (1,) * (y.dim() - 2)
@@ -137,9 +136,9 @@ def calibrate(pruner, result, inputs: np.ndarray, batch: int = 64):
         student(x)
     arrays = _corrected_initializers(pruner, targets, corrections)
     calibrated = replace_initializers(pruner, result, arrays)
-    scales = np.concatenate([c[0] for c in corrections.values()]) if corrections else np.ones(1)
+    scales = np.concatenate([c[0][targets[n][1]] for n, c in corrections.items()]) if corrections else np.ones(0)
     info = {"samples": int(len(inputs)), "tensors": len(corrections), "channels": int(scales.size),
-            "scale_median": float(np.median(scales)), "scale_capped": int((scales >= MAX_SCALE).sum()),
+            "scale_median": float(np.median(scales)) if scales.size else 1.0, "scale_capped": int((scales >= MAX_SCALE).sum()),
             "seconds": time.perf_counter() - start}
     calibrated.report["calibration"] = info
     return calibrated, info
@@ -165,7 +164,7 @@ def _corrected_initializers(pruner, targets: dict, corrections: dict) -> dict[st
         return arrays[name]
 
     for name, (scale, shift) in corrections.items():
-        _, kept, (kind, mul, add) = targets[name]
+        kept, _, (kind, mul, add) = targets[name]
         weight, bias = current(mul), current(add)
         if weight.shape[0] < kept.max() + 1 or bias.shape[0] < kept.max() + 1:
             raise LeanOnnxError(f"{pruner.loaded.path}: {mul!r}: unexpected shape for calibration")

@@ -55,10 +55,11 @@ def test_kept_channels_get_the_originals_statistics(pruned):
     before = _stats(result.model, targets, inputs)
     after = _stats(calibrated.model, targets, inputs)
     moved = 0
-    for name, (_, kept, _) in targets.items():
+    for name, (kept, alive, _) in targets.items():
         m0, s0 = original[name][0][kept], original[name][1][kept]
         m, s = after[name]
-        ok = (before[name][1] > 1e-3 * s0) & (s0 / np.maximum(before[name][1], 1e-30) < MAX_SCALE)
+        ok = alive & (before[name][1] > 1e-3 * s0) & (s0 / np.maximum(before[name][1], 1e-30) < MAX_SCALE)
+        assert np.array_equal(m[~alive], before[name][0][~alive])  # dead channels are left as they are
         scale = np.abs(m0[ok]).max(initial=0) + s0[ok].max(initial=0) + 1e-12
         assert np.abs(m[ok] - m0[ok]).max(initial=0) <= 1e-3 * scale, name
         assert np.abs(s[ok] - s0[ok]).max(initial=0) <= 1e-3 * scale, name
