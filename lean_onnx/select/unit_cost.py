@@ -6,7 +6,8 @@ is fitted to within a median 11 % by
 
     time ~ MACs + KAPPA * (input elements + output elements)
 
-with KAPPA about 9 MAC-equivalents per activation element: dense convs on small feature maps are
+with KAPPA about 9 MAC-equivalents per activation element (`python tools/fit_conv_cost.py`; 8.7 again in a
+second run on a loaded machine, where every time was twice as long): dense convs on small feature maps are
 compute-bound (11-13 us per million MACs), depthwise convs and thin convs on large maps are memory-bound
 (35-80 us per million MACs), and the element-wise ops behind a conv (activations, residual sums) scale with
 its output elements too. The costs are per channel unit, summed over every conv that writes or reads one
