@@ -134,7 +134,7 @@ def print_prune(r: dict, verbose: bool = False) -> None:
                    if budget["kind"] == "latency" else "")
         print(f"\nbudget: {budget['kind']} {budget['target']:g}, method {r['method']} at channel granularity "
               f"(every prunable layer keeps >= {budget['min_channels']:g} of its channels; allocated by "
-              f"{budget.get('allocate', 'macs')}): MACs "
+              f"{budget['allocate']}): MACs "
               f"{budget['achieved_macs_ratio']:.3f} of the original's{latency}; {k['kept']:,} kernels kept")
     else:
         print(f"\nmethod {r['method']}: requested {k['requested']:,} kernels ({100 * r['keep_requested']:.2f} %), "

@@ -231,7 +231,7 @@ def test_calibration_on_trained_networks(name, subjects, request):
     calibrated, info = calibrate(s.pruner, result, inputs)
     assert info["channels"] > 0
     check_contract(s.model, calibrated, s.random_shapes, np.random.default_rng(0))
-    targets = _targets(s.pruner, result)
+    targets = _targets(s.pruner._base().graph, result)
     if name == "yolov8n":
         assert sum(int((~alive).sum()) for _, alive, _ in targets.values()) > 0  # the case is exercised
     feeds = [{next(iter(s.random_shapes)): inputs[i:i + 1]} for i in range(len(inputs))]

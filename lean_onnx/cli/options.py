@@ -52,8 +52,7 @@ def selection_args(p: argparse.ArgumentParser, model: bool = True, budgets: bool
         g.add_argument("--min-channels", type=float, default=0.1, metavar="F",
                        help="with a --target-*: every prunable layer keeps at least F of its channels and one "
                             "rounding block, so the network never collapses (default 0.1)")
-        g.add_argument("--allocate", choices=("time", "macs"), default="time",
-                       help="with a --target-*: rank channel units by value per estimated time per MAC (time, the default: the budget is taken where ONNX Runtime spends its time, e.g. depthwise convs on large maps) or by value alone (macs)")
+        allocate_arg(g, "a --target-*")
     g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"),
                    help="lean: longest chains (default); sv / l1: individual operator-norm / L1 ranking")
     g.add_argument("--keep-connected", action="store_true",
@@ -61,6 +60,16 @@ def selection_args(p: argparse.ArgumentParser, model: bool = True, budgets: bool
                         "keep the kernels of the input-to-output chain with the largest product of norms")
     if not model:  # `select` only: the masked model of `prune` is defined with redundancy (DESIGN.md 2)
         g.add_argument("--no-redundancy", action="store_true", help="skip redundancy pruning (lean-spec 3.5)")
+
+
+def allocate_arg(g, given: str) -> None:
+    """`--allocate` (select/budget.py), for `prune` (`given` "a --target-*") and `sweep` ("--target-macs")."""
+    from ..select.budget import ALLOCATIONS, DEFAULT_ALLOCATE
+
+    g.add_argument("--allocate", choices=ALLOCATIONS, default=DEFAULT_ALLOCATE,
+                   help=f"with {given}: rank channel units by value per estimated time per MAC (time, the default: "
+                        "the budget is taken where ONNX Runtime spends its time, e.g. depthwise convs on large "
+                        "maps) or by value alone (macs)")
 
 
 def norm_grid(value: str) -> int | None:

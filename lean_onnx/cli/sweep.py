@@ -9,7 +9,7 @@ import sys
 
 from ..errors import LeanOnnxError
 from ..runtime.sweep import DEFAULT_KEEPS
-from .options import check_prune_options, common_args, make_pruner, model_args
+from .options import allocate_arg, check_prune_options, common_args, make_pruner, model_args
 
 
 def register(sub) -> None:
@@ -26,8 +26,7 @@ def register(sub) -> None:
                         "writes D/<stem>_macs<F>.onnx")
     g.add_argument("--min-channels", type=float, default=0.1, metavar="F",
                    help="with --target-macs: every prunable layer keeps at least F of its channels (default 0.1)")
-    g.add_argument("--allocate", choices=("time", "macs"), default="time",
-                   help="with --target-macs: rank channel units by value per estimated time per MAC (time, the default: the budget is taken where ONNX Runtime spends its time, e.g. depthwise convs on large maps) or by value alone (macs)")
+    allocate_arg(g, "--target-macs")
     g.add_argument("--out-dir", required=True, metavar="D", help="folder for the pruned models (created if missing)")
     g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"), help="selection method (default lean)")
     g.add_argument("--round-channels", type=int, default=16, metavar="N",

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import LeanOnnxError
 from ..report import _si, tool_versions
+from ..select.budget import DEFAULT_ALLOCATE
 from .bench import _size
 
 SCHEMA_VERSION = 1
@@ -162,7 +163,7 @@ def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean",
               fold_constants: bool = False, gather_below: float = 0.75, timing: TimingOptions | None = None,
               samples: int = 4, data: str | None = None, plot_dir: str | None = None,
               keep_results: bool = False, log=None, target_macs: bool = False,
-              min_channels: float = 0.1, allocate: str = "time") -> SweepResult:
+              min_channels: float = 0.1, allocate: str = DEFAULT_ALLOCATE) -> SweepResult:
     """Prune `pruner`'s model to every keep (graph and norms are already built: never rebuilt here),
     write the models, measure them and return the report; `log(level, message)` receives progress.
     `target_macs`: the values of `keeps` are MACs budgets (`--target-macs`, channel granularity)."""

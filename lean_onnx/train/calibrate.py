@@ -42,10 +42,10 @@ MIN_RELATIVE_STD = 1e-3
 MAX_SCALE = 10.0
 
 
-def _targets(pruner, result) -> dict[str, tuple]:
-    """{tensor: (kept original channel indices, which of them are alive, ('conv', weight, bias) or ('bn', scale,
-    shift))} for every prunable conv with live channels whose statistics can be corrected."""
-    base = pruner._base().graph
+def _targets(base: onnx.GraphProto, result) -> dict[str, tuple]:
+    """{tensor: (kept original channel indices, which of them are alive, (weight or BN scale, bias or BN shift))}
+    for every prunable conv with live channels whose statistics can be corrected; `base`: the graph the rewrite
+    starts from (the original's structural copy)."""
     by_name = {(n.name or n.output[0]): n for n in base.node}
     producer = {o: n for n in base.node for o in n.output}
     readers: dict[str, int] = {}
@@ -63,13 +63,13 @@ def _targets(pruner, result) -> dict[str, tuple]:
             continue
         if layer.bn_name is not None and layer.bn_name in by_name:
             bn = by_name[layer.bn_name]
-            tensor, params = bn.output[0], ("bn", bn.input[1], bn.input[2])
+            tensor, params = bn.output[0], (bn.input[1], bn.input[2])
         else:
             conv = producer[layer.output]
             if len(conv.input) < 3 or not conv.input[2]:
                 continue  # no bias to carry the shift
-            tensor, params = layer.output, ("conv", conv.input[1], conv.input[2])
-        if all(readers.get(name) == 1 for name in params[1:]):  # a shared weight would change another reader
+            tensor, params = layer.output, (conv.input[1], conv.input[2])
+        if all(readers.get(name) == 1 for name in params):  # a shared weight would change another reader
             targets[tensor] = (kept, alive, params)
     return targets
 
@@ -93,7 +93,8 @@ def calibrate(pruner, result, inputs: np.ndarray, batch: int = 64):
     inputs = np.asarray(inputs, dtype=np.float32)[:batch]
     if len(inputs) < 2:
         raise LeanOnnxError(f"{pruner.loaded.path}: calibration needs at least 2 inputs, got {len(inputs)}")
-    targets = _targets(pruner, result)
+    base = pruner._base().graph  # one structural copy: names and (stubbed) initializers the rewrite starts from
+    targets = _targets(base, result)
     original = to_torch(pruner.loaded.original, pruner.loaded.path)
     student = to_torch(result.model, pruner.loaded.path)
     if len(original.input_names) != 1:
@@ -134,19 +135,20 @@ def calibrate(pruner, result, inputs: np.ndarray, batch: int = 64):
         original(x)
         student.node_hook = correct
         student(x)
-    arrays = _corrected_initializers(pruner, targets, corrections)
+    arrays = _corrected_initializers(pruner, base, targets, corrections)
     calibrated = replace_initializers(pruner, result, arrays)
     scales = np.concatenate([c[0][targets[n][1]] for n, c in corrections.items()]) if corrections else np.ones(0)
     info = {"samples": int(len(inputs)), "tensors": len(corrections), "channels": int(scales.size),
-            "scale_median": float(np.median(scales)) if scales.size else 1.0, "scale_capped": int((scales >= MAX_SCALE).sum()),
+            "scale_median": float(np.median(scales)) if scales.size else 1.0,
+            "scale_capped": int((scales >= MAX_SCALE).sum()),
             "seconds": time.perf_counter() - start}
     calibrated.report["calibration"] = info
     return calibrated, info
 
 
-def _corrected_initializers(pruner, targets: dict, corrections: dict) -> dict[str, np.ndarray]:
+def _corrected_initializers(pruner, base: onnx.GraphProto, targets: dict, corrections: dict) -> dict[str, np.ndarray]:
     """{initializer name: corrected full-size array of the original} for every corrected weight/bias."""
-    inits = {t.name: t for t in pruner._base().graph.initializer}  # the names the rewrite starts from
+    inits = {t.name: t for t in base.initializer}  # the names the rewrite starts from
     sources = source_tensors(pruner.loaded.original)  # large weights are stubs in the base: their values
     for name, tensor in inits.items():
         if is_stub(tensor) and name in sources:
@@ -159,12 +161,12 @@ def _corrected_initializers(pruner, targets: dict, corrections: dict) -> dict[st
             if name not in inits or inits[name].data_location == onnx.TensorProto.EXTERNAL:
                 raise LeanOnnxError(f"{pruner.loaded.path}: {name!r}: calibration needs the weight in the model "
                                     "file (not a constant computed at run time or stored as external data)")
-            arrays[name] = numpy_helper.to_array(inits[name]).astype(np.float64)
-            dtypes[name] = numpy_helper.to_array(inits[name]).dtype
+            value = numpy_helper.to_array(inits[name])
+            arrays[name], dtypes[name] = value.astype(np.float64), value.dtype
         return arrays[name]
 
     for name, (scale, shift) in corrections.items():
-        kept, _, (kind, mul, add) = targets[name]
+        kept, _, (mul, add) = targets[name]
         weight, bias = current(mul), current(add)
         if weight.shape[0] < kept.max() + 1 or bias.shape[0] < kept.max() + 1:
             raise LeanOnnxError(f"{pruner.loaded.path}: {mul!r}: unexpected shape for calibration")

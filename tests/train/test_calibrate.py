@@ -49,7 +49,7 @@ def test_kept_channels_get_the_originals_statistics(pruned):
     same channel has in the original (where the scale was not capped); before it, they differ."""
     pruner, result, inputs = pruned
     calibrated, info = calibrate(pruner, result, inputs)
-    targets = _targets(pruner, result)
+    targets = _targets(pruner._base().graph, result)
     assert info["tensors"] == len(targets) > 10 and info["samples"] == 12
     original = _stats(pruner.loaded.original, targets, inputs)
     before = _stats(result.model, targets, inputs)
