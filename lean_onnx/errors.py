@@ -13,6 +13,12 @@ class NothingToPrune(LeanOnnxError):
     exit_code = 4
 
 
+class PeerFailed(LeanOnnxError):
+    """Under torchrun, another process of the run failed or vanished (train/distributed.py): exit code 1."""
+
+    exit_code = 1
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (at most 300 characters), for one-line errors."""
     text = str(exc).strip() or type(exc).__name__

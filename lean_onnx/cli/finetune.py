@@ -85,8 +85,10 @@ def register(sub) -> None:
 def cmd_finetune(args) -> int:
     from ..graph.load import read_model
     from ..io.save import save_model_atomic
-    from ..train.finetune import finetune
+    from ..train.distributed import World, process_group
+    from ..train.finetune import finetune, resolve_device
 
+    args.world = World.from_env()  # torchrun: this process's rank; rank 0 alone writes and shows progress
     check_distill_options(args)
     _check_args(args)
     model = read_model(args.model)
@@ -99,24 +101,29 @@ def cmd_finetune(args) -> int:
         raise LeanOnnxError("torch is required for finetune (pip install 'lean-onnx[train]')") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    say = (lambda line: None) if args.quiet else (lambda line: print(f"[I] {line}", file=sys.stderr, flush=True))
+    quiet = args.quiet or not args.world.main
+    say = (lambda line: None) if quiet else (lambda line: print(f"[I] {line}", file=sys.stderr, flush=True))
     for flag, data in (("--data", train), ("--val-data", val)):
         if data is not None and not isinstance(data, dict):
             say(_describe(flag, data))
     samples = len(train["inputs"]) if isinstance(train, dict) else len(train)
     say(f"fine-tuning {args.model} on {samples} samples for {args.epochs} epoch(s)")
     started = time.perf_counter()
-    trained, history = finetune(model, train, val, epochs=args.epochs, lr=args.lr, batch=args.batch,
-                                seed=args.seed, crop=args.crop or None, loss=args.loss,
-                                keep_zero_kernels=not args.train_zero_kernels, progress=say, path=args.model,
-                                device=args.device, teacher=teacher, teacher_path=args.teacher,
-                                temperature=args.temperature, alpha=args.alpha)
+    with process_group(args.world, resolve_device(args.device)) as (world, device):
+        trained, history = finetune(model, train, val, epochs=args.epochs, lr=args.lr, batch=args.batch,
+                                    seed=args.seed, crop=args.crop or None, loss=args.loss,
+                                    keep_zero_kernels=not args.train_zero_kernels, progress=say, path=args.model,
+                                    device=device, teacher=teacher, teacher_path=args.teacher,
+                                    temperature=args.temperature, alpha=args.alpha, world=world)
+    if not world.main:  # the other ranks hold the same model; rank 0 writes it
+        return 0
     save_model_atomic(trained, args.output)
     say(f"wrote {args.output}")
     if args.report:
         settings = {k: getattr(args, k) for k in ("epochs", "lr", "batch", "seed", "crop", "loss",
                                                   "train_zero_kernels", "device", "teacher")}
         settings.update(_distill_settings(args, train, val, samples))
+        settings.update(world_size=world.size, backend=world.backend, device_used=device)
         report = {"schema_version": 1, "command": "finetune", "input": args.model, "output": args.output,
                   "data": args.data, "val_data": args.val_data, "settings": settings,
                   "skipped": {flag: [{"file": name, "reason": why} for name, why in data.skipped]
@@ -161,6 +168,8 @@ def _load(path: str, flag: str, model, args, training: bool):
                                std=args.std_values, channel_order=args.channel_order or "rgb",
                                augment=training and args.augment is not False,
                                samples_per_epoch=args.samples_per_epoch if training else None)
+    if not args.world.main:  # rank 0 reports the skipped files
+        return folder
     for name, why in folder.skipped[:MAX_SKIPPED_LINES]:
         print(f"[W] {os.path.join(path, name)}: {why}; skipped", file=sys.stderr)
     if len(folder.skipped) > MAX_SKIPPED_LINES:

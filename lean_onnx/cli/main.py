@@ -35,6 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_world(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1) only fine-tuning runs data-parallel: `finetune` and the prune
+    schedule with --finetune-data; anything else would do the same work N times. Ranks other than 0 print
+    errors only (rank 0 shows progress and warnings)."""
+    from ..train.distributed import World
+
+    world = World.from_env()
+    if not world.parallel:
+        return
+    if not (args.command == "finetune" or (args.command == "prune" and getattr(args, "finetune_data", None))):
+        raise LeanOnnxError(f"{args.command}: runs in one process; under torchrun (WORLD_SIZE {world.size}) only "
+                            "`finetune` and the prune schedule with --finetune-data run data-parallel")
+    if not world.main:
+        messages.VERBOSITY = -1
+        warnings.simplefilter("ignore")
+
+
+def _rank() -> str:
+    """"rank R/N: " before an error under torchrun (every rank prints its own), else nothing."""
+    size, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f"rank {rank}/{size}: " if size.isdigit() and int(size) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("LEAN_ONNX_DEBUG"):
         warnings.showwarning = show_warning
@@ -44,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             argv.insert(0, "prune")  # `lean-onnx IN OUT --keep R`
         args = build_parser().parse_args(argv)
         messages.VERBOSITY = 0 if args.quiet else (2 if args.verbose else 1)
+        _check_world(args)
         return args.func(args)
     except LeanOnnxError as exc:
-        print(f"[E] {one_line(exc)}", file=sys.stderr)
+        print(f"[E] {_rank()}{one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("[E] interrupted", file=sys.stderr)
@@ -67,6 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         while where and where.tb_next:
             where = where.tb_next
         loc = f" at {os.path.basename(where.tb_frame.f_code.co_filename)}:{where.tb_lineno}" if where else ""
-        print(one_line(f"[E] internal error: {type(exc).__name__}: {exc}{loc} (set LEAN_ONNX_DEBUG=1 for a "
+        print(one_line(f"[E] {_rank()}internal error: {type(exc).__name__}: {exc}{loc} (set LEAN_ONNX_DEBUG=1 for a "
                         "traceback)"), file=sys.stderr)
         return 1

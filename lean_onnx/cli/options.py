@@ -159,6 +159,8 @@ def check_outputs(args) -> None:
             raise LeanOnnxError(f"{path}: output folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise LeanOnnxError(f"{path}: output folder {folder} is not writable")
+        if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone writes (and probes) the outputs
+            continue
         try:  # root passes os.access everywhere; read-only file systems and sysfs refuse the file itself
             with tempfile.TemporaryFile(dir=folder):
                 pass

@@ -45,8 +45,12 @@ def cmd_schedule(args, info, warn) -> int:
     resume, then write OUT."""
     from ..graph.load import parse_input_shapes, read_model
     from ..io.save import save_model_atomic
+    from ..train.distributed import World, process_group
     from ..train.schedule import ScheduleConfig, run_schedule, step_keeps
 
+    world = World.from_env()  # under torchrun: fine-tune data-parallel; rank 0 writes and shows progress
+    if not world.main:
+        info = warn = lambda line: None  # noqa: E731
     check_distill_options(args)
     if args.steps < 1 or args.epochs_per_step < 0 or args.batch < 1 or args.lr <= 0 or args.crop < 0:
         raise LeanOnnxError("--steps and --batch must be >= 1, --epochs-per-step and --crop >= 0, --lr > 0")
@@ -90,8 +94,17 @@ def cmd_schedule(args, info, warn) -> int:
     info(f"schedule: {args.steps} step(s) to {what} {goal:g} "
          f"({', '.join(f'{k:.4f}' for k in step_keeps(goal, args.steps))}); checkpoints in {folder}"
          + (f"; distilling from {args.teacher}" if teacher is not None else ""))
-    state = run_schedule(args.model, config, folder, train, val, progress=info, device=args.device,
-                         teacher=teacher)
+    if train is not None and config.epochs_per_step > 0:
+        from ..train.finetune import resolve_device
+
+        with process_group(world, resolve_device(args.device)) as (world, device):
+            state = run_schedule(args.model, config, folder, train, val, progress=info, device=device,
+                                 teacher=teacher, world=world)
+    else:
+        state = run_schedule(args.model, config, folder, train, val, progress=info, device=args.device,
+                             teacher=teacher)
+    if not world.main:
+        return 0
     final = os.path.join(folder, state["steps"][-1]["model"])
     with open(final, "rb") as f:
         save_model_atomic(f.read(), args.output)

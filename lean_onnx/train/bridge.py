@@ -130,6 +130,15 @@ class OnnxModule(nn.Module):
         """(op_type, [input keys]) per node, for mask builders that need to know who reads what."""
         return [(ctx.op_type, keys) for ctx, keys, _ in self._nodes]
 
+    def dead_parameters(self) -> list[str]:
+        """Keys of the parameters read only by nodes that feed no graph output (they never get a gradient)."""
+        needed, read = set(self.output_names), set()
+        for _, keys, outputs in reversed(self._nodes):
+            if any(name in needed for name in outputs):
+                needed.update(k[1] for k in keys if k is not None and k[0] == "value")
+                read.update(k[1] for k in keys if k is not None and k[0] == "param")
+        return [key for key, _ in self.named_parameters() if key not in read]
+
 
 def to_torch(model: onnx.ModelProto, path: str = "<model>", fuse_slices: bool = True) -> OnnxModule:
     """The bridge's entry point (see the module docstring). `fuse_slices=False` runs every Slice and

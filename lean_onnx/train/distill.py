@@ -87,8 +87,11 @@ def is_classes(tensor) -> bool:
     return tensor.dim() == 2 and tensor.shape[1] > 1
 
 
-def distill_loss(student, teacher_out: tuple, teacher: Teacher, temperature: float = 1.0, student_path: str = ""):
-    """The mean over the compared outputs of KL (classes) or scale-normalised MSE (everything else)."""
+def distill_loss(student, teacher_out: tuple, teacher: Teacher, temperature: float = 1.0, student_path: str = "",
+                 mean_of=None):
+    """The mean over the compared outputs of KL (classes) or scale-normalised MSE (everything else).
+    `mean_of(tensor)`: the batch mean of the teacher's squares that normalises the MSE (default its mean
+    here; data-parallel training takes it over every rank's share, distributed.global_mean)."""
     import torch
     import torch.nn.functional as F
 
@@ -110,8 +113,12 @@ def distill_loss(student, teacher_out: tuple, teacher: Teacher, temperature: flo
         else:
             if k in teacher.sigmoids:  # compared as logits: a saturated sigmoid passes no gradient back
                 s, t = _logit(s), _logit(t).clamp(-LOGIT_MAX, LOGIT_MAX)
-            losses.append(((s - t) ** 2).mean() / ((t ** 2).mean() + EPS))
+            losses.append(((s - t) ** 2).mean() / ((mean_of or _mean)(t ** 2) + EPS))
     return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+
+def _mean(values):
+    return values.mean()
 
 
 #: a float32 sigmoid rounds to 1 above about 16.6: the teacher's logits are known up to that
@@ -128,12 +135,12 @@ def _logit(p):
 
 
 def mixed_loss(student, teacher_out: tuple, target, teacher: Teacher, temperature: float, alpha: float,
-               labelled, student_path: str = ""):
+               labelled, student_path: str = "", mean_of=None):
     """`alpha * labelled(student, target) + (1 - alpha) * distill`; alpha 0 is pure distillation (no
     target needed), alpha 1 the labelled loss alone."""
     if alpha >= 1:
         return labelled(student, target)
-    distill = distill_loss(student, teacher_out, teacher, temperature, student_path)
+    distill = distill_loss(student, teacher_out, teacher, temperature, student_path, mean_of)
     if alpha <= 0:
         return distill
     return alpha * labelled(student, target) + (1 - alpha) * distill
@@ -158,6 +165,18 @@ class Agreement:
             else:
                 acc[1] += float((s - t).abs().sum())
                 acc[2] += float(t.abs().sum())
+
+    def reduce(self, world) -> None:
+        """Add up the sums of every rank (distributed.World) so each has the whole validation's."""
+        if not world.parallel:
+            return
+        flat = []
+        for k in self.teacher.compared:
+            classes, num, den = self.sums.get(k, [False, 0.0, 0.0])
+            flat += [float(k in self.sums), float(classes), num, den]
+        flat = world.all_sum(flat)
+        self.sums = {k: [flat[4 * i + 1] > 0, flat[4 * i + 2], flat[4 * i + 3]]
+                     for i, k in enumerate(self.teacher.compared) if flat[4 * i] > 0}
 
     def result(self) -> dict:
         """{"val_top1_agreement": mean over (N, classes) outputs, "val_relative_error": mean over the

@@ -38,7 +38,8 @@ def finetune(model: onnx.ModelProto, train, val=None, epochs: int = 3, lr: float
              batch: int = 5, seed: int = 0, crop: int | None = None, loss: str = "auto",
              keep_zero_kernels: bool = True, progress=None, path: str = "<model>", device: str = "auto",
              optimizer_state: dict | None = None, state_out: dict | None = None, *, teacher=None,
-             temperature: float = 1.0, alpha: float | None = None, teacher_path: str = "<teacher>"):
+             temperature: float = 1.0, alpha: float | None = None, teacher_path: str = "<teacher>",
+             world=None):
     """Train `model` on `train` ({"inputs", "targets"} arrays) for `epochs`; returns (trained ModelProto
     with the template's interface, history: one dict per epoch with train_loss, val_loss, val_accuracy
     (classification/segmentation), seconds). `crop`: random crops of crop x crop pixels for training
@@ -51,17 +52,21 @@ def finetune(model: onnx.ModelProto, train, val=None, epochs: int = 3, lr: float
     with the same interface, or a distill.Teacher): distil from it (distill.py) with `temperature`;
     `alpha` mixes in the labelled loss, alpha * labelled + (1 - alpha) * distill (default 0 with a teacher:
     targets are then optional); the history then also has the validation agreement with the teacher,
-    and a row for epoch 0 (before training) when there is validation data."""
+    and a row for epoch 0 (before training) when there is validation data. `world` (distributed.World,
+    inside distributed.process_group): train data-parallel under torchrun, `batch` being the global batch
+    (distributed.py); every rank returns the same model and history."""
     import torch
 
-    from .bridge import apply_masks, export_onnx, mask_gradients, to_torch, zero_kernel_masks
+    from .bridge import export_onnx, to_torch, zero_kernel_masks
+    from .distributed import LOCAL, wrap
 
     alpha = _alpha(alpha, teacher)
     train = as_data(train, "train", crop, path, need_targets=alpha > 0)
     val = as_data(val, "val", None, path, need_targets=alpha > 0) if val is not None else None
     labels = next((d.targets for d in (train, val) if d is not None and d.targets is not None), None)
     loss_kind = _loss_kind(loss, labels, path) if labels is not None else None  # None: distillation only
-    device = resolve_device(device)
+    world = world or LOCAL
+    device = resolve_device(device) if not world.parallel else device  # process_group chose this rank's GPU
     with _deterministic(seed, device):
         module = to_torch(model, path).to(device)
         if len(module.input_names) != 1:
@@ -70,8 +75,10 @@ def finetune(model: onnx.ModelProto, train, val=None, epochs: int = 3, lr: float
         objective = _objective(loss_kind, teacher, temperature, alpha, path)
         masks = zero_kernel_masks(module) if keep_zero_kernels else {}
         if progress:
-            progress(_summary(module, masks) + f"; on {device}" + (
+            parallel = f" x {world.size} processes ({world.backend}, global batch {batch})" if world.parallel else ""
+            progress(_summary(module, masks) + f"; on {device}{parallel}" + (
                 f"; distilling from {teacher.path} (temperature {temperature:g}, alpha {alpha:g})" if teacher else ""))
+        net = wrap(module, world, device)  # DistributedDataParallel under torchrun, else the module itself
         optimizer = torch.optim.Adam(module.parameters(), lr=lr)
         for key, parameter in module.named_parameters():
             saved = (optimizer_state or {}).get(module.onnx_name[key])
@@ -82,18 +89,17 @@ def finetune(model: onnx.ModelProto, train, val=None, epochs: int = 3, lr: float
         history = []
         if teacher is not None and val is not None:  # where the student starts from
             start = time.perf_counter()
-            history.append({"epoch": 0, **evaluate(module, val, batch, loss_kind, teacher, temperature, alpha),
+            history.append({"epoch": 0, **evaluate(module, val, batch, loss_kind, teacher, temperature, alpha, world),
                             "seconds": time.perf_counter() - start})
             if progress:
                 progress(_epoch_line(history[-1], epochs))
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             module.train()
-            train_loss = _train_epoch(module, optimizer, masks, train, batch, objective, rng,
-                                      apply_masks, mask_gradients)
+            train_loss = _train_epoch(net, module, optimizer, masks, train, batch, objective, rng, world)
             row = {"epoch": epoch, "train_loss": train_loss}
             if val is not None:
-                row.update(evaluate(module, val, batch, loss_kind, teacher, temperature, alpha))
+                row.update(evaluate(module, val, batch, loss_kind, teacher, temperature, alpha, world))
             row["seconds"] = time.perf_counter() - start
             history.append(row)
             if progress:
@@ -106,35 +112,67 @@ def finetune(model: onnx.ModelProto, train, val=None, epochs: int = 3, lr: float
         return export_onnx(module, model), history
 
 
-def _train_epoch(module, optimizer, masks, data, batch, objective, rng, apply_masks, mask_gradients) -> float:
-    """One shuffled pass; returns the training loss averaged over the samples."""
+def _train_epoch(net, module, optimizer, masks, data, batch, objective, rng, world) -> float:
+    """One shuffled pass; returns the training loss averaged over the samples. `net` is `module`, or it
+    wrapped in DistributedDataParallel: each rank then trains on its share of every global batch, its loss
+    weighted so that DDP's averaged gradient is the global batch's (distributed.py)."""
+    from .bridge import apply_masks, mask_gradients
+
     order = data.order(rng)
     device = _device_of(module)
     total, count = 0.0, 0
     for first in range(0, len(order), batch):
         index = np.sort(order[first:first + batch])  # sorted: npz-backed arrays read faster
-        x, y = _tensors(data.batch(index, rng), device)
-        loss = objective(module(x), x, y)
+        (x, y), live = _share(data, index, rng, world, device)
+        loss = objective(net(x), x, y, _mean_of(world, live))
         optimizer.zero_grad()
-        loss.backward()
+        if world.parallel:  # this share's weight in the global mean, times N (DDP divides the sum by N)
+            (loss * ((len(x) if live else 0) * world.size / len(index))).backward()
+        else:
+            loss.backward()
         mask_gradients(module, masks)
         optimizer.step()
         apply_masks(module, masks)
-        total += loss.item() * len(index)
-        count += len(index)
+        if live:
+            total += loss.item() * len(x)
+            count += len(x)
+    total, count = world.all_sum([total, count])
     return total / max(count, 1)
 
 
+def _share(data, index, rng, world, device):
+    """((inputs, targets) tensors, live): this rank's share of the batch `index` (all of it in one process).
+    A rank whose share is empty gets the batch's first sample with live False: it runs it with weight 0,
+    as every rank must take part in each gradient all-reduce. The whole batch's random crops are drawn."""
+    if not world.parallel:
+        return _tensors(data.batch(index, rng), device), True
+    part = world.part(len(index))
+    live = part.stop > part.start
+    return _tensors(data.batch(index, rng, part if live else slice(0, 1)), device), live
+
+
+def _mean_of(world, live: bool):
+    """How the loss takes a mean over the batch of a statistic (distill.py): over all ranks' shares."""
+    if not world.parallel:
+        return None
+    from .distributed import global_mean
+
+    return lambda values: global_mean(world, values, live)
+
+
 def evaluate(module, data, batch: int = 5, loss_kind: str | None = "ce", teacher=None, temperature: float = 1.0,
-             alpha: float = 0.0) -> dict:
+             alpha: float = 0.0, world=None) -> dict:
     """Mean loss per element over `data` and, for cross-entropy, global accuracy (correct / total
     target elements: the paper's pixel accuracy for segmentation). With a `teacher` (distill.Teacher):
     the training objective's mean per sample as val_loss, the accuracy when there are targets, and the
-    agreement with the teacher (distill.Agreement)."""
+    agreement with the teacher (distill.Agreement). Under torchrun (`world`) each rank evaluates its share
+    of every batch and the sums are added over the ranks: every rank gets the whole data's figures."""
     import torch
 
     from .distill import Agreement, mixed_loss
+    from .distributed import LOCAL
 
+    world = world or LOCAL
     data = as_data(data, "val", None, getattr(module, "path", "<model>"), need_targets=teacher is None)
     module.eval()
     device = _device_of(module)
@@ -142,27 +180,30 @@ def evaluate(module, data, batch: int = 5, loss_kind: str | None = "ce", teacher
     agreement = Agreement(teacher) if teacher is not None else None
     with torch.no_grad():
         for first in range(0, len(data), batch):
-            x, y = _tensors(data.batch(np.arange(first, min(first + batch, len(data))), None), device)
+            (x, y), live = _share(data, np.arange(first, min(first + batch, len(data))), None, world, device)
             full = module(x)
             out = _first_output(full)
             if teacher is not None:
                 taught = teacher(x)
-                agreement.add(full, taught)
                 loss = mixed_loss(full, taught, y, teacher, temperature, alpha,
-                                  lambda s, t: _loss(s, t, loss_kind), module.path)
-                loss_sum += loss.item() * len(x)
-                samples += len(x)
-            if y is not None:
+                                  lambda s, t: _loss(s, t, loss_kind), module.path, _mean_of(world, live))
+                if live:
+                    agreement.add(full, taught)
+                    loss_sum += loss.item() * len(x)
+                    samples += len(x)
+            if y is not None and live:
                 n = y.numel()
                 if teacher is None:
                     loss_sum += _loss(out, y, loss_kind).item() * n
                 elements += n
                 if loss_kind == "ce":
                     correct += int((out.argmax(1) == y).sum())
+    loss_sum, correct, elements, samples = world.all_sum([loss_sum, correct, elements, samples])
     result = {"val_loss": loss_sum / max(samples if teacher is not None else elements, 1)}
     if loss_kind == "ce" and elements:
         result["val_accuracy"] = correct / elements
     if agreement is not None:
+        agreement.reduce(world)
         result.update(agreement.result())
     return result
 
@@ -200,15 +241,17 @@ def _teacher(teacher, path: str, device: str, student: onnx.ModelProto, student_
 
 
 def _objective(loss_kind, teacher, temperature: float, alpha: float, path: str):
-    """loss(student outputs, inputs, targets): the labelled loss alone, or mixed with distillation."""
+    """loss(student outputs, inputs, targets, mean_of=None): the labelled loss alone, or mixed with
+    distillation (`mean_of`: how distill.py takes a batch statistic; None: over this batch)."""
     from .distill import mixed_loss
 
     if teacher is None:
-        return lambda out, x, y: _loss(out, y, loss_kind)
+        return lambda out, x, y, mean_of=None: _loss(out, y, loss_kind)
     if not temperature > 0:
         raise LeanOnnxError(f"--temperature {temperature:g}: expected a positive number")
-    return lambda out, x, y: mixed_loss(out, teacher(x) if alpha < 1 else None, y, teacher, temperature, alpha,
-                                        lambda s, t: _loss(s, t, loss_kind), path)  # alpha 1: labels alone
+    return lambda out, x, y, mean_of=None: mixed_loss(  # alpha 1: labels alone
+        out, teacher(x) if alpha < 1 else None, y, teacher, temperature, alpha,
+        lambda s, t: _loss(s, t, loss_kind), path, mean_of)
 
 
 def _loss(output, target, loss_kind: str):
@@ -224,12 +267,15 @@ def _first_output(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _random_crops(x: np.ndarray, y: np.ndarray | None, crop: int, rng: np.random.Generator):
-    """One random crop x crop window per sample, the same window in input and target (if any)."""
+def _random_crops(x: np.ndarray, y: np.ndarray | None, crop: int, rng: np.random.Generator,
+                  part: slice | None = None):
+    """One random crop x crop window per sample, the same window in input and target (if any). `part`:
+    the windows of every sample are drawn, those of x[part] (y[part]) returned."""
     height, width = x.shape[-2:]
+    windows = [(rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)) for _ in range(len(x))]
     xs, ys = [], []
-    for k in range(len(x)):
-        top, left = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
+    for k in range(len(x))[part or slice(None)]:
+        top, left = windows[k]
         xs.append(x[k, ..., top:top + crop, left:left + crop])
         if y is not None:
             ys.append(y[k, ..., top:top + crop, left:left + crop])
@@ -249,12 +295,15 @@ class ArrayData:
     def order(self, rng: np.random.Generator) -> np.ndarray:
         return rng.permutation(len(self.inputs))
 
-    def batch(self, indices, rng: np.random.Generator | None):
-        x = self.inputs[indices]
-        y = self.targets[indices] if self.targets is not None else None
+    def batch(self, indices, rng: np.random.Generator | None, part: slice | None = None):
+        """(inputs, targets or None) of `indices`, or of indices[part] only: a data-parallel rank's share
+        (distributed.py), with the random crops of the whole batch drawn all the same."""
         if self.crop and rng is not None:
-            x, y = _random_crops(x, y, self.crop, rng)
-        return x, y
+            x = self.inputs[indices]
+            y = self.targets[indices] if self.targets is not None else None
+            return _random_crops(x, y, self.crop, rng, part)
+        indices = np.asarray(indices)[part or slice(None)]
+        return self.inputs[indices], (self.targets[indices] if self.targets is not None else None)
 
 
 def as_data(data, what: str, crop: int | None, path: str, need_targets: bool = True):

@@ -62,26 +62,36 @@ class ImageFolder:
         passes = -(-self.samples // len(self.images))
         return np.concatenate([rng.permutation(len(self.images)) for _ in range(passes)])[:self.samples]
 
-    def batch(self, indices, rng: np.random.Generator | None):
-        """(inputs float32 in the model's layout, None): augmented when `augment` and `rng` is given."""
-        x = np.stack([self.sample(int(k), rng if self.augment else None) for k in indices])
-        return x, None
+    def batch(self, indices, rng: np.random.Generator | None, part: slice | None = None):
+        """(inputs float32 in the model's layout, None): augmented when `augment` and `rng` is given.
+        `part`: decode only indices[part] (a data-parallel rank's share, distributed.py); the augmentation
+        of the whole batch is drawn all the same, so every rank's generator stays in step."""
+        rng = rng if self.augment else None
+        crops = [self._crop(int(k), rng) for k in indices]
+        chosen = list(zip(indices, crops))[part or slice(None)]
+        return np.stack([self._render(int(k), *crop) for k, crop in chosen]), None
 
     def sample(self, k: int, rng: np.random.Generator | None) -> np.ndarray:
-        from PIL import Image
+        return self._render(k, *self._crop(k, rng))
 
+    def _crop(self, k: int, rng: np.random.Generator | None) -> tuple:
+        """(box, flip) of image k: random with an rng, else the centre crop."""
         image = self.images[k % len(self.images)]
         height, width = image.shape[:2]
         out_h, out_w = self.size
-        flip = False
         if rng is not None:
             box = _random_box(rng, height, width, out_w / out_h)
-            flip = rng.random() < 0.5
-        else:
-            scale = max(out_h / height, out_w / width) / CENTRE_FRACTION  # the shorter side to size / 0.875
-            crop_h, crop_w = min(out_h / scale, height), min(out_w / scale, width)
-            top, left = (height - crop_h) / 2, (width - crop_w) / 2
-            box = (left, top, left + crop_w, top + crop_h)
+            return box, rng.random() < 0.5
+        scale = max(out_h / height, out_w / width) / CENTRE_FRACTION  # the shorter side to size / 0.875
+        crop_h, crop_w = min(out_h / scale, height), min(out_w / scale, width)
+        top, left = (height - crop_h) / 2, (width - crop_w) / 2
+        return (left, top, left + crop_w, top + crop_h), False
+
+    def _render(self, k: int, box: tuple, flip: bool) -> np.ndarray:
+        from PIL import Image
+
+        image = self.images[k % len(self.images)]
+        out_h, out_w = self.size
         picture = Image.fromarray(image[:, :, 0] if self.channels == 1 else image)
         pixels = np.asarray(picture.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box), np.float32)
         pixels = pixels.reshape(out_h, out_w, self.channels)

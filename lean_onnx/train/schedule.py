@@ -80,26 +80,33 @@ def data_digest(arrays: dict | None) -> str | None:
 
 def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train: dict | None = None,
                  val: dict | None = None, progress=None, stop_after: int | None = None,
-                 verify: bool = True, device: str = "auto", teacher=None) -> dict:
+                 verify: bool = True, device: str = "auto", teacher=None, world=None) -> dict:
     """Run (or resume) the schedule; returns the state: config, original kernel count and one row per
     finished step (its checkpoint file, keep target/achieved, kernels, params, MACs, fine-tuning history,
     contract error). `stop_after` k stops after step k (as an interruption would). `device`: where to
     fine-tune (finetune.resolve_device); not part of the config, so a run can resume on another machine.
     `teacher` (an onnx.ModelProto, usually the original; `config.teacher` is its sha256): every step's
     fine-tuning distils from it (finetune.finetune's `teacher`); `config.target_macs`: step t prunes to
-    target_macs^(t/steps) of the original's MACs at channel granularity instead of a kernel keep."""
+    target_macs^(t/steps) of the original's MACs at channel granularity instead of a kernel keep.
+    `world` (distributed.World, inside distributed.process_group, with `device` this rank's): under
+    torchrun every rank prunes alike and fine-tunes data-parallel; rank 0 alone writes the checkpoints."""
     from ..graph.load import read_model
     from ..io.save import save_model_atomic, sha256
+    from .distributed import LOCAL
 
+    world = world or LOCAL
     say = progress or (lambda line: None)
     if train is not None and config.epochs_per_step > 0:
         from .finetune import resolve_device
 
-        device = resolve_device(device)  # once, so a missing GPU fails here, before any file or pruning
-        say(f"fine-tuning on {device}")
-    os.makedirs(checkpoint_dir, exist_ok=True)
+        if not world.parallel:
+            device = resolve_device(device)  # once, so a missing GPU fails here, before any file or pruning
+        say(f"fine-tuning on {device}" + (f" x {world.size} processes ({world.backend})" if world.parallel else ""))
+    if world.main:
+        os.makedirs(checkpoint_dir, exist_ok=True)
     config.train_data, config.val_data = data_digest(train), data_digest(val)
     state = _resume(checkpoint_dir, source, config, sha256(source), say)
+    world.barrier()  # every rank has read the folder before rank 0 writes to it
     if state["steps"] and state.get("original_macs") is None:  # a folder written before MACs were recorded
         from ..graph.cost import model_cost
         from ..graph.load import load_model
@@ -116,15 +123,18 @@ def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train
         start = time.perf_counter()
         out = {} if carry else None
         row, current = _step(current, t, keeps[t - 1], state, config, train, val, verify, say, device,
-                             optimizer_state=adam, state_out=out, teacher=teacher)
+                             optimizer_state=adam, state_out=out, teacher=teacher, world=world)
         row["model"] = f"step_{t:02d}.onnx"
         if carry:  # before the model and state.json: a step that counts as finished has its Adam state
-            _save_adam(out, os.path.join(checkpoint_dir, ADAM.format(t)))
+            if world.main:
+                _save_adam(out, os.path.join(checkpoint_dir, ADAM.format(t)))
             adam = out
-        save_model_atomic(current, os.path.join(checkpoint_dir, row["model"]))
+        if world.main:
+            save_model_atomic(current, os.path.join(checkpoint_dir, row["model"]))
         row["seconds"] = time.perf_counter() - start
         state["steps"].append(row)
-        save_model_atomic((json.dumps(state, indent=1) + "\n").encode(), os.path.join(checkpoint_dir, STATE))
+        if world.main:
+            save_model_atomic((json.dumps(state, indent=1) + "\n").encode(), os.path.join(checkpoint_dir, STATE))
         say(_step_line(row, config.steps))
     state["finished"] = len(state["steps"]) == config.steps
     return state
@@ -165,7 +175,7 @@ def _resume(folder: str, source: str, config: ScheduleConfig, digest: str, say) 
 
 def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, train, val, verify: bool, say,
           device: str, optimizer_state: dict | None = None, state_out: dict | None = None,
-          finetune_masked: bool = False, teacher=None):
+          finetune_masked: bool = False, teacher=None, world=None):
     """Prune `model` to `target` of the original kernels (of the original's MACs with
     `config.target_macs`), then fine-tune (distil from `teacher` when given); returns (row, new model).
     `optimizer_state`/`state_out`: Adam's state to start from / to fill (finetune.finetune); a state of
@@ -214,11 +224,12 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
         from .finetune import finetune
 
         row["finetune_device"] = device
+        row.update(finetune_world_size=world.size if world else 1, finetune_backend=world.backend if world else None)
         distil = {"teacher": teacher, "temperature": config.temperature, "alpha": config.alpha} if teacher else {}
         model, row["finetune"] = finetune(model, train, val, epochs=config.epochs_per_step, lr=config.lr,
                                           batch=config.batch, seed=config.seed + t, crop=config.crop,
                                           path=f"step {t}", device=device, optimizer_state=optimizer_state,
-                                          state_out=state_out, **distil)
+                                          state_out=state_out, world=world, **distil)
     return row, model
 
 
