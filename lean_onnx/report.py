@@ -49,7 +49,8 @@ def print_inspect(s: dict, verbose: bool = False) -> None:
         ("parameters", _si(s["params"])),
         ("MACs", f"{_si(s['flops']['macs'])} at {shapes}"),
         ("channel graph", f"{_n(s['graph']['nodes'])} nodes, {_n(s['graph']['edges'])} edges, "
-                          f"{_n(s['graph']['frozen_channels'])} frozen channels"),
+                          f"{_n(s['graph']['frozen_channels'])} frozen channels "
+                          f"({100 * s['graph']['frozen_share']:.2f} % of the nodes)"),
         ("coupling groups", str(len(s["coupling_groups"]))),
         ("frozen parts", str(len(s["frozen"]))),
     ]

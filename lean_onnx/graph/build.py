@@ -17,6 +17,8 @@ def build_channel_graph(loaded: LoadedModel, exclude: list[str] | None = None,
     inits = set(loaded.initializers)
     for inp in graph.input:
         if inp.name not in inits:
+            if _nhwc_input(graph, inp.name):
+                b.channel_axis[inp.name] = 3
             b.nodes(inp.name)
     for node in graph.node:
         handle_node(node, b)
@@ -36,6 +38,15 @@ def build_channel_graph(loaded: LoadedModel, exclude: list[str] | None = None,
         reasons = sorted({layer.frozen_reason or "" for layer in result.layers})
         raise NothingToPrune(f"{loaded.path}: nothing to prune: every conv layer is frozen ({'; '.join(reasons)})")
     return result
+
+
+def _nhwc_input(graph, name: str) -> bool:
+    """A rank-4 graph input that every reader transposes to NCHW (perm [0,3,1,2]): its channels are axis 3."""
+    readers = [node for node in graph.node if name in node.input]
+    dims = graph.input[[i.name for i in graph.input].index(name)].type.tensor_type.shape.dim
+    return len(dims) == 4 and bool(readers) and all(
+        node.op_type == "Transpose" and [list(a.ints) for a in node.attribute if a.name == "perm"] == [[0, 3, 1, 2]]
+        for node in readers)
 
 
 class _OutputNode:

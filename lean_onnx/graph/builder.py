@@ -16,6 +16,9 @@ class GraphBuilder:
     def __init__(self, loaded: LoadedModel, exclude: list[str], norm_grid: int | None):
         self.loaded = loaded
         self.exclude = list(exclude)
+        #: graph inputs whose channels are not on axis 1: an NHWC input read only through
+        #: Transpose([0,3,1,2]) (TensorFlow models) has them on axis 3
+        self.channel_axis: dict[str, int] = {}
         self.norm_grid = norm_grid
         self.num_nodes = 0
         self.tensor_nodes: dict[str, np.ndarray] = {}
@@ -61,9 +64,10 @@ class GraphBuilder:
         shape = self.loaded.shape(tensor)
         is_input = any(i.name == tensor for i in self.loaded.graph.input)
         # (N, C, spatial...) feature maps only: a Gemm's (N, features) output carries no conv channels
-        if not shape or len(shape) < (2 if is_input else 3) or shape[1] is None:
+        axis = self.channel_axis.get(tensor, 1)
+        if not shape or len(shape) < (2 if is_input else 3) or shape[axis] is None:
             return None
-        nodes = self.new_sources(shape[1])
+        nodes = self.new_sources(shape[axis])
         self.tensor_nodes[tensor] = nodes
         return nodes
 

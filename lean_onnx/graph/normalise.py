@@ -1,6 +1,7 @@
 """Normalising what exporters leave behind, in a copy of the model (`structural_copy`): local functions
 inlined, duplicate node names made unique, Constant nodes turned into initializers, nodes sorted, small
-constant arithmetic folded, Identity(initializer) bypassed. The analysis copy and the rewrite's base are
+constant arithmetic folded, Identity(initializer) bypassed, NHWC stretches between Transposes made NCHW
+(layout.py). The analysis copy and the rewrite's base are
 both made here, so the pruned model keeps IR version, opsets, names and dynamic dims."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from onnx import numpy_helper
 from ..errors import LeanOnnxError
 from ..errors import first_line as _first_line
 from ..io import external_data
+from .layout import sink_transposes
 
 
 def structural_copy(original: onnx.ModelProto, path: str = "<model>", stub_large: bool = False
@@ -31,7 +33,17 @@ def structural_copy(original: onnx.ModelProto, path: str = "<model>", stub_large
     _toposort(model.graph, path)
     _fold_constant_arithmetic(model, fold_shapes=False)
     _bypass_identity_of_initializers(model.graph)
+    if sink_transposes(model):  # NHWC stretches of converted TensorFlow models run in NCHW (layout.py)
+        _toposort(model.graph, path)
+        _bypass_identity_of_initializers(model.graph)
     return model
+
+
+def order_and_name(graph: onnx.GraphProto, path: str = "<model>") -> None:
+    """Only what onnx.checker and ONNX Runtime require of a graph that is otherwise left as it is: nodes
+    sorted, duplicate node names suffixed (rewrite/masked.py keeps the input's graph this way)."""
+    _unique_node_names(graph)
+    _toposort(graph, path)
 
 
 def _copy_with_stubs(original: onnx.ModelProto) -> onnx.ModelProto:

@@ -127,6 +127,10 @@ def transpose(node, b: GraphBuilder) -> None:
             return
     elif len(perm) >= 2 and perm[0] == 0 and perm[1] == 1:
         return same_channels(node, b)
+    elif perm == [0, 3, 1, 2] and b.channel_axis.get(node.input[0]) == 3:  # an NHWC graph input to NCHW
+        return same_channels(node, b)
+    elif perm == [0, 2, 3, 1] and node.output[0] in {o.name for o in b.loaded.graph.output}:  # NCHW to an NHWC output
+        return same_channels(node, b)
     unknown(node, b, "Transpose moves the channel axis")
 
 

@@ -90,9 +90,19 @@ def check_contract(original: onnx.ModelProto, result, input_shapes: dict, rng: n
 
 
 def _check_kernels_counted(masked: onnx.ModelProto, result) -> None:
-    """Every kernel that is non-zero in the masked model is one LEAN kept (or in an unprunable layer)."""
+    """Every kernel that is non-zero in the masked model is one LEAN kept (or in an unprunable layer).
+    The masked model is the input's graph (rewrite/masked.py): a weight it computes (a Constant node,
+    constant arithmetic) is read from its normalised copy."""
     weights = {t.name: t for t in masked.graph.initializer}
+    weights.update((n.output[0], n.attribute[0].t) for n in masked.graph.node
+                   if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value")
     convs = {n.output[0]: n for n in masked.graph.node if n.op_type in ("Conv", "ConvTranspose")}
+    if any(convs[layer.output].input[1] not in weights for layer in result.graph.layers if layer.prunable):
+        from ..graph.normalise import structural_copy
+
+        masked = structural_copy(masked)
+        weights = {t.name: t for t in masked.graph.initializer}
+        convs = {n.output[0]: n for n in masked.graph.node if n.op_type in ("Conv", "ConvTranspose")}
     graph = result.graph
     for layer in graph.layers:
         if not layer.prunable:

@@ -20,13 +20,14 @@ from ..graph.channel_graph import ChannelGraph
 from ..graph.cost import float_params, model_cost, pruned_macs
 from ..graph.load import load_model
 from ..graph.normalise import structural_copy
-from ..io.external_data import checker_view, data_bytes, external_data_threshold
+from ..io.external_data import checker_view, data_bytes, external_data_threshold, fill_stubs
 from ..io.ondisk import write_streamed
 from ..io.save import STREAM_BYTES
 from ..select.budget import DEFAULT_ALLOCATE, DEFAULT_MIN_CHANNELS, ChannelBudget, check_budget
 from ..select.selection import METHODS, Selection, select_kernels
 from ..select.weights import compute_edge_weights
 from .budget_plan import plan_for_macs
+from .masked import on_original
 from .plan import Plan, make_plan
 from .prune_report import build_report
 from .rewriter import rewrite
@@ -88,6 +89,18 @@ class Pruner:
                                                ).SerializeToString()
         return onnx.ModelProto.FromString(self._base_bytes)
 
+    def _masked(self, selection: Selection, plan: Plan, base: onnx.ModelProto, also=()) -> tuple:
+        """(the masked model, which graph it is on): the input's own graph with the changed values carried
+        over (rewrite/masked.py), or the normalised graph where that cannot be done. `also`: initializers
+        that `base` holds with new values (calibration) besides those the rewrite changes."""
+        changed = set(also)
+        normalised = rewrite(self.graph, selection, plan, False, base, changed)
+        model = on_original(normalised, changed, self.loaded)
+        if model is not None:
+            return model, "input"
+        fill_stubs(normalised, self.loaded.source_tensors())
+        return normalised, "normalised (a pruned weight is read inside an inlined local function)"
+
     def _timed(self, stage, fn, *args, **kwargs):
         start = time.perf_counter()
         value = fn(*args, **kwargs)
@@ -126,7 +139,7 @@ class Pruner:
             start = time.perf_counter()
             plan = make_plan(self.graph, selection, round_channels, fold_constants, gather_below)
         pruned = rewrite(self.graph, selection, plan, True, self._base())
-        masked_model = rewrite(self.graph, selection, plan, False, self._base()) if masked else None
+        masked_model, masked_graph = self._masked(selection, plan, self._base()) if masked else (None, None)
         timings["rewrite"] = time.perf_counter() - start
         start = time.perf_counter()
         _check(pruned, "pruned", self.loaded.path)
@@ -135,6 +148,8 @@ class Pruner:
         cost_after = {"params": float_params(pruned), "macs": pruned_macs(pruned, self.loaded)}
         timings["check"] = time.perf_counter() - start
         report = build_report(self.graph, selection, plan, pruned, self.cost_before, cost_after, timings)
+        if masked_graph is not None:
+            report["masked_graph"] = masked_graph
         if budget_info is not None:
             before = self.cost_before["macs"]
             budget_info["achieved_macs_ratio"] = cost_after["macs"] / before if before else 1.0
@@ -209,7 +224,7 @@ def replace_initializers(pruner: Pruner, result: PruneResult, arrays: dict[str, 
         return model
 
     pruned = rewrite(result.graph, result.selection, result.plan, True, base())
-    masked = rewrite(result.graph, result.selection, result.plan, False, base()) if result.masked is not None else None
+    masked = pruner._masked(result.selection, result.plan, base(), arrays)[0] if result.masked is not None else None
     _check(pruned, "pruned", pruner.loaded.path)
     if masked is not None:
         _check(masked, "masked", pruner.loaded.path)

@@ -90,16 +90,16 @@ class Initializers:
         self.users[name] = 1
         self.changed[name] = value
 
-    def finish(self) -> None:
-        """Unchanged initializers stay (stubs filled from the original), changed ones are converted one at
-        a time and dropped from `changed`, so the weights are never held twice here."""
+    def finish(self, fill: bool = True) -> None:
+        """Unchanged initializers stay (stubs filled from the original unless not `fill`), changed ones are
+        converted one at a time and dropped from `changed`, so the weights are never held twice here."""
         graph = self.model.graph
         used = {name for n in graph.node for name in all_inputs(n)} | {o.name for o in graph.output}
         tensors = [t for t in graph.initializer if t.name in used and t.name not in self.changed]
         del graph.initializer[:]
         graph.initializer.extend(tensors)
         del tensors
-        if self.loaded is not None and any(is_stub(t) for t in graph.initializer):
+        if fill and self.loaded is not None and any(is_stub(t) for t in graph.initializer):
             fill_stubs(self.model, self.loaded.source_tensors())
         for name in list(self.changed):
             if name in used:  # popped into the call: _to_tensor holds the only reference
@@ -122,9 +122,11 @@ def _to_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
 
 
 def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channels: bool,
-            base: onnx.ModelProto | None = None) -> onnx.ModelProto:
+            base: onnx.ModelProto | None = None, changed: set[str] | None = None) -> onnx.ModelProto:
     """The pruned model (slice_channels) or the masked model (same shapes), written into `base` (a fresh
-    `structural_copy` of the original, made here when not given; it is modified)."""
+    `structural_copy` of the original, made here when not given; it is modified). `changed`, when given,
+    receives the names of the initializers written, and the unchanged large ones stay stubs (the masked
+    model is then carried onto the original's graph, rewrite/masked.py)."""
     model = base if base is not None else structural_copy(graph.loaded.original, graph.loaded.path)
     inits = Initializers(model, graph.loaded)
     layers = {layer.output: layer for layer in graph.layers}
@@ -168,7 +170,9 @@ def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channel
         model.graph.node.remove(node)
     if slice_channels and plan.gathers:
         _insert_gathers(model, plan, inits)
-    inits.finish()
+    if changed is not None:
+        changed.update(inits.changed)
+    inits.finish(fill=changed is None)
     del model.graph.value_info[:]
     return model
 
