@@ -12,7 +12,8 @@
 # 2. checks whether a CUDA session really runs on CUDA (get_providers() after creation);
 # 3. if it does: `lean-onnx bench original keep* --provider cuda --strict --json` per model;
 #    in any case: the same models timed on the GPU through torch (tools/gpu_torch_bench.py), labelled so;
-# 4. writes gpu_check.log, providers.json, bench_<model>.json and torch_cuda.json to $OUT.
+# 4. with 2 or more GPUs: finetune on 1 process against torchrun with one process per GPU (tools/bench_ddp.py);
+# 5. writes gpu_check.log, providers.json, bench_<model>.json, torch_cuda.json (and ddp.json) to $OUT.
 set -u
 OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
@@ -70,4 +71,11 @@ fi
 
 echo "== torch on the GPU (lean_onnx.train.bridge), labelled as such"
 "$PY" tools/gpu_torch_bench.py "$MODELS" --device cuda --runs 100 --warmup 20 --json "$OUT/torch_cuda.json"
+GPUS="$(nvidia-smi -L 2>/dev/null | wc -l)"
+if [ "$GPUS" -ge 2 ]; then  # nccl needs one GPU per process: 1 vs N processes (docs/finetune.md, issue 20)
+  echo "== data-parallel finetune: 1 process vs torchrun --nproc-per-node $GPUS (nccl)"
+  "$PY" tools/bench_ddp.py --processes "$GPUS" --rounds 1 --only msd --images 64 --batch 16 --json "$OUT/ddp.json"
+else
+  echo "== data-parallel finetune: $GPUS GPU, nccl needs 2 (one per process); not run"
+fi
 echo "== done"; date -u
