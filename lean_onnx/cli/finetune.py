@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 from ..errors import LeanOnnxError
 from ..train.finetune import LOSSES
 from ..train.images import IMAGENET_MEAN, IMAGENET_STD
+from .messages import info, warn
 from .options import check_distill_options
 
 MAX_SKIPPED_LINES = 20  # one [W] line per skipped file up to this many, then one line for the rest
@@ -88,7 +88,6 @@ def cmd_finetune(args) -> int:
     from ..train.distributed import World, process_group
     from ..train.finetune import finetune, resolve_device
 
-    args.world = World.from_env()  # torchrun: this process's rank; rank 0 alone writes and shows progress
     check_distill_options(args)
     _check_args(args)
     model = read_model(args.model)
@@ -101,15 +100,14 @@ def cmd_finetune(args) -> int:
         raise LeanOnnxError("torch is required for finetune (pip install 'lean-onnx[train]')") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    quiet = args.quiet or not args.world.main
-    say = (lambda line: None) if quiet else (lambda line: print(f"[I] {line}", file=sys.stderr, flush=True))
+    say = info  # silent with -q, and on every rank but 0 under torchrun (cli/main.py)
     for flag, data in (("--data", train), ("--val-data", val)):
         if data is not None and not isinstance(data, dict):
             say(_describe(flag, data))
     samples = len(train["inputs"]) if isinstance(train, dict) else len(train)
     say(f"fine-tuning {args.model} on {samples} samples for {args.epochs} epoch(s)")
     started = time.perf_counter()
-    with process_group(args.world, resolve_device(args.device)) as (world, device):
+    with process_group(World.from_env(), resolve_device(args.device)) as (world, device):
         trained, history = finetune(model, train, val, epochs=args.epochs, lr=args.lr, batch=args.batch,
                                     seed=args.seed, crop=args.crop or None, loss=args.loss,
                                     keep_zero_kernels=not args.train_zero_kernels, progress=say, path=args.model,
@@ -168,13 +166,10 @@ def _load(path: str, flag: str, model, args, training: bool):
                                std=args.std_values, channel_order=args.channel_order or "rgb",
                                augment=training and args.augment is not False,
                                samples_per_epoch=args.samples_per_epoch if training else None)
-    if not args.world.main:  # rank 0 reports the skipped files
-        return folder
-    for name, why in folder.skipped[:MAX_SKIPPED_LINES]:
-        print(f"[W] {os.path.join(path, name)}: {why}; skipped", file=sys.stderr)
+    for name, why in folder.skipped[:MAX_SKIPPED_LINES]:  # [W] lines: rank 0's only under torchrun
+        warn(f"{os.path.join(path, name)}: {why}; skipped")
     if len(folder.skipped) > MAX_SKIPPED_LINES:
-        print(f"[W] {path}: {len(folder.skipped) - MAX_SKIPPED_LINES} more files skipped (see --report)",
-              file=sys.stderr)
+        warn(f"{path}: {len(folder.skipped) - MAX_SKIPPED_LINES} more files skipped (see --report)")
     return folder
 
 

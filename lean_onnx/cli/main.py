@@ -53,9 +53,15 @@ def _check_world(args) -> None:
 
 
 def _rank() -> str:
-    """"rank R/N: " before an error under torchrun (every rank prints its own), else nothing."""
-    size, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
-    return f"rank {rank}/{size}: " if size.isdigit() and int(size) > 1 else ""
+    """"rank R/N: " before an error under torchrun (every rank prints its own), else nothing (also when
+    torchrun's variables are unreadable: that is the error being printed)."""
+    from ..train.distributed import World
+
+    try:
+        world = World.from_env()
+    except LeanOnnxError:
+        return ""
+    return f"rank {world.rank}/{world.size}: " if world.parallel else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,6 +135,7 @@ def check_outputs(args) -> None:
     same file, an output that is a directory, a missing folder, or a folder where no file can be created."""
     source = os.path.realpath(args.model)
     from ..io.ondisk import external_locations
+    from ..train.distributed import World
 
     in_folder = os.path.dirname(source)
     input_data = {os.path.realpath(os.path.join(in_folder, loc)) for loc in external_locations(source)}
@@ -159,7 +160,7 @@ def check_outputs(args) -> None:
             raise LeanOnnxError(f"{path}: output folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise LeanOnnxError(f"{path}: output folder {folder} is not writable")
-        if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone writes (and probes) the outputs
+        if not World.from_env().main:  # under torchrun rank 0 alone writes (and probes) the outputs
             continue
         try:  # root passes os.access everywhere; read-only file systems and sysfs refuse the file itself
             with tempfile.TemporaryFile(dir=folder):

@@ -48,9 +48,7 @@ def cmd_schedule(args, info, warn) -> int:
     from ..train.distributed import World, process_group
     from ..train.schedule import ScheduleConfig, run_schedule, step_keeps
 
-    world = World.from_env()  # under torchrun: fine-tune data-parallel; rank 0 writes and shows progress
-    if not world.main:
-        info = warn = lambda line: None  # noqa: E731
+    world = World.from_env()  # under torchrun: fine-tune data-parallel; rank 0 writes (and alone prints, main.py)
     check_distill_options(args)
     if args.steps < 1 or args.epochs_per_step < 0 or args.batch < 1 or args.lr <= 0 or args.crop < 0:
         raise LeanOnnxError("--steps and --batch must be >= 1, --epochs-per-step and --crop >= 0, --lr > 0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import NothingToPrune
 from .builder import GraphBuilder
 from .channel_graph import ChannelGraph, FrozenPart
+from .handlers import attr
 from .load import LoadedModel
 from .registry import handle_node
 
@@ -17,7 +18,7 @@ def build_channel_graph(loaded: LoadedModel, exclude: list[str] | None = None,
     inits = set(loaded.initializers)
     for inp in graph.input:
         if inp.name not in inits:
-            if _nhwc_input(graph, inp.name):
+            if _nhwc_input(graph, inp):
                 b.channel_axis[inp.name] = 3
             b.nodes(inp.name)
     for node in graph.node:
@@ -40,13 +41,11 @@ def build_channel_graph(loaded: LoadedModel, exclude: list[str] | None = None,
     return result
 
 
-def _nhwc_input(graph, name: str) -> bool:
+def _nhwc_input(graph, inp) -> bool:
     """A rank-4 graph input that every reader transposes to NCHW (perm [0,3,1,2]): its channels are axis 3."""
-    readers = [node for node in graph.node if name in node.input]
-    dims = graph.input[[i.name for i in graph.input].index(name)].type.tensor_type.shape.dim
-    return len(dims) == 4 and bool(readers) and all(
-        node.op_type == "Transpose" and [list(a.ints) for a in node.attribute if a.name == "perm"] == [[0, 3, 1, 2]]
-        for node in readers)
+    readers = [node for node in graph.node if inp.name in node.input]
+    return len(inp.type.tensor_type.shape.dim) == 4 and bool(readers) and all(
+        node.op_type == "Transpose" and attr(node, "perm") == [0, 3, 1, 2] for node in readers)
 
 
 class _OutputNode:

@@ -99,7 +99,7 @@ class _Stretch:
     pays (fewer Transposes) and returns whether it did."""
 
     def __init__(self, model: onnx.ModelProto, start):
-        self.model, self.graph = model, model.graph
+        self.graph = graph = model.graph
         self.p = np.array(TO_NHWC)
         self.inv = np.argsort(self.p)
         self.inits = {t.name: t for t in self.graph.initializer}
@@ -110,6 +110,9 @@ class _Stretch:
                     self.readers.setdefault(name, []).append((node, k))
         self.producer = {o: n for n in self.graph.node for o in n.output}
         self.outputs = {o.name for o in self.graph.output}
+        #: every name in use, so the tensors and nodes this adds get new ones (_fresh)
+        self.taken = ({t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+                      | {i for n in graph.node for i in n.input} | {i.name for i in graph.input})
         self.starts = [start]
         self.alias = {start.output[0]: start.input[0]}  # a start's output -> the NCHW tensor it came from
         self.members: list = []  # nodes that now run on NCHW, in the order found
@@ -118,7 +121,6 @@ class _Stretch:
         self.ends: list = []  # (Transpose node, kind): "cancel" (inverse perm) or "compose"
         self.closers: list = []  # reductions that end the stretch: (node, new axes)
         self.exits: list = []  # (node, slot) readers that get a Transpose back to NHWC
-        self.constants: dict = {}  # (node id, slot) -> transposed constant
 
     # ------------------------------------------------------------------------------------------ grow
     def _grow(self) -> None:
@@ -332,11 +334,7 @@ class _Stretch:
                 if value.ndim > 4:
                     continue
                 full = value.reshape((1,) * (4 - value.ndim) + value.shape)
-                moved = np.ascontiguousarray(np.transpose(full, self.inv))
-                new = self._fresh(f"{name}__nchw")
-                self.graph.initializer.append(numpy_helper.from_array(moved, new))
-                self.inits[new] = self.graph.initializer[-1]
-                node.input[k] = new
+                node.input[k] = self._initializer(name, np.ascontiguousarray(np.transpose(full, self.inv)))
         elif op == "Concat" or op == "Split":
             _set_int(node, "axis", int(self.p[int(_attr(node, "axis", 0)) % 4]))
         elif op == "Pad":
@@ -345,9 +343,7 @@ class _Stretch:
             for k in range(4):
                 begin[int(self.p[k])], end[int(self.p[k])] = pads[k], pads[k + 4]
             if len(node.input) > 1 and node.input[1]:
-                new = self._fresh(f"{node.input[1]}__nchw")
-                self.graph.initializer.append(numpy_helper.from_array(np.array(begin + end, np.int64), new))
-                node.input[1] = new
+                node.input[1] = self._initializer(node.input[1], np.array(begin + end, np.int64))
             else:
                 _set_ints(node, "pads", begin + end)
         elif op in REDUCE:
@@ -355,19 +351,19 @@ class _Stretch:
 
     def _set_axes(self, node, axes) -> None:
         if len(node.input) > 1 and node.input[1]:
-            new = self._fresh(f"{node.input[1]}__nchw")
-            self.graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), new))
-            node.input[1] = new
+            node.input[1] = self._initializer(node.input[1], np.array(axes, np.int64))
         else:
             _set_ints(node, "axes", axes)
 
+    def _initializer(self, name: str, value: np.ndarray) -> str:
+        """A new initializer `<name>__nchw` holding `value` (the original may have other readers); its name."""
+        new = self._fresh(f"{name}__nchw")
+        self.graph.initializer.append(numpy_helper.from_array(value, new))
+        self.inits[new] = self.graph.initializer[-1]
+        return new
+
     def _fresh(self, name: str) -> str:
-        taken = getattr(self, "_taken", None)
-        if taken is None:
-            graph = self.graph
-            taken = self._taken = ({t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-                                   | {i for n in graph.node for i in n.input} | {i.name for i in graph.input})
-        while name in taken:
+        while name in self.taken:
             name += "_"
-        taken.add(name)
+        self.taken.add(name)
         return name

@@ -113,12 +113,9 @@ def distill_loss(student, teacher_out: tuple, teacher: Teacher, temperature: flo
         else:
             if k in teacher.sigmoids:  # compared as logits: a saturated sigmoid passes no gradient back
                 s, t = _logit(s), _logit(t).clamp(-LOGIT_MAX, LOGIT_MAX)
-            losses.append(((s - t) ** 2).mean() / ((mean_of or _mean)(t ** 2) + EPS))
+            square = t ** 2
+            losses.append(((s - t) ** 2).mean() / ((mean_of(square) if mean_of else square.mean()) + EPS))
     return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-
-
-def _mean(values):
-    return values.mean()
 
 
 #: a float32 sigmoid rounds to 1 above about 16.6: the teacher's logits are known up to that

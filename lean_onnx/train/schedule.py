@@ -125,10 +125,9 @@ def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train
         row, current = _step(current, t, keeps[t - 1], state, config, train, val, verify, say, device,
                              optimizer_state=adam, state_out=out, teacher=teacher, world=world)
         row["model"] = f"step_{t:02d}.onnx"
-        if carry:  # before the model and state.json: a step that counts as finished has its Adam state
-            if world.main:
-                _save_adam(out, os.path.join(checkpoint_dir, ADAM.format(t)))
-            adam = out
+        if carry and world.main:  # before the model and state.json: a finished step has its Adam state
+            _save_adam(out, os.path.join(checkpoint_dir, ADAM.format(t)))
+        adam = out if carry else adam
         if world.main:
             save_model_atomic(current, os.path.join(checkpoint_dir, row["model"]))
         row["seconds"] = time.perf_counter() - start
@@ -183,7 +182,9 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
     `finetune_masked` (needs `verify`): fine-tune the masked model, which has `model`'s shapes (so a
     state from `model`'s fine-tuning maps one to one), instead of the pruned one: the same function."""
     from ..rewrite.pruner import Pruner
+    from .distributed import LOCAL
 
+    world = world or LOCAL
     pruner = Pruner(model, exclude=config.exclude, input_shapes=config.input_shapes, norm_grid=config.norm_grid)
     prunable = int(pruner.graph.prunable_edges.sum())
     if state["original_kernels"] is None:  # step 1 prunes the original itself
@@ -224,7 +225,7 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
         from .finetune import finetune
 
         row["finetune_device"] = device
-        row.update(finetune_world_size=world.size if world else 1, finetune_backend=world.backend if world else None)
+        row.update(finetune_world_size=world.size, finetune_backend=world.backend)
         distil = {"teacher": teacher, "temperature": config.temperature, "alpha": config.alpha} if teacher else {}
         model, row["finetune"] = finetune(model, train, val, epochs=config.epochs_per_step, lr=config.lr,
                                           batch=config.batch, seed=config.seed + t, crop=config.crop,
