@@ -26,6 +26,8 @@ import contextlib
 import datetime
 import inspect
 import os
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -80,9 +82,10 @@ class World:
 
         tensor = torch.as_tensor(values, dtype=torch.float64)
         if self.parallel:
-            device = _collective_device(self)
-            moved = tensor.to(device)
-            _checked_collective(lambda: __import__("torch.distributed").distributed.all_reduce(moved))
+            import torch.distributed as dist
+
+            moved = tensor.to(_collective_device(self))
+            _checked_collective(lambda: dist.all_reduce(moved))
             tensor = moved.cpu()
         return tensor.tolist()
 
@@ -129,19 +132,11 @@ def _is_collective_failure(exc: BaseException) -> bool:
 def global_mean(world: World, values, live: bool = True):
     """The mean of `values` (a detached tensor) over the elements of all ranks' shares of the batch; a
     rank without samples (`live` False) contributes nothing. One process: values.mean()."""
-    import torch
-
     if not world.parallel:
         return values.mean()
-    sums = torch.stack([values.detach().double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64,
-                                                                    device=values.device)])
-    if not live:
-        sums = torch.zeros_like(sums)
-    sums = sums.to(_collective_device(world))
-    import torch.distributed as dist
-
-    _checked_collective(lambda: dist.all_reduce(sums))
-    return (sums[0] / sums[1].clamp_min(1)).to(device=values.device, dtype=values.dtype)
+    mine = [float(values.detach().double().sum()), float(values.numel())] if live else [0.0, 0.0]
+    total, count = world.all_sum(mine)
+    return values.new_tensor(total / max(count, 1.0))
 
 
 @contextlib.contextmanager
@@ -174,6 +169,10 @@ def process_group(world: World, device: str):
         raise LeanOnnxError(f"cannot join the {backend} process group "
                             f"({str(exc).splitlines()[0][:160]})") from None
     joined = World(world.rank, world.size, world.local_rank, backend)
+    # when a rank dies, torchrun stops the others with SIGTERM, often before they reach a collective and
+    # notice: they say so in one line too (the default handler would end them without a word)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stopped) if in_main else None
     try:
         yield joined, device
         # every rank finished its last collective before any closes its connections: a peer whose socket
@@ -184,8 +183,15 @@ def process_group(world: World, device: str):
             raise _peer_failed(exc) from None
         raise
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def _stopped(signum, frame):
+    raise PeerFailed("lost contact with the other processes (torchrun stopped this one with SIGTERM): another "
+                     "rank failed or stopped; nothing written")
 
 
 def wrap(module, world: World, device: str):
