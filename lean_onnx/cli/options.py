@@ -197,3 +197,33 @@ def check_distill_options(args) -> None:
             raise LeanOnnxError("--alpha mixes the labelled and the distillation loss: it needs --teacher")
         if not 0 <= args.alpha <= 1:
             raise LeanOnnxError(f"--alpha {args.alpha:g}: expected a weight in [0, 1]")
+
+
+def check_calibration(args) -> None:
+    """Refused before any work: a missing calibration source, too few samples, no torch."""
+    if not os.path.exists(args.calibrate_data):
+        raise LeanOnnxError(f"{args.calibrate_data}: --calibrate-data: no such file or folder")
+    if args.calibrate_samples < 2:
+        raise LeanOnnxError(f"--calibrate-samples {args.calibrate_samples}: expected at least 2")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise LeanOnnxError("--calibrate-data needs torch (pip install 'lean-onnx[train]')") from None
+
+
+def calibration_inputs(args, model):
+    """`--calibrate-data`'s inputs for `model` (the original): an .npz's `inputs`, or images of a folder
+    resized and centre-cropped as `finetune --val-data` does; at most `--calibrate-samples` of them."""
+    path = args.calibrate_data
+    if os.path.isdir(path):
+        from ..train.images import load_image_folder, parse_size
+
+        size = parse_size(args.input_size) if args.input_size else None
+        folder = load_image_folder(path, model, args.model, "--calibrate-data", input_size=size)
+        for name, why in folder.skipped[:5]:
+            warn(f"{os.path.join(path, name)}: {why}; skipped")
+        inputs, _ = folder.batch(range(min(args.calibrate_samples, len(folder.images))), None)
+        return inputs
+    from ..runtime.validate import read_inputs
+
+    return read_inputs(path)[:args.calibrate_samples]

@@ -11,7 +11,8 @@ import time
 from ..errors import LeanOnnxError
 from . import messages
 from .messages import info, warn
-from .options import check_outputs, check_prune_options, check_selection, explain_selection, make_pruner, selection_args
+from .options import (calibration_inputs, check_calibration, check_outputs, check_prune_options, check_selection,
+                      explain_selection, make_pruner, selection_args)
 from .schedule import add_arguments as schedule_arguments
 from .schedule import cmd_schedule, wants_schedule
 
@@ -44,7 +45,8 @@ def register(sub) -> None:
                    help="after pruning, match every kept conv channel's mean and spread to the original's on these "
                         "inputs (an .npz `inputs` array or a folder of images, resized and centre-cropped for the "
                         "model's input): the statistics a pruned trained network loses (docs/finetune.md); the "
-                        "pruned model still equals its masked model, now with the corrected weights")
+                        "pruned model still equals its masked model, now with the corrected weights; with --steps, "
+                        "every step's model is calibrated against the step's input before its fine-tuning")
     g.add_argument("--calibrate-samples", type=int, default=64, metavar="N",
                    help="inputs used for the calibration, in one batch (default 64)")
     g.add_argument("--input-size", metavar="H,W", help="with an image folder: the input size (default: the model's)")
@@ -76,6 +78,8 @@ def cmd_prune(args) -> int:
     check_selection(args)
     check_prune_options(args)
     check_outputs(args)
+    if args.calibrate_data:
+        check_calibration(args)
     if wants_schedule(args):
         if args.target_latency is not None:
             raise LeanOnnxError("--steps / --finetune-data go with --keep or --target-macs; a latency target "
@@ -86,8 +90,6 @@ def cmd_prune(args) -> int:
         from ..runtime.plots import require_matplotlib
 
         require_matplotlib()
-    if args.calibrate_data:
-        _check_calibration(args)
     validation_inputs = None
     if args.validate_data:
         from ..runtime.validate import read_inputs
@@ -164,37 +166,11 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _check_calibration(args) -> None:
-    """Refused before any work: a missing calibration source, too few samples, no torch."""
-    if not os.path.exists(args.calibrate_data):
-        raise LeanOnnxError(f"{args.calibrate_data}: --calibrate-data: no such file or folder")
-    if args.calibrate_samples < 2:
-        raise LeanOnnxError(f"--calibrate-samples {args.calibrate_samples}: expected at least 2")
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise LeanOnnxError("--calibrate-data needs torch (pip install 'lean-onnx[train]')") from None
-
-
 def _calibrate(pruner, result, args):
-    """`--calibrate-data`: the calibration inputs (an .npz's `inputs`, or images of a folder resized and
-    centre-cropped as `finetune --val-data` does), then train/calibrate.py."""
+    """`--calibrate-data`: train/calibrate.py on the inputs of options.calibration_inputs."""
     from ..train.calibrate import calibrate
 
-    path = args.calibrate_data
-    if os.path.isdir(path):
-        from ..train.images import load_image_folder, parse_size
-
-        size = parse_size(args.input_size) if args.input_size else None
-        folder = load_image_folder(path, pruner.loaded.original, args.model, "--calibrate-data", input_size=size)
-        for name, why in folder.skipped[:5]:
-            warn(f"{os.path.join(path, name)}: {why}; skipped")
-        count = min(args.calibrate_samples, len(folder.images))
-        inputs, _ = folder.batch(range(count), None)
-    else:
-        from ..runtime.validate import read_inputs
-
-        inputs = read_inputs(path)[:args.calibrate_samples]
+    inputs = calibration_inputs(args, pruner.loaded.original)
     calibrated, summary = calibrate(pruner, result, inputs, batch=args.calibrate_samples)
     info(f"calibrated {summary['channels']} channels of {summary['tensors']} convs on {summary['samples']} inputs "
          f"({summary['seconds']:.1f} s; median scale {summary['scale_median']:.3f}, {summary['scale_capped']} capped)")

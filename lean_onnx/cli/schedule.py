@@ -70,6 +70,11 @@ def cmd_schedule(args, info, warn) -> int:
         val = load_data(args.val_data, "--val-data", need_targets=labelled) if args.val_data else None
     else:
         warn("--steps without --finetune-data: pruning in steps without fine-tuning in between")
+    calibration = None
+    if args.calibrate_data:  # every step calibrated on them before its fine-tuning (checked in cmd_prune)
+        from .options import calibration_inputs
+
+        calibration = calibration_inputs(args, read_model(args.model))
     shapes = parse_input_shapes(args.input_shape)
     if not shapes and train is not None:  # the data fix the input shape (one input, batch 1)
         model = read_model(args.model)
@@ -91,16 +96,17 @@ def cmd_schedule(args, info, warn) -> int:
     goal, what = (args.target_macs, "MACs") if args.target_macs is not None else (args.keep, "keep")
     info(f"schedule: {args.steps} step(s) to {what} {goal:g} "
          f"({', '.join(f'{k:.4f}' for k in step_keeps(goal, args.steps))}); checkpoints in {folder}"
-         + (f"; distilling from {args.teacher}" if teacher is not None else ""))
+         + (f"; distilling from {args.teacher}" if teacher is not None else "")
+         + (f"; calibrating every step on {len(calibration)} inputs" if calibration is not None else ""))
     if train is not None and config.epochs_per_step > 0:
         from ..train.finetune import resolve_device
 
         with process_group(world, resolve_device(args.device)) as (world, device):
             state = run_schedule(args.model, config, folder, train, val, progress=info, device=device,
-                                 teacher=teacher, world=world)
+                                 teacher=teacher, world=world, calibration=calibration)
     else:
         state = run_schedule(args.model, config, folder, train, val, progress=info, device=args.device,
-                             teacher=teacher)
+                             teacher=teacher, calibration=calibration)
     if not world.main:
         return 0
     final = os.path.join(folder, state["steps"][-1]["model"])

@@ -61,6 +61,7 @@ class ScheduleConfig:
     teacher: str | None = None  # sha256 of the teacher model (distillation after every step)
     temperature: float = 1.0
     alpha: float = 0.0
+    calibrate_data: str | None = None  # sha256 of the calibration inputs (every step calibrated before fine-tuning)
 
 
 def step_keeps(keep: float, steps: int) -> list[float]:
@@ -80,7 +81,8 @@ def data_digest(arrays: dict | None) -> str | None:
 
 def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train: dict | None = None,
                  val: dict | None = None, progress=None, stop_after: int | None = None,
-                 verify: bool = True, device: str = "auto", teacher=None, world=None) -> dict:
+                 verify: bool = True, device: str = "auto", teacher=None, world=None,
+                 calibration: np.ndarray | None = None) -> dict:
     """Run (or resume) the schedule; returns the state: config, original kernel count and one row per
     finished step (its checkpoint file, keep target/achieved, kernels, params, MACs, fine-tuning history,
     contract error). `stop_after` k stops after step k (as an interruption would). `device`: where to
@@ -89,7 +91,9 @@ def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train
     fine-tuning distils from it (finetune.finetune's `teacher`); `config.target_macs`: step t prunes to
     target_macs^(t/steps) of the original's MACs at channel granularity instead of a kernel keep.
     `world` (distributed.World, inside distributed.process_group, with `device` this rank's): under
-    torchrun every rank prunes alike and fine-tunes data-parallel; rank 0 alone writes the checkpoints."""
+    torchrun every rank prunes alike and fine-tunes data-parallel; rank 0 alone writes the checkpoints.
+    `calibration` (inputs; `config.calibrate_data` is their digest): every step's pruned model is calibrated
+    on them against the step's input model (train/calibrate.py) before its fine-tuning."""
     from ..graph.load import read_model
     from ..io.save import save_model_atomic, sha256
     from .distributed import LOCAL
@@ -105,6 +109,7 @@ def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train
     if world.main:
         os.makedirs(checkpoint_dir, exist_ok=True)
     config.train_data, config.val_data = data_digest(train), data_digest(val)
+    config.calibrate_data = data_digest(None if calibration is None else {"inputs": calibration})
     state = _resume(checkpoint_dir, source, config, sha256(source), say)
     world.barrier()  # every rank has read the folder before rank 0 writes to it
     if state["steps"] and state.get("original_macs") is None:  # a folder written before MACs were recorded
@@ -123,7 +128,8 @@ def run_schedule(source: str, config: ScheduleConfig, checkpoint_dir: str, train
         start = time.perf_counter()
         out = {} if carry else None
         row, current = _step(current, t, keeps[t - 1], state, config, train, val, verify, say, device,
-                             optimizer_state=adam, state_out=out, teacher=teacher, world=world)
+                             optimizer_state=adam, state_out=out, teacher=teacher, world=world,
+                             calibration=calibration)
         row["model"] = f"step_{t:02d}.onnx"
         if carry and world.main:  # before the model and state.json: a finished step has its Adam state
             _save_adam(out, os.path.join(checkpoint_dir, ADAM.format(t)))
@@ -174,13 +180,14 @@ def _resume(folder: str, source: str, config: ScheduleConfig, digest: str, say) 
 
 def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, train, val, verify: bool, say,
           device: str, optimizer_state: dict | None = None, state_out: dict | None = None,
-          finetune_masked: bool = False, teacher=None, world=None):
+          finetune_masked: bool = False, teacher=None, world=None, calibration=None):
     """Prune `model` to `target` of the original kernels (of the original's MACs with
     `config.target_macs`), then fine-tune (distil from `teacher` when given); returns (row, new model).
     `optimizer_state`/`state_out`: Adam's state to start from / to fill (finetune.finetune); a state of
     `model`'s fine-tuning is cut like the weights (Pruner.slice_like) unless `finetune_masked`.
     `finetune_masked` (needs `verify`): fine-tune the masked model, which has `model`'s shapes (so a
-    state from `model`'s fine-tuning maps one to one), instead of the pruned one: the same function."""
+    state from `model`'s fine-tuning maps one to one), instead of the pruned one: the same function.
+    `calibration` (inputs): the pruned model's kept channels get `model`'s statistics on them first."""
     from ..rewrite.pruner import Pruner
     from .distributed import LOCAL
 
@@ -198,6 +205,10 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
     else:
         in_step = min(1.0, target * state["original_kernels"] / prunable)
         result = pruner.prune(in_step, zeros_are_pruned=True, **options)
+    if calibration is not None:  # the masked model is calibrated alike: the contract below checks both
+        from .calibrate import calibrate
+
+        result, calibrated = calibrate(pruner, result, calibration, batch=len(calibration))
     report = result.report
     row = {"step": t, "keep_target": target, "keep_in_step": in_step, "kernels_kept": report["kernels"]["kept"],
            "keep_achieved": report["kernels"]["kept"] / state["original_kernels"],
@@ -205,6 +216,8 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
            "macs": report["flops"]["after"],
            "macs_ratio": report["flops"]["after"] / state["original_macs"] if state.get("original_macs") else None,
            "inputs_reach_outputs": report["inputs_reach_outputs"]}
+    if calibration is not None:
+        row["calibration"] = calibrated
     if config.target_macs is not None:  # the step's target is a MACs ratio, not a keep
         row.update(target_kind="macs", keep_achieved=row["macs_ratio"])
     if verify:
@@ -280,6 +293,8 @@ def _step_line(row: dict, steps: int) -> str:
     what = "MACs" if row.get("target_kind") == "macs" else "keep"
     parts = [f"step {row['step']}/{steps}: {what} {row['keep_achieved']:.4f} (target {row['keep_target']:.4f})",
              f"{row['kernels_kept']:,} kernels", f"params {row['params']:,}"]
+    if row.get("calibration"):
+        parts.append(f"calibrated {row['calibration']['channels']:,} channels")
     if row["finetune"]:
         last = row["finetune"][-1]
         parts += [f"{k} {last[k]:.4f}" for k in ("train_loss", "val_loss", "val_accuracy") if k in last]

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from lean_onnx.errors import LeanOnnxError
 from lean_onnx.rewrite.contract import session
 from lean_onnx.train.circle_square import first_images
 from lean_onnx.train.schedule import ScheduleConfig, run_schedule, step_keeps
@@ -236,3 +237,51 @@ def test_cli_budget_schedule_with_teacher_resumes_and_refuses_another_teacher(tm
     assert code == 2 and err.strip().splitlines()[-1].startswith("[E]") and "other settings" in err
     code, _, err = cli(unet, out, "--target-latency", "0.6", "--steps", "2")
     assert code == 2 and "latency target" in err
+
+
+def test_budget_schedule_calibrates_every_step(tmp_path, trained_unet):
+    """`calibration` inputs: every step's pruned model gets its input model's channel statistics before the
+    fine-tuning; the contract holds for the calibrated model, the steps' outputs are closer to the original's
+    than without calibration, and a folder made with other calibration inputs is not resumed."""
+    path, images = trained_unet
+    budget = dict(keep=None, target_macs=0.4, min_channels=0.1, epochs_per_step=0)
+    inputs = images["inputs"]
+    calibrated = run_schedule(path, config(**budget), str(tmp_path / "c"), None, calibration=inputs)
+    plain = run_schedule(path, config(**budget), str(tmp_path / "p"), None)
+    assert calibrated["config"]["calibrate_data"] and plain["config"]["calibrate_data"] is None
+
+    def run(model):  # the zoo U-Net has a fixed batch of 1
+        sess = session(model)
+        return np.concatenate([sess.run(None, {"input": x[None]})[0] for x in inputs])
+
+    reference = run(onnx.load(path))
+
+    def error(folder):  # mean squared error of the last step's output to the original's, on the inputs
+        return float(((run(onnx.load(tmp_path / folder / "step_02.onnx")) - reference) ** 2).mean())
+
+    for row, other in zip(calibrated["steps"], plain["steps"]):
+        assert row["calibration"]["channels"] > 0 and row["calibration"]["samples"] == len(inputs)
+        assert row["max_rel_err_vs_masked"] < 1e-4 and "calibration" not in other
+        assert abs(row["macs_ratio"] - row["keep_target"]) <= 0.05
+    # calibration changes values, never shapes: step 1 prunes the same original alike (step 2 prunes another)
+    assert calibrated["steps"][0]["macs"] == plain["steps"][0]["macs"]
+    assert error("c") < error("p")
+    with pytest.raises(LeanOnnxError, match="other settings"):
+        run_schedule(path, config(**budget), str(tmp_path / "c"), None, calibration=inputs[::-1].copy())
+
+
+def test_cli_schedule_with_calibrate_data(tmp_path, unet, data):
+    """`--calibrate-data` with `--steps`: every step is calibrated (the state says so per step) before its
+    distillation; it was silently ignored by the schedule before."""
+    np.savez(tmp_path / "inputs.npz", inputs=data["inputs"])
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, _, err = cli(unet, out, "--target-macs", "0.6", "--steps", "2", "--finetune-data", tmp_path / "inputs.npz",
+                       "--epochs-per-step", "1", "--batch", "2", "--teacher", unet,
+                       "--calibrate-data", tmp_path / "inputs.npz", "--report", report)
+    assert code == 0, err
+    assert "calibrating every step on 4 inputs" in err and "calibrated" in err
+    state = json.loads(report.read_text())
+    assert all(row["calibration"]["samples"] == 4 for row in state["steps"]) and len(state["steps"]) == 2
+    onnx.checker.check_model(str(out), full_check=True)
+    code, _, err = cli(unet, out, "--target-macs", "0.6", "--steps", "2", "--calibrate-data", tmp_path / "no.npz")
+    assert code == 2 and "no such file" in err
