@@ -13,8 +13,8 @@ original on 192 *new* random crops of the same photos (the deployment case: same
 clock: generalisation), and on the new crops where the original's top-1 logit is at least CLEAR_MARGIN above
 its second (about half of them: the others are near-ties for the original itself, which any student flips
 about half the time). `--seeds`: each distillation is run with each seed (its shuffle order) and the row
-gives the mean and the range, the noise a one-seed comparison hides. Pruners at each target: lean-onnx `--target-macs` with `--method lean` and
-`--method l1`, and Torch-Pruning's `MagnitudePruner` searched to the same MACs (tools/bench_budget_torch.py);
+gives the mean and the range, the noise a one-seed comparison hides. Pruners at each target: lean-onnx
+`--target-macs` with `--method lean` and `--method l1`, and Torch-Pruning's `MagnitudePruner` searched to the same MACs (tools/bench_budget_torch.py);
 lean-onnx's also calibrated on the first `--calibrate` training crops (`--calibrate-data`: each kept channel's
 statistics matched to the original's, train/calibrate.py) before distillation, a step of lean-onnx's pruning
 that a Torch-Pruning model (no record of which channels it kept) does not get;
@@ -60,6 +60,8 @@ HEADING = "## Recovery without labels: distillation after --target-macs (tools/b
 HELD_OUT = ("china", "flower", "camera", "clock")
 #: top-1 logit minus the second: crops below it are near-ties for the original itself
 CLEAR_MARGIN = 1.0
+#: YOLOv8n: an anchor is a detection when its best class score reaches this (Ultralytics' default confidence)
+DETECTION_SCORE = 0.25
 ARGS = None
 
 
@@ -297,11 +299,20 @@ def yolo_rows(args) -> list[dict]:
     new = photo_inputs(shape, 96, seed=1, normalise="unit")
     reference = outputs(session(original), new)[0]
 
+    ref_best = reference[:, 4:].max(1)  # (N, anchors): the original's best class score per anchor
+    log(f"YOLOv8n: {int((ref_best >= DETECTION_SCORE).sum())} anchors of the original score >= {DETECTION_SCORE:g} "
+        f"on {len(new)} new crops")
+
     def fidelity(model: bytes) -> dict:
         out = outputs(session(model), new)[0]
         scores, ref_scores = out[:, 4:], reference[:, 4:]
+        # detections: anchors whose best class scores >= DETECTION_SCORE, with that class (before NMS)
+        mine, theirs = scores.max(1) >= DETECTION_SCORE, ref_best >= DETECTION_SCORE
+        same = mine & theirs & (scores.argmax(1) == ref_scores.argmax(1))
         return {"mean_rel_err": float(np.abs(out - reference).mean() / np.abs(reference).mean()),
-                "scores_mean_rel_err": float(np.abs(scores - ref_scores).mean() / np.abs(ref_scores).mean())}
+                "scores_mean_rel_err": float(np.abs(scores - ref_scores).mean() / np.abs(ref_scores).mean()),
+                "detection_recall": float(same.sum() / max(theirs.sum(), 1)),
+                "detection_precision": float(same.sum() / max(mine.sum(), 1))}
 
     return detector_runs("YOLOv8n detector (trained)", original, shape, train, before, fidelity, args)
 
@@ -379,7 +390,9 @@ def render(rows: list[dict], args, command: str) -> str:
               "(*same photos*) and on crops of photos never used for training (*other photos*). Detector "
               "columns: mean relative error of the probability map to the original's and agreement of the "
               "map binarised at 0.3, on new crops; YOLOv8n: mean relative error of its output (boxes and class "
-              "scores) and of the class scores alone, on new crops."]
+              "scores) and of the class scores alone, on new crops, and its detections before NMS (anchors whose "
+              f"best class score is at least {DETECTION_SCORE:g}): recall and precision of the original's (same "
+              "anchor, same class)."]
     return "\n".join(lines) + "\n"
 
 
