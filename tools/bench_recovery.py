@@ -14,7 +14,8 @@ clock: generalisation), and on the new crops where the original's top-1 logit is
 its second (about half of them: the others are near-ties for the original itself, which any student flips
 about half the time). `--seeds`: each distillation is run with each seed (its shuffle order) and the row
 gives the mean and the range, the noise a one-seed comparison hides. Pruners at each target: lean-onnx
-`--target-macs` with `--method lean` and `--method l1`, and Torch-Pruning's `MagnitudePruner` searched to the same MACs (tools/bench_budget_torch.py);
+`--target-macs` with `--method lean` and `--method l1`, and Torch-Pruning's `MagnitudePruner` searched to
+the same MACs (tools/bench_budget_torch.py);
 lean-onnx's also calibrated on the first `--calibrate` training crops (`--calibrate-data`: each kept channel's
 statistics matched to the original's, train/calibrate.py) before distillation, a step of lean-onnx's pruning
 that a Torch-Pruning model (no record of which channels it kept) does not get;
