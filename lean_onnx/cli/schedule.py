@@ -70,14 +70,15 @@ def cmd_schedule(args, info, warn) -> int:
         val = load_data(args.val_data, "--val-data", need_targets=labelled) if args.val_data else None
     else:
         warn("--steps without --finetune-data: pruning in steps without fine-tuning in between")
+    shapes = parse_input_shapes(args.input_shape)
+    infer_shape = not shapes and train is not None  # the data fix the input shape (one input, batch 1)
+    model = read_model(args.model) if args.calibrate_data or infer_shape else None  # read once for both
     calibration = None
     if args.calibrate_data:  # every step calibrated on them before its fine-tuning (checked in cmd_prune)
         from .options import calibration_inputs
 
-        calibration = calibration_inputs(args, read_model(args.model))
-    shapes = parse_input_shapes(args.input_shape)
-    if not shapes and train is not None:  # the data fix the input shape (one input, batch 1)
-        model = read_model(args.model)
+        calibration = calibration_inputs(args, model)
+    if infer_shape:
         inits = {t.name for t in model.graph.initializer}
         name = next(i.name for i in model.graph.input if i.name not in inits)
         shapes = {name: (1,) + tuple(train["inputs"].shape[1:])}

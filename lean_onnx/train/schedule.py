@@ -208,7 +208,7 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
     if calibration is not None:  # the masked model is calibrated alike: the contract below checks both
         from .calibrate import calibrate
 
-        result, calibrated = calibrate(pruner, result, calibration, batch=len(calibration))
+        result, _ = calibrate(pruner, result, calibration, batch=len(calibration))  # summary: report["calibration"]
     report = result.report
     row = {"step": t, "keep_target": target, "keep_in_step": in_step, "kernels_kept": report["kernels"]["kept"],
            "keep_achieved": report["kernels"]["kept"] / state["original_kernels"],
@@ -216,8 +216,8 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
            "macs": report["flops"]["after"],
            "macs_ratio": report["flops"]["after"] / state["original_macs"] if state.get("original_macs") else None,
            "inputs_reach_outputs": report["inputs_reach_outputs"]}
-    if calibration is not None:
-        row["calibration"] = calibrated
+    if "calibration" in report:
+        row["calibration"] = report["calibration"]
     if config.target_macs is not None:  # the step's target is a MACs ratio, not a keep
         row.update(target_kind="macs", keep_achieved=row["macs_ratio"])
     if verify:
