@@ -131,6 +131,12 @@ def distil(student: bytes, teacher: bytes, inputs, epochs: int, args, seed: int 
     return trained.SerializeToString(), history, time.perf_counter() - start
 
 
+def seed_means(per_seed: list[dict]) -> dict:
+    """A row's `distilled` figures and `seconds` as the means over its seeds' runs, with the runs themselves."""
+    return {"distilled": {k: float(np.mean([r["distilled"][k] for r in per_seed])) for k in per_seed[0]["distilled"]},
+            "seconds": float(np.mean([r["seconds"] for r in per_seed])), "per_seed": per_seed}
+
+
 def classifier_rows(args) -> list[dict]:
     import torch
     import torchvision
@@ -174,8 +180,7 @@ def classifier_rows(args) -> list[dict]:
                              "macs_ratio": macs_ratio(pruned, shape, before),
                              "macs_ratio_after": macs_ratio(trained, shape, before), "epochs": epochs,
                              "one_shot": one_shot,
-                             "distilled": {k: float(np.mean([r["distilled"][k] for r in per_seed])) for k in evals},
-                             "seconds": float(np.mean([r["seconds"] for r in per_seed])), "per_seed": per_seed})
+                             **seed_means(per_seed)})
             if args.folder_epochs and i == 0 and any(label.lower().startswith(p) for p in args.folder_pruners):
                 folder = photo_folder(shape, original)
                 log(f"MobileNetV2 @ {target:g}, {label}: distilling {args.folder_epochs} epoch(s) of {args.crops} "
@@ -279,8 +284,7 @@ def detector_runs(network: str, original: bytes, shape: tuple, train: np.ndarray
         rows.append({"network": network, "target": args.detector_target,
                      "pruner": label, "macs_ratio": macs_ratio(pruned, shape, before),
                      "macs_ratio_after": macs_ratio(trained, shape, before), "epochs": 2, "one_shot": one_shot,
-                     "distilled": {k: float(np.mean([r["distilled"][k] for r in per_seed])) for k in one_shot},
-                     "seconds": float(np.mean([r["seconds"] for r in per_seed])), "per_seed": per_seed})
+                     **seed_means(per_seed)})
     return rows
 
 

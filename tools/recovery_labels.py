@@ -24,7 +24,10 @@ def labelled_rows(args) -> list[dict]:
     no budget can remove a channel), then recovered three ways with the same epochs, crops, batch and seed:
     labelled fine-tuning (cross-entropy on the masks), distillation from the original on the inputs alone,
     and both (`--alpha 0.5`). Pixel accuracy against the true masks on held-out Circle-Square images."""
+    import torch
+
     from lean_onnx.train.circle_square import SEED, first_images
+    from lean_onnx.train.finetune import finetune
 
     original = (ROOT / "models" / "msd_cs.onnx").read_bytes()
     train = first_images(args.labelled_images, seed=SEED)
@@ -44,16 +47,12 @@ def labelled_rows(args) -> list[dict]:
     recipes = (("labelled fine-tuning", dict(teacher=None), train),
                ("distillation, inputs only", dict(teacher=model, alpha=0.0), {"inputs": train["inputs"]}),
                ("both, --alpha 0.5", dict(teacher=model, alpha=0.5), train))
+    torch.set_num_threads(args.threads)
     rows = []
     for keep in args.keeps:
         pruned = pruner.prune(keep, "lean", masked=False).model_bytes
         one_shot = accuracy(pruned)
         for label, recipe, data in recipes:
-            import torch
-
-            from lean_onnx.train.finetune import finetune
-
-            torch.set_num_threads(args.threads)
             log(f"MS-D @ keep {keep:g}: {label}, {args.labelled_epochs} epoch(s)")
             start = time.perf_counter()
             trained, history = finetune(onnx.load_from_string(pruned), data, None, epochs=args.labelled_epochs,
