@@ -70,3 +70,24 @@ def assert_one_line_error(code, err, expected_code, *needles):
     assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def bridge_tensors(model: onnx.ModelProto, inputs: np.ndarray, names=None) -> dict:
+    """{tensor: torch value} of every node output (or of those in `names`) when `model` runs on `inputs`
+    through the torch bridge (train/bridge.py's per-node hook)."""
+    import torch
+
+    from lean_onnx.train.bridge import to_torch
+
+    found = {}
+
+    def hook(ctx, outputs, results):
+        found.update((name, value.detach()) for name, value in zip(outputs, results)
+                     if names is None or name in names)
+        return results
+
+    module = to_torch(model)
+    module.node_hook = hook
+    with torch.no_grad():
+        module(torch.from_numpy(inputs))
+    return found

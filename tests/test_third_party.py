@@ -233,7 +233,7 @@ def test_calibration_on_trained_networks(name, subjects, request):
     check_contract(s.model, calibrated, s.random_shapes, np.random.default_rng(0))
     targets = _targets(s.pruner._base().graph, result)
     if name == "yolov8n":
-        assert sum(int((~alive).sum()) for _, alive, _ in targets.values()) > 0  # the case is exercised
+        assert sum(int((~alive).sum()) for _, alive, _, _ in targets.values()) > 0  # the case is exercised
     feeds = [{next(iter(s.random_shapes)): inputs[i:i + 1]} for i in range(len(inputs))]
     error = {key: np.mean([np.abs(run(m, f)[0] - run(s.model, f)[0]).mean() for f in feeds])
              for key, m in (("pruned", result.model), ("calibrated", calibrated.model))}

@@ -53,6 +53,13 @@ def register(sub) -> None:
     d.add_argument("--alpha", type=float, metavar="A",
                    help="with targets in the data: A * labelled loss + (1 - A) * distillation (default 0: "
                         "distillation only); needs --teacher")
+    d.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --teacher, before training: match every kept conv channel's mean and spread to the "
+                        "teacher's on the first --calibrate-samples training inputs (IN's kept-channel record, "
+                        "written by lean-onnx when it pruned: the statistics a pruned trained network loses, "
+                        "docs/finetune.md; default on; skipped with a [W] line when IN has no record)")
+    d.add_argument("--calibrate-samples", type=int, default=64, metavar="N",
+                   help="training inputs used for --calibrate, in one batch (default 64)")
     g = p.add_argument_group("image folders (--data / --val-data DIR)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random resized crops (area 0.25..1, aspect 3/4..4/3) and horizontal flips of the training "
@@ -105,6 +112,9 @@ def cmd_finetune(args) -> int:
         if data is not None and not isinstance(data, dict):
             say(_describe(flag, data))
     samples = len(train["inputs"]) if isinstance(train, dict) else len(train)
+    calibration = None
+    if teacher is not None and args.calibrate:
+        model, calibration = _calibrate(model, teacher, train, args, say)
     say(f"fine-tuning {args.model} on {samples} samples for {args.epochs} epoch(s)")
     started = time.perf_counter()
     with process_group(World.from_env(), resolve_device(args.device)) as (world, device):
@@ -121,15 +131,40 @@ def cmd_finetune(args) -> int:
         settings = {k: getattr(args, k) for k in ("epochs", "lr", "batch", "seed", "crop", "loss",
                                                   "train_zero_kernels", "device", "teacher")}
         settings.update(_distill_settings(args, train, val, samples))
-        settings.update(world_size=world.size, backend=world.backend, device_used=device)
+        settings.update(world_size=world.size, backend=world.backend, device_used=device,
+                        calibrate=bool(teacher is not None and args.calibrate))
         report = {"schema_version": 1, "command": "finetune", "input": args.model, "output": args.output,
                   "data": args.data, "val_data": args.val_data, "settings": settings,
                   "skipped": {flag: [{"file": name, "reason": why} for name, why in data.skipped]
                               for flag, data in (("data", train), ("val_data", val))
                               if data is not None and not isinstance(data, dict)},
-                  "epochs": history, "seconds": time.perf_counter() - started}
+                  "calibration": calibration, "epochs": history, "seconds": time.perf_counter() - started}
         save_model_atomic((json.dumps(report, indent=1) + "\n").encode(), args.report)
     return 0
+
+
+def _calibrate(model, teacher, train, args, say):
+    """(IN calibrated to the teacher on the first training inputs, its summary), or (IN, None) with a [W]
+    line when that cannot be done (train/calibrate.py `calibrate_to_teacher`)."""
+    import numpy as np
+
+    from ..train.calibrate import calibrate_to_teacher
+
+    count = min(args.calibrate_samples, len(train["inputs"]) if isinstance(train, dict) else len(train))
+    if isinstance(train, dict):
+        inputs = train["inputs"][:count]
+    else:  # an image folder: the first crops of the first epoch, as training would draw them
+        rng = np.random.default_rng(args.seed)
+        inputs = train.batch(train.order(rng)[:count], rng)[0]
+    try:
+        model, summary = calibrate_to_teacher(model, teacher, inputs, count, args.model, args.teacher)
+    except LeanOnnxError as exc:
+        warn(f"not calibrated: {exc}")
+        return model, None
+    say(f"calibrated {summary['channels']} channels of {summary['tensors']} convs to the teacher's statistics on "
+        f"{summary['samples']} training inputs ({summary['seconds']:.1f} s; median scale "
+        f"{summary['scale_median']:.3f}, {summary['scale_capped']} capped)")
+    return model, summary
 
 
 def _read_teacher(args, model):
@@ -203,6 +238,8 @@ def _check_args(args) -> None:
 
     if args.epochs < 0 or args.batch < 1 or args.lr <= 0 or args.crop < 0:
         raise LeanOnnxError("--epochs must be >= 0, --batch >= 1, --lr > 0 and --crop >= 0")
+    if args.calibrate_samples < 2:
+        raise LeanOnnxError(f"--calibrate-samples {args.calibrate_samples}: expected at least 2")
     if args.samples_per_epoch is not None and args.samples_per_epoch < 1:
         raise LeanOnnxError(f"--samples-per-epoch {args.samples_per_epoch}: expected a positive integer")
     args.size = parse_size(args.input_size) if args.input_size is not None else None

@@ -27,6 +27,7 @@ from ..select.budget import DEFAULT_ALLOCATE, DEFAULT_MIN_CHANNELS, ChannelBudge
 from ..select.selection import METHODS, Selection, select_kernels
 from ..select.weights import compute_edge_weights
 from .budget_plan import plan_for_macs
+from .channel_map import compose, kept_channels, record
 from .masked import on_original
 from .plan import Plan, make_plan
 from .prune_report import build_report
@@ -101,6 +102,12 @@ class Pruner:
         fill_stubs(normalised, self.loaded.source_tensors())
         return normalised, "normalised (a pruned weight is read inside an inlined local function)"
 
+    def record_channels(self, pruned: onnx.ModelProto, plan: Plan) -> None:
+        """Write which of the original's channels `pruned` kept into its metadata (rewrite/channel_map.py),
+        composed with the input's own record when the input was pruned before."""
+        source = self.loaded.skeleton if self.loaded.skeleton is not None else self.loaded.model
+        record(pruned, compose(kept_channels(self.graph, plan, pruned.graph), source))
+
     def _timed(self, stage, fn, *args, **kwargs):
         start = time.perf_counter()
         value = fn(*args, **kwargs)
@@ -139,6 +146,7 @@ class Pruner:
             start = time.perf_counter()
             plan = make_plan(self.graph, selection, round_channels, fold_constants, gather_below)
         pruned = rewrite(self.graph, selection, plan, True, self._base())
+        self.record_channels(pruned, plan)
         masked_model, masked_graph = self._masked(selection, plan, self._base()) if masked else (None, None)
         timings["rewrite"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -224,6 +232,7 @@ def replace_initializers(pruner: Pruner, result: PruneResult, arrays: dict[str, 
         return model
 
     pruned = rewrite(result.graph, result.selection, result.plan, True, base())
+    pruner.record_channels(pruned, result.plan)
     masked = pruner._masked(result.selection, result.plan, base(), arrays)[0] if result.masked is not None else None
     _check(pruned, "pruned", pruner.loaded.path)
     if masked is not None:

@@ -26,6 +26,7 @@ with the pruned kernels zeroed.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -43,34 +44,53 @@ MAX_SCALE = 10.0
 
 
 def _targets(base: onnx.GraphProto, result) -> dict[str, tuple]:
-    """{tensor: (kept original channel indices, which of them are alive, (weight or BN scale, bias or BN shift))}
-    for every prunable conv with live channels whose statistics can be corrected; `base`: the graph the rewrite
-    starts from (the original's structural copy)."""
-    by_name = {(n.name or n.output[0]): n for n in base.node}
-    producer = {o: n for n in base.node for o in n.output}
-    readers: dict[str, int] = {}
-    for node in base.node:
-        for name in set(node.input):
-            readers[name] = readers.get(name, 0) + 1
-    targets = {}
+    """{tensor: (kept original channel indices, which of them are alive, (weight or BN scale, bias or BN shift),
+    the weight's output-channel axis)} for every prunable conv with live channels whose statistics can be
+    corrected; `base`: the graph the rewrite starts from (the original's structural copy)."""
+    found = {}
     for layer in result.graph.layers:
         if not layer.prunable:
             continue
         keep = result.plan.keep(layer.output)
         kept = np.arange(layer.c_out) if keep is None else np.flatnonzero(keep)  # the pruned model's channels
         alive = ~result.plan.dead[layer.out_nodes[kept]]  # dead ones stay in the model, zeroed
-        if not alive.any():
+        if alive.any():
+            found[layer.output] = (kept, alive)
+    return _correctable(base, found, {layer.output: layer.bn_name for layer in result.graph.layers})
+
+
+def _correctable(graph: onnx.GraphProto, found: dict, bn_names: dict | None = None) -> dict[str, tuple]:
+    """`found` ({conv output: (kept, alive)}) with what carries each one's correction in `graph`: its
+    BatchNormalization's scale and shift where one follows unfolded (`bn_names` {conv output: BN node name},
+    else the conv output's only reader when that is a BatchNormalization), else the conv's weight and bias;
+    left out: convs without a bias, grouped ConvTranspose, and parameters another node reads too."""
+    by_name = {(n.name or n.output[0]): n for n in graph.node}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    targets = {}
+    for output, (kept, alive) in found.items():
+        conv = producer.get(output)
+        if conv is None or conv.op_type not in ("Conv", "ConvTranspose"):
             continue
-        if layer.bn_name is not None and layer.bn_name in by_name:
-            bn = by_name[layer.bn_name]
+        bn = by_name.get(bn_names.get(output)) if bn_names is not None else None
+        only = readers.get(output, [])
+        if bn_names is None and len(only) == 1 and only[0].op_type == "BatchNormalization":
+            bn = only[0]
+        axis = 0
+        if bn is not None:
             tensor, params = bn.output[0], (bn.input[1], bn.input[2])
+        elif len(conv.input) < 3 or not conv.input[2]:
+            continue  # no bias to carry the shift
         else:
-            conv = producer[layer.output]
-            if len(conv.input) < 3 or not conv.input[2]:
-                continue  # no bias to carry the shift
-            tensor, params = layer.output, (conv.input[1], conv.input[2])
-        if all(readers.get(name) == 1 for name in params):  # a shared weight would change another reader
-            targets[tensor] = (kept, alive, params)
+            group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+            if conv.op_type == "ConvTranspose" and group != 1:
+                continue  # its output channels are split over the weight's first two axes
+            tensor, params, axis = output, (conv.input[1], conv.input[2]), int(conv.op_type == "ConvTranspose")
+        if all(len(readers.get(name, [])) == 1 for name in params):  # a shared weight would change another reader
+            targets[tensor] = (kept, alive, params, axis)
     return targets
 
 
@@ -84,26 +104,94 @@ def calibrate(pruner, result, inputs: np.ndarray, batch: int = 64):
     """(new PruneResult, info) with the statistics of `result`'s kept channels matched to the original's on
     `inputs` (an (N, ...) float array for the model's single input; at most `batch` of them are used, in one
     forward pass, so that the layer-by-layer correction sees one set of statistics)."""
-    import torch
-
     from ..rewrite.pruner import replace_initializers
-    from .bridge import to_torch
 
     start = time.perf_counter()
-    inputs = np.asarray(inputs, dtype=np.float32)[:batch]
-    if len(inputs) < 2:
-        raise LeanOnnxError(f"{pruner.loaded.path}: calibration needs at least 2 inputs, got {len(inputs)}")
+    inputs = _inputs(inputs, batch, pruner.loaded.path)
     base = pruner._base().graph  # one structural copy: names and (stubbed) initializers the rewrite starts from
     targets = _targets(base, result)
-    original = to_torch(pruner.loaded.original, pruner.loaded.path)
-    student = to_torch(result.model, pruner.loaded.path)
+    corrections = _match(pruner.loaded.original, result.model, targets, inputs, pruner.loaded.path)
+    arrays = _corrected_initializers(pruner, base, targets, corrections)
+    calibrated = replace_initializers(pruner, result, arrays)
+    info = _info(inputs, targets, corrections, start)
+    calibrated.report["calibration"] = info
+    return calibrated, info
+
+
+def calibrate_to_teacher(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: np.ndarray, batch: int = 64,
+                         path: str = "<model>", teacher_path: str = "<teacher>"):
+    """(calibrated copy of `student`, info): as `calibrate`, for a pruned model on its own, its channels
+    matched to the `teacher`'s (the original it was pruned from) through the kept-channel record in its
+    metadata (rewrite/channel_map.py). `finetune --teacher` does this before training. Raises LeanOnnxError
+    when the student has no record or the teacher's channels are not those the record refers to."""
+    from ..rewrite.channel_map import read
+
+    start = time.perf_counter()
+    inputs = _inputs(inputs, batch, path)
+    kept = read(student)
+    if kept is None:
+        raise LeanOnnxError(f"{path}: no lean-onnx kept-channel record in its metadata (pruned by another tool "
+                            "or an older lean-onnx), so its channels cannot be matched to the teacher's")
+    counts = {name: count for name, (count, _) in kept.items()}
+    targets = _correctable(student.graph, {name: (indices, np.ones(indices.size, dtype=bool))
+                                           for name, (_, indices) in kept.items()})
+    corrections = _match(teacher, student, targets, inputs, path, counts, teacher_path)
+    if not corrections:
+        raise LeanOnnxError(f"{path}: none of its recorded channels is computed by the teacher {teacher_path}")
+    model = copy.deepcopy(student)
+    inits = {t.name: t for t in model.graph.initializer}
+    for name, (scale, shift) in corrections.items():
+        _, _, (mul, add), axis = targets[name]
+        if mul not in inits or add not in inits or inits[mul].data_location == onnx.TensorProto.EXTERNAL:
+            raise LeanOnnxError(f"{path}: {mul!r}: calibration needs the weight in the model file (not a constant "
+                                "computed at run time or stored as external data)")
+        weight = numpy_helper.to_array(inits[mul]).astype(np.float64)
+        bias = numpy_helper.to_array(inits[add]).astype(np.float64)
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        new_weight, new_bias = weight * scale.reshape(shape), bias * scale + shift
+        inits[mul].CopyFrom(numpy_helper.from_array(new_weight.astype(numpy_helper.to_array(inits[mul]).dtype), mul))
+        inits[add].CopyFrom(numpy_helper.from_array(new_bias.astype(numpy_helper.to_array(inits[add]).dtype), add))
+    return model, _info(inputs, targets, corrections, start)
+
+
+def _inputs(inputs, batch: int, path: str) -> np.ndarray:
+    inputs = np.asarray(inputs, dtype=np.float32)[:batch]
+    if len(inputs) < 2:
+        raise LeanOnnxError(f"{path}: calibration needs at least 2 inputs, got {len(inputs)}")
+    return inputs
+
+
+def _info(inputs, targets: dict, corrections: dict, start: float) -> dict:
+    scales = np.concatenate([c[0][targets[n][1]] for n, c in corrections.items()]) if corrections else np.ones(0)
+    return {"samples": int(len(inputs)), "tensors": len(corrections), "channels": int(scales.size),
+            "scale_median": float(np.median(scales)) if scales.size else 1.0,
+            "scale_capped": int((scales >= MAX_SCALE).sum()),
+            "seconds": time.perf_counter() - start}
+
+
+def _match(reference_model, student_model, targets: dict, inputs: np.ndarray, path: str, counts: dict | None = None,
+           reference_path: str = "<original>") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{tensor: (scale, shift) per student channel}: one forward pass of the reference model collects every
+    target tensor's channel statistics, then one of the student corrects its targets' outputs in topological
+    order (each later layer sees the corrected ones). `counts` {tensor: channels}: what the reference must
+    have (a model that differs is refused by name)."""
+    import torch
+
+    from .bridge import to_torch
+
+    original = to_torch(reference_model, reference_path)
+    student = to_torch(student_model, path)
     if len(original.input_names) != 1:
-        raise LeanOnnxError(f"{pruner.loaded.path}: calibration takes models with one input")
+        raise LeanOnnxError(f"{path}: calibration takes models with one input")
     reference = {}
 
     def collect(ctx, outputs, results):
         for name, value in zip(outputs, results):
             if name in targets:
+                if counts is not None and value.shape[1] != counts.get(name, value.shape[1]):
+                    raise LeanOnnxError(f"{reference_path}: {name!r} has {value.shape[1]} channels, the kept-channel "
+                                        f"record of {path} says {counts[name]}: not the model it was pruned from")
                 reference[name] = _channel_stats(value)
         return results
 
@@ -114,10 +202,10 @@ def calibrate(pruner, result, inputs: np.ndarray, batch: int = 64):
         for k, name in enumerate(outputs):
             if name not in targets or name not in reference:
                 continue
-            kept, alive, _ = targets[name]
+            kept, alive, _, _ = targets[name]
             y = results[k]
             if y.shape[1] != kept.size:
-                raise LeanOnnxError(f"{pruner.loaded.path}: {name!r}: {y.shape[1]} channels in the pruned model, "
+                raise LeanOnnxError(f"{path}: {name!r}: {y.shape[1]} channels in the pruned model, "
                                     f"{kept.size} kept in the plan")
             m, s = _channel_stats(y)
             m0, s0 = (v[torch.from_numpy(kept)] for v in reference[name])
@@ -135,15 +223,7 @@ def calibrate(pruner, result, inputs: np.ndarray, batch: int = 64):
         original(x)
         student.node_hook = correct
         student(x)
-    arrays = _corrected_initializers(pruner, base, targets, corrections)
-    calibrated = replace_initializers(pruner, result, arrays)
-    scales = np.concatenate([c[0][targets[n][1]] for n, c in corrections.items()]) if corrections else np.ones(0)
-    info = {"samples": int(len(inputs)), "tensors": len(corrections), "channels": int(scales.size),
-            "scale_median": float(np.median(scales)) if scales.size else 1.0,
-            "scale_capped": int((scales >= MAX_SCALE).sum()),
-            "seconds": time.perf_counter() - start}
-    calibrated.report["calibration"] = info
-    return calibrated, info
+    return corrections
 
 
 def _corrected_initializers(pruner, base: onnx.GraphProto, targets: dict, corrections: dict) -> dict[str, np.ndarray]:
@@ -166,10 +246,11 @@ def _corrected_initializers(pruner, base: onnx.GraphProto, targets: dict, correc
         return arrays[name]
 
     for name, (scale, shift) in corrections.items():
-        kept, _, (mul, add) = targets[name]
+        kept, _, (mul, add), axis = targets[name]
         weight, bias = current(mul), current(add)
-        if weight.shape[0] < kept.max() + 1 or bias.shape[0] < kept.max() + 1:
+        if weight.shape[axis] < kept.max() + 1 or bias.shape[0] < kept.max() + 1:
             raise LeanOnnxError(f"{pruner.loaded.path}: {mul!r}: unexpected shape for calibration")
-        weight[kept] *= scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+        view = np.moveaxis(weight, axis, 0)  # the output channels first (axis 1 of a ConvTranspose's weight)
+        view[kept] *= scale.reshape((-1,) + (1,) * (weight.ndim - 1))
         bias[kept] = bias[kept] * scale + shift
     return {name: value.astype(dtypes[name]) for name, value in arrays.items()}

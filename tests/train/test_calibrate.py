@@ -10,30 +10,18 @@ import pytest
 from lean_onnx.errors import LeanOnnxError
 from lean_onnx.rewrite.contract import check_contract
 from lean_onnx.rewrite.pruner import Pruner
-from lean_onnx.train.bridge import to_torch
 from lean_onnx.train.calibrate import MAX_SCALE, _targets, calibrate
-from tests.helpers import zoo_path
+from tests.helpers import bridge_tensors, zoo_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stats(model, tensors, inputs):
     """Per-channel mean and std of `tensors` when `model` runs on `inputs` (through the torch bridge)."""
-    import torch
-
     found = {}
-
-    def hook(ctx, outputs, results):
-        for name, value in zip(outputs, results):
-            if name in tensors:
-                flat = value.detach().transpose(0, 1).reshape(value.shape[1], -1).double()
-                found[name] = (flat.mean(1).numpy(), flat.std(1, unbiased=False).numpy())
-        return results
-
-    module = to_torch(model)
-    module.node_hook = hook
-    with torch.no_grad():
-        module(torch.from_numpy(inputs))
+    for name, value in bridge_tensors(model, inputs, tensors).items():
+        flat = value.transpose(0, 1).reshape(value.shape[1], -1).double()
+        found[name] = (flat.mean(1).numpy(), flat.std(1, unbiased=False).numpy())
     return found
 
 
@@ -55,7 +43,7 @@ def test_kept_channels_get_the_originals_statistics(pruned):
     before = _stats(result.model, targets, inputs)
     after = _stats(calibrated.model, targets, inputs)
     moved = 0
-    for name, (kept, alive, _) in targets.items():
+    for name, (kept, alive, _, _) in targets.items():
         m0, s0 = original[name][0][kept], original[name][1][kept]
         m, s = after[name]
         ok = alive & (before[name][1] > 1e-3 * s0) & (s0 / np.maximum(before[name][1], 1e-30) < MAX_SCALE)
@@ -123,3 +111,100 @@ def test_cli_calibrate_data(pruned, tmp_path):
                                         str(tmp_path / "nope.npz")], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.strip().startswith("[E]") and "nope.npz" in missing.stderr
     assert not (tmp_path / "other.onnx").exists()
+
+
+def _ort(model, inputs):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: inputs[i:i + 1]})[0] for i in range(len(inputs))])
+
+
+def test_calibrating_the_pruned_model_alone_to_the_teacher_equals_calibrating_at_prune_time(pruned):
+    """`calibrate_to_teacher` (what `finetune --teacher` does, from the pruned model's kept-channel record)
+    gives the model `calibrate` gives at prune time, and keeps the record."""
+    from lean_onnx.rewrite.channel_map import read
+    from lean_onnx.train.calibrate import calibrate_to_teacher
+
+    pruner, result, inputs = pruned
+    at_prune, info = calibrate(pruner, result, inputs)
+    alone, info_alone = calibrate_to_teacher(result.model, pruner.loaded.original, inputs)
+    assert info_alone["tensors"] == info["tensors"] and info_alone["channels"] == info["channels"]
+    reference, uncalibrated = _ort(at_prune.model, inputs), _ort(result.model, inputs)
+    scale = np.abs(reference).max()
+    assert np.abs(_ort(alone, inputs) - reference).max() <= 1e-4 * scale
+    assert np.abs(uncalibrated - reference).max() > 1e-2 * scale  # calibration did change the model
+    assert read(alone).keys() == read(result.model).keys()
+
+
+def test_conv_transpose_outputs_are_calibrated_along_their_output_channels(zoo_cache):
+    """The U-Net's ConvTranspose weights hold output channels on axis 1: after calibration (at prune time and
+    from the record) their outputs have the original's statistics too."""
+    from lean_onnx.train.calibrate import calibrate_to_teacher
+
+    pruner = Pruner(zoo_path("unet4", True, zoo_cache))
+    result = pruner.prune(target_macs=0.5)
+    inputs = np.random.default_rng(1).standard_normal((8, 1, 32, 32)).astype(np.float32)
+    targets = _targets(pruner._base().graph, result)
+    producer = {n.output[0]: n.op_type for n in result.model.graph.node}
+    transposed = {name: t for name, t in targets.items() if producer.get(name) == "ConvTranspose"}
+    assert transposed and all(t[3] == 1 for t in transposed.values())
+    original = _stats(pruner.loaded.original, transposed, inputs)
+    for model in (calibrate(pruner, result, inputs)[0].model,
+                  calibrate_to_teacher(result.model, pruner.loaded.original, inputs)[0]):
+        after = _stats(model, transposed, inputs)
+        for name, (kept, alive, _, _) in transposed.items():
+            s0 = original[name][1][kept][alive]
+            np.testing.assert_allclose(after[name][1][alive], s0, rtol=1e-3, atol=1e-6, err_msg=name)
+
+
+def test_calibration_to_a_teacher_needs_the_record_and_the_right_teacher(pruned):
+    from lean_onnx.rewrite.channel_map import METADATA_KEY
+    from lean_onnx.train.calibrate import calibrate_to_teacher
+
+    pruner, result, inputs = pruned
+    bare = onnx.ModelProto()
+    bare.CopyFrom(result.model)
+    kept = [p for p in bare.metadata_props if p.key != METADATA_KEY]
+    del bare.metadata_props[:]
+    bare.metadata_props.extend(kept)
+    with pytest.raises(LeanOnnxError, match="no lean-onnx kept-channel record"):
+        calibrate_to_teacher(bare, pruner.loaded.original, inputs, path="p.onnx")
+    with pytest.raises(LeanOnnxError, match="not the model it was pruned from"):
+        calibrate_to_teacher(result.model, result.model, inputs, path="p.onnx", teacher_path="t.onnx")
+
+
+def test_cli_finetune_with_a_teacher_calibrates_first(pruned, tmp_path):
+    """`finetune P OUT --teacher IN`: one calibration line and the report's section; `--no-calibrate` skips it;
+    a model without a record is trained all the same after a [W] line."""
+    import json
+
+    from lean_onnx.rewrite.channel_map import METADATA_KEY
+
+    pruner, result, inputs = pruned
+    np.savez(tmp_path / "train.npz", inputs=inputs)
+    onnx.save(result.model, tmp_path / "p.onnx")
+    bare = onnx.load(tmp_path / "p.onnx")
+    props = [p for p in bare.metadata_props if p.key != METADATA_KEY]
+    del bare.metadata_props[:]
+    bare.metadata_props.extend(props)
+    onnx.save(bare, tmp_path / "bare.onnx")
+
+    def finetune(model, *extra):
+        report = tmp_path / "r.json"
+        run = subprocess.run([sys.executable, "-m", "lean_onnx", "finetune", str(tmp_path / model),
+                              str(tmp_path / "out.onnx"), "--teacher", pruner.loaded.path, "--data",
+                              str(tmp_path / "train.npz"), "--epochs", "1", "--threads", "1", "--report", str(report),
+                              *extra], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return run.stderr, json.loads(report.read_text())
+
+    err, report = finetune("p.onnx", "--calibrate-samples", "6")
+    assert "calibrated" in err and "to the teacher's statistics on 6 training inputs" in err
+    assert report["calibration"]["samples"] == 6 and report["calibration"]["channels"] > 0
+    assert report["settings"]["calibrate"] is True
+    err, report = finetune("p.onnx", "--no-calibrate")
+    assert "calibrated" not in err and report["calibration"] is None and report["settings"]["calibrate"] is False
+    err, report = finetune("bare.onnx")
+    assert "[W] not calibrated:" in err and "no lean-onnx kept-channel record" in err and report["calibration"] is None
