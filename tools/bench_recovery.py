@@ -114,7 +114,8 @@ def pruned_models(source: bytes, module, shape: tuple, target: float, pruners: l
     return found
 
 
-def distil(student: bytes, teacher: bytes, inputs, epochs: int, args, seed: int = 0) -> tuple[bytes, list, float]:
+def distil(student: bytes, teacher: bytes, inputs, epochs: int, args, seed: int = 0,
+           split: bool = True) -> tuple[bytes, list, float]:
     """lean-onnx's own distillation (the library call behind `finetune --teacher`): (model, history, s).
     `inputs`: an array of crops, or a data object (an image folder with fresh random crops every epoch)."""
     import torch
@@ -126,7 +127,7 @@ def distil(student: bytes, teacher: bytes, inputs, epochs: int, args, seed: int 
     data = {"inputs": inputs} if isinstance(inputs, np.ndarray) else inputs
     trained, history = finetune(onnx.load_from_string(student), data, None, epochs=epochs,
                                 lr=args.lr, batch=args.batch, seed=seed, teacher=onnx.load_from_string(teacher),
-                                temperature=args.temperature, device="cpu",
+                                temperature=args.temperature, device="cpu", split_scores=split,
                                 progress=lambda line: log(f"  {line}"))
     return trained.SerializeToString(), history, time.perf_counter() - start
 
@@ -272,19 +273,22 @@ def detector_runs(network: str, original: bytes, shape: tuple, train: np.ndarray
     `--detector-target`, each distilled 2 epochs on `train`; `fidelity(model bytes)` before and after."""
     rows = []
     calibration = train[:args.calibrate] if args.calibrate else None
-    for label, pruned in pruned_models(original, None, shape, args.detector_target, ["lean", "l1"],
+    for label, pruned in pruned_models(original, None, shape, args.detector_target, args.detector_pruners,
                                        calibration).items():
-        one_shot, per_seed = fidelity(pruned), []
-        for seed in args.seeds:
-            log(f"{network} @ {args.detector_target:g}, {label}: distilling 2 epochs, seed {seed}")
-            trained, history, seconds = distil(pruned, original, train, 2, args, seed)
-            per_seed.append({"seed": seed, "distilled": fidelity(trained), "seconds": seconds,
-                             "train_loss": [h["train_loss"] for h in history]})
-            log(f"  {one_shot} -> {per_seed[-1]['distilled']}")
-        rows.append({"network": network, "target": args.detector_target,
-                     "pruner": label, "macs_ratio": macs_ratio(pruned, shape, before),
-                     "macs_ratio_after": macs_ratio(trained, shape, before), "epochs": 2, "one_shot": one_shot,
-                     **seed_means(per_seed)})
+        one_shot = fidelity(pruned)
+        for loss in args.detector_losses:  # split / whole: finetune --detector-loss
+            per_seed = []
+            for seed in args.seeds:
+                log(f"{network} @ {args.detector_target:g}, {label}: distilling 2 epochs ({loss}), seed {seed}")
+                trained, history, seconds = distil(pruned, original, train, 2, args, seed, split=loss == "split")
+                per_seed.append({"seed": seed, "distilled": fidelity(trained), "seconds": seconds,
+                                 "train_loss": [h["train_loss"] for h in history]})
+                log(f"  {one_shot} -> {per_seed[-1]['distilled']}")
+            rows.append({"network": network, "target": args.detector_target,
+                         "pruner": label + ("" if loss == "split" else " (--detector-loss whole)"),
+                         "macs_ratio": macs_ratio(pruned, shape, before),
+                         "macs_ratio_after": macs_ratio(trained, shape, before), "epochs": 2, "one_shot": one_shot,
+                         **seed_means(per_seed)})
     return rows
 
 
@@ -314,8 +318,10 @@ def yolo_rows(args) -> list[dict]:
         # detections: anchors whose best class scores >= DETECTION_SCORE, with that class (before NMS)
         mine, theirs = scores.max(1) >= DETECTION_SCORE, ref_best >= DETECTION_SCORE
         same = mine & theirs & (scores.argmax(1) == ref_scores.argmax(1))
+        boxes, ref_boxes = out[:, :4].transpose(0, 2, 1)[theirs], reference[:, :4].transpose(0, 2, 1)[theirs]
         return {"mean_rel_err": float(np.abs(out - reference).mean() / np.abs(reference).mean()),
                 "scores_mean_rel_err": float(np.abs(scores - ref_scores).mean() / np.abs(ref_scores).mean()),
+                "detected_box_rel_err": float(np.abs(boxes - ref_boxes).mean() / np.abs(ref_boxes).mean()),
                 "detection_recall": float(same.sum() / max(theirs.sum(), 1)),
                 "detection_precision": float(same.sum() / max(mine.sum(), 1))}
 
@@ -342,9 +348,9 @@ def render(rows: list[dict], args, command: str) -> str:
               "(*same photos*) and on crops of photos never used for training (*other photos*). Detector "
               "columns: mean relative error of the probability map to the original's and agreement of the "
               "map binarised at 0.3, on new crops; YOLOv8n: mean relative error of its output (boxes and class "
-              "scores) and of the class scores alone, on new crops, and its detections before NMS (anchors whose "
-              f"best class score is at least {DETECTION_SCORE:g}): recall and precision of the original's (same "
-              "anchor, same class)."]
+              "scores), of the class scores alone and of the boxes at the original's detections, on new crops, and "
+              f"its detections before NMS (anchors whose best class score is at least {DETECTION_SCORE:g}): recall "
+              "and precision of the original's (same anchor, same class)."]
     return "\n".join(lines) + "\n"
 
 
@@ -368,6 +374,8 @@ def main() -> None:
                         help="distillation seeds (the shuffles; not --only labelled): rows give the mean and the range")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--detector-target", type=float, default=0.5)
+    parser.add_argument("--detector-pruners", default="lean,l1")
+    parser.add_argument("--detector-losses", default="split", help="split,whole: finetune --detector-loss")
     parser.add_argument("--only", default="classifier,detector,yolo")
     parser.add_argument("--keeps", default="0.1", help="--only labelled: the MS-D's kernel keeps")
     parser.add_argument("--labelled-images", type=int, default=100)
@@ -381,6 +389,8 @@ def main() -> None:
     args.keeps = [float(k) for k in args.keeps.split(",")]
     args.seeds = [int(k) for k in args.seeds.split(",")]
     args.pruners = args.pruners.split(",")
+    args.detector_pruners = args.detector_pruners.split(",")
+    args.detector_losses = args.detector_losses.split(",")
     args.folder_pruners = args.folder_pruners.split(",")
     global ARGS
     ARGS = args

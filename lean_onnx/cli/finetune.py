@@ -53,6 +53,10 @@ def register(sub) -> None:
     d.add_argument("--alpha", type=float, metavar="A",
                    help="with targets in the data: A * labelled loss + (1 - A) * distillation (default 0: "
                         "distillation only); needs --teacher")
+    d.add_argument("--detector-loss", choices=("split", "whole"), default="split",
+                   help="an output that joins boxes and sigmoid class scores (YOLOv8's Concat(boxes, "
+                        "Sigmoid(classes))): split (default) distils the scores by a Bernoulli KL and the boxes "
+                        "weighted by the teacher's scores (docs/finetune.md); whole: one scale-normalised MSE")
     d.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="with --teacher, before training: match every kept conv channel's mean and spread to the "
                         "teacher's on the first --calibrate-samples training inputs (IN's kept-channel record, "
@@ -122,14 +126,15 @@ def cmd_finetune(args) -> int:
                                     seed=args.seed, crop=args.crop or None, loss=args.loss,
                                     keep_zero_kernels=not args.train_zero_kernels, progress=say, path=args.model,
                                     device=device, teacher=teacher, teacher_path=args.teacher,
-                                    temperature=args.temperature, alpha=args.alpha, world=world)
+                                    temperature=args.temperature, alpha=args.alpha, world=world,
+                                    split_scores=args.detector_loss == "split")
     if not world.main:  # the other ranks hold the same model; rank 0 writes it
         return 0
     save_model_atomic(trained, args.output)
     say(f"wrote {args.output}")
     if args.report:
         settings = {k: getattr(args, k) for k in ("epochs", "lr", "batch", "seed", "crop", "loss",
-                                                  "train_zero_kernels", "device", "teacher")}
+                                                  "train_zero_kernels", "device", "teacher", "detector_loss")}
         settings.update(_distill_settings(args, train, val, samples))
         settings.update(world_size=world.size, backend=world.backend, device_used=device,
                         calibrate=bool(teacher is not None and args.calibrate))

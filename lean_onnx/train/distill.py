@@ -17,6 +17,8 @@ outputs one by one and averages:
   text detector's probability map) is compared as logits, log(p / (1 - p)) (the teacher's clamped to
   +-16, float32's limit): a pruned detector whose map saturated at 0 (pre-sigmoid values of -20..-44 on
   the PP-OCR detector at half the MACs) gets a gradient of about 1 through the sigmoid instead of e^-40.
+* an output that is a Concat of box regressions and sigmoid class scores (YOLOv8's one output): part by
+  part, the scores by a Bernoulli KL divergence (score_parts.py).
 
 `mixed_loss` blends in a labelled loss when the data has targets: `alpha * labelled + (1 - alpha) * distill`.
 `Agreement` measures how close student and teacher are on validation data: top-1 agreement for
@@ -29,6 +31,7 @@ from __future__ import annotations
 import onnx
 
 from ..errors import LeanOnnxError
+from .score_parts import detection_counts, logit, parts_loss, score_parts
 
 #: Adam's learning rate without / with a teacher: a trained network that lost channels recovers at 1e-4;
 #: at 1e-3 it does not (trained MobileNetV2 at half the MACs, one epoch on 512 crops: top-1 agreement with
@@ -41,7 +44,8 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 class Teacher:
     """The frozen original model (see the module docstring); `teacher(x)` -> tuple of its outputs."""
 
-    def __init__(self, model: onnx.ModelProto, path: str = "<teacher>", device: str = "cpu"):
+    def __init__(self, model: onnx.ModelProto, path: str = "<teacher>", device: str = "cpu", split: bool = True):
+        """`split=False`: outputs that join boxes and sigmoid scores are compared as a whole too."""
         from .bridge import to_torch
 
         self.path = path
@@ -54,6 +58,8 @@ class Teacher:
                                 f"(outputs {self.output_names})")
         self.probabilities = _outputs_of(model, "Softmax")
         self.sigmoids = _outputs_of(model, "Sigmoid")
+        #: outputs that join box regressions and sigmoid scores (YOLO): distilled part by part (score_parts.py)
+        self.parts = score_parts(model) if split else {}
         self.module = to_torch(model, path).to(device).eval().requires_grad_(False)
 
     def to(self, device) -> Teacher:
@@ -104,7 +110,9 @@ def distill_loss(student, teacher_out: tuple, teacher: Teacher, temperature: flo
                                 f"{teacher.output_names[k]!r} has shape {list(s.shape)} in the student and "
                                 f"{list(t.shape)} in the teacher")
         s, t = s.float(), t.float()
-        if is_classes(t):
+        if k in teacher.parts:
+            losses.append(parts_loss(s, t, *teacher.parts[k], mean_of))
+        elif is_classes(t):
             if k in teacher.probabilities:
                 s, t = torch.log(s.clamp_min(1e-12)), torch.log(t.clamp_min(1e-12))
             kl = F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1),
@@ -112,7 +120,7 @@ def distill_loss(student, teacher_out: tuple, teacher: Teacher, temperature: flo
             losses.append(temperature * temperature * kl)
         else:
             if k in teacher.sigmoids:  # compared as logits: a saturated sigmoid passes no gradient back
-                s, t = _logit(s), _logit(t).clamp(-LOGIT_MAX, LOGIT_MAX)
+                s, t = logit(s), logit(t).clamp(-LOGIT_MAX, LOGIT_MAX)
             square = t ** 2
             losses.append(((s - t) ** 2).mean() / ((mean_of(square) if mean_of else square.mean()) + EPS))
     return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
@@ -120,15 +128,6 @@ def distill_loss(student, teacher_out: tuple, teacher: Teacher, temperature: flo
 
 #: a float32 sigmoid rounds to 1 above about 16.6: the teacher's logits are known up to that
 LOGIT_MAX = 16.0
-
-
-def _logit(p):
-    """log(p / (1 - p)) of a sigmoid's output, computed so its gradient through the sigmoid is 1 (the
-    student's pre-sigmoid value of -40 still learns; an MSE on the probabilities would pass e^-40 back)."""
-    import torch
-
-    p = p.clamp(1e-30, 1 - 1e-7)
-    return torch.log(p) - torch.log1p(-p)
 
 
 def mixed_loss(student, teacher_out: tuple, target, teacher: Teacher, temperature: float, alpha: float,
@@ -150,6 +149,8 @@ class Agreement:
         self.teacher = teacher
         #: output -> [classes?, agreeing rows, rows] or [classes?, sum |s - t|, sum |t|]
         self.sums: dict[int, list] = {}
+        #: detector outputs (score_parts.py) -> [detections both make, the teacher's, the student's]
+        self.detections: dict[int, list] = {}
 
     def add(self, student, teacher_out: tuple) -> None:
         student = student if isinstance(student, tuple) else (student,)
@@ -162,6 +163,10 @@ class Agreement:
             else:
                 acc[1] += float((s - t).abs().sum())
                 acc[2] += float(t.abs().sum())
+            if k in self.teacher.parts:  # a detector's output: also its detections against the teacher's
+                found = self.detections.setdefault(k, [0, 0, 0])
+                for i, n in enumerate(detection_counts(s, t, *self.teacher.parts[k])):
+                    found[i] += n
 
     def reduce(self, world) -> None:
         """Add up the sums of every rank (distributed.World) so each has the whole validation's."""
@@ -171,13 +176,19 @@ class Agreement:
         for k in self.teacher.compared:
             classes, num, den = self.sums.get(k, [False, 0.0, 0.0])
             flat += [float(k in self.sums), float(classes), num, den]
+        for k in self.teacher.parts:
+            flat += self.detections.get(k, [0, 0, 0])
         flat = world.all_sum(flat)
         self.sums = {k: [flat[4 * i + 1] > 0, flat[4 * i + 2], flat[4 * i + 3]]
                      for i, k in enumerate(self.teacher.compared) if flat[4 * i] > 0}
+        start = 4 * len(self.teacher.compared)
+        self.detections = {k: [int(v) for v in flat[start + 3 * i:start + 3 * i + 3]]
+                           for i, k in enumerate(self.teacher.parts) if k in self.sums}
 
     def result(self) -> dict:
         """{"val_top1_agreement": mean over (N, classes) outputs, "val_relative_error": mean over the
-        others, "val_agreement": {output name: {"top1_agreement" | "relative_error": value}}}."""
+        others, "val_detection_recall": mean over detector outputs (score_parts.py), "val_agreement":
+        {output name: {"top1_agreement" | "relative_error" (+ "detection_recall", "detection_precision"): value}}}."""
         per, top1, relative = {}, [], []
         for k, (classes, num, den) in sorted(self.sums.items()):
             name = self.teacher.output_names[k]
@@ -187,7 +198,12 @@ class Agreement:
             else:
                 relative.append(num / den if den > 0 else (0.0 if num == 0 else float("inf")))
                 per[name] = {"relative_error": relative[-1]}
-        result = {}
+        recalls = []
+        for k, (same, theirs, mine) in sorted(self.detections.items()):
+            recalls.append(same / max(theirs, 1))
+            per[self.teacher.output_names[k]].update(detection_recall=recalls[-1],
+                                                      detection_precision=same / max(mine, 1))
+        result = {"val_detection_recall": sum(recalls) / len(recalls)} if recalls else {}
         if top1:
             result["val_top1_agreement"] = sum(top1) / len(top1)
         if relative:

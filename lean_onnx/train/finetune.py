@@ -39,7 +39,7 @@ def finetune(model: onnx.ModelProto, train, val=None, epochs: int = 3, lr: float
              keep_zero_kernels: bool = True, progress=None, path: str = "<model>", device: str = "auto",
              optimizer_state: dict | None = None, state_out: dict | None = None, *, teacher=None,
              temperature: float = 1.0, alpha: float | None = None, teacher_path: str = "<teacher>",
-             world=None):
+             world=None, split_scores: bool = True):
     """Train `model` on `train` ({"inputs", "targets"} arrays) for `epochs`; returns (trained ModelProto
     with the template's interface, history: one dict per epoch with train_loss, val_loss, val_accuracy
     (classification/segmentation), seconds). `crop`: random crops of crop x crop pixels for training
@@ -54,7 +54,8 @@ def finetune(model: onnx.ModelProto, train, val=None, epochs: int = 3, lr: float
     targets are then optional); the history then also has the validation agreement with the teacher,
     and a row for epoch 0 (before training) when there is validation data. `world` (distributed.World,
     inside distributed.process_group): train data-parallel under torchrun, `batch` being the global batch
-    (distributed.py); every rank returns the same model and history."""
+    (distributed.py); every rank returns the same model and history. `split_scores=False`: a detector output
+    of boxes and sigmoid scores is distilled as a whole, not part by part (score_parts.py)."""
     import torch
 
     from .bridge import export_onnx, to_torch, zero_kernel_masks
@@ -71,7 +72,7 @@ def finetune(model: onnx.ModelProto, train, val=None, epochs: int = 3, lr: float
         module = to_torch(model, path).to(device)
         if len(module.input_names) != 1:
             raise LeanOnnxError(f"{path}: finetune needs a model with one input, not {module.input_names}")
-        teacher = _teacher(teacher, teacher_path, device, model, path)
+        teacher = _teacher(teacher, teacher_path, device, model, path, split_scores)
         objective = _objective(loss_kind, teacher, temperature, alpha, path)
         masks = zero_kernel_masks(module) if keep_zero_kernels else {}
         if progress:
@@ -228,7 +229,7 @@ def _alpha(alpha: float | None, teacher) -> float:
     return float(alpha)
 
 
-def _teacher(teacher, path: str, device: str, student: onnx.ModelProto, student_path: str):
+def _teacher(teacher, path: str, device: str, student: onnx.ModelProto, student_path: str, split: bool = True):
     """None, or a distill.Teacher on `device` (built from an ONNX model with the student's interface)."""
     from .distill import Teacher, check_interface
 
@@ -237,7 +238,7 @@ def _teacher(teacher, path: str, device: str, student: onnx.ModelProto, student_
     if isinstance(teacher, Teacher):
         return teacher.to(device)
     check_interface(student, teacher, student_path, path)
-    return Teacher(teacher, path, device)
+    return Teacher(teacher, path, device, split)
 
 
 def _objective(loss_kind, teacher, temperature: float, alpha: float, path: str):
@@ -411,7 +412,7 @@ def _summary(module, masks: dict) -> str:
 def _epoch_line(row: dict, epochs: int) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}" if row["epoch"] else "before training"]
     parts += [f"{k} {row[k]:.5f}" for k in ("train_loss", "val_loss", "val_accuracy", "val_top1_agreement",
-                                            "val_relative_error") if k in row]
+                                            "val_relative_error", "val_detection_recall") if k in row]
     return " | ".join(parts) + f" | {row['seconds']:.1f} s"
 
 

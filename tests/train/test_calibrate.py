@@ -203,8 +203,9 @@ def test_cli_finetune_with_a_teacher_calibrates_first(pruned, tmp_path):
     err, report = finetune("p.onnx", "--calibrate-samples", "6")
     assert "calibrated" in err and "to the teacher's statistics on 6 training inputs" in err
     assert report["calibration"]["samples"] == 6 and report["calibration"]["channels"] > 0
-    assert report["settings"]["calibrate"] is True
-    err, report = finetune("p.onnx", "--no-calibrate")
+    assert report["settings"]["calibrate"] is True and report["settings"]["detector_loss"] == "split"
+    err, report = finetune("p.onnx", "--no-calibrate", "--detector-loss", "whole")
     assert "calibrated" not in err and report["calibration"] is None and report["settings"]["calibrate"] is False
+    assert report["settings"]["detector_loss"] == "whole"
     err, report = finetune("bare.onnx")
     assert "[W] not calibrated:" in err and "no lean-onnx kept-channel record" in err and report["calibration"] is None
