@@ -238,3 +238,47 @@ def test_calibration_on_trained_networks(name, subjects, request):
     error = {key: np.mean([np.abs(run(m, f)[0] - run(s.model, f)[0]).mean() for f in feeds])
              for key, m in (("pruned", result.model), ("calibrated", calibrated.model))}
     assert error["calibrated"] < error["pruned"], error
+
+
+@pytest.mark.slow
+def test_label_free_recovery_of_the_trained_mobilenet_v2(tmp_path, request):
+    """Issue 18's acceptance through the command line, as written: the trained MobileNetV2 pruned with
+    `--target-macs 0.5`, then `finetune P OUT --teacher IN --data train.npz --epochs 3` (512 unlabelled random
+    crops of the 8 photos; finetune calibrates P to the teacher first, from P's kept-channel record): top-1
+    agreement with IN on 192 new crops of the same photos >= 0.70 and at least 0.30 above P's; OUT keeps P's
+    MACs. About 3 minutes on 2 cores."""
+    import subprocess
+    import sys
+
+    from lean_onnx.graph.cost import model_cost
+    from lean_onnx.graph.load import load_model
+    from tools.bench_budget import photo_inputs
+
+    request.getfixturevalue("images")  # skips without scikit-image's photos
+    original = tmp_path / "mnv2.onnx"
+    onnx.save(_fetch(tp.mobilenet_v2, tp.MOBILENET_WHEEL), str(original))
+    np.savez(tmp_path / "train.npz", inputs=photo_inputs(MNV2_PRUNE_SHAPE, 512, seed=0))
+    new = photo_inputs(MNV2_PRUNE_SHAPE, 192, seed=1)
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "lean_onnx", *map(str, args)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    pruned, out = tmp_path / "p.onnx", tmp_path / "out.onnx"
+    cli(original, pruned, "--target-macs", "0.5", "--input-shape", "input=1x3x224x224", "-q")
+    err = cli("finetune", pruned, out, "--teacher", original, "--data", tmp_path / "train.npz", "--epochs", 3,
+              "--threads", 2)
+    assert "to the teacher's statistics on 64 training inputs" in err
+
+    def top1(path):
+        return np.concatenate([run(onnx.load(str(path)), {"input": new[i:i + 16]})[0].argmax(1)
+                               for i in range(0, len(new), 16)])
+
+    reference = top1(original)
+    before, after = (float((top1(p) == reference).mean()) for p in (pruned, out))
+    print(f"top-1 agreement on 192 new crops: pruned {before:.3f}, distilled {after:.3f}")
+    assert after >= 0.70 and after >= before + 0.30, (before, after)
+    macs = [model_cost(load_model(onnx.load(str(p)), {"input": MNV2_PRUNE_SHAPE}))["macs"] for p in (pruned, out)]
+    assert macs[0] == macs[1] <= 0.55 * model_cost(load_model(onnx.load(str(original)),
+                                                              {"input": MNV2_PRUNE_SHAPE}))["macs"]
