@@ -142,16 +142,17 @@ def calibrate_to_teacher(student: onnx.ModelProto, teacher: onnx.ModelProto, inp
     inits = {t.name: t for t in model.graph.initializer}
     for name, (scale, shift) in corrections.items():
         _, _, (mul, add), axis = targets[name]
-        if mul not in inits or add not in inits or inits[mul].data_location == onnx.TensorProto.EXTERNAL:
-            raise LeanOnnxError(f"{path}: {mul!r}: calibration needs the weight in the model file (not a constant "
-                                "computed at run time or stored as external data)")
-        weight = numpy_helper.to_array(inits[mul]).astype(np.float64)
-        bias = numpy_helper.to_array(inits[add]).astype(np.float64)
+        for name in (mul, add):
+            if name not in inits or inits[name].data_location == onnx.TensorProto.EXTERNAL:
+                raise LeanOnnxError(f"{path}: {name!r}: calibration needs the weight in the model file (not a "
+                                    "constant computed at run time or stored as external data)")
+        weight, bias = numpy_helper.to_array(inits[mul]), numpy_helper.to_array(inits[add])
         shape = [1] * weight.ndim
         shape[axis] = -1
-        new_weight, new_bias = weight * scale.reshape(shape), bias * scale + shift
-        inits[mul].CopyFrom(numpy_helper.from_array(new_weight.astype(numpy_helper.to_array(inits[mul]).dtype), mul))
-        inits[add].CopyFrom(numpy_helper.from_array(new_bias.astype(numpy_helper.to_array(inits[add]).dtype), add))
+        new_weight = weight.astype(np.float64) * scale.reshape(shape)
+        new_bias = bias.astype(np.float64) * scale + shift
+        inits[mul].CopyFrom(numpy_helper.from_array(new_weight.astype(weight.dtype), mul))
+        inits[add].CopyFrom(numpy_helper.from_array(new_bias.astype(bias.dtype), add))
     return model, _info(inputs, targets, corrections, start)
 
 
