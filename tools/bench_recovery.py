@@ -56,13 +56,14 @@ from mdsection import write_section  # noqa: E402
 from lean_onnx.graph.cost import model_cost  # noqa: E402
 from lean_onnx.graph.load import load_model  # noqa: E402
 from lean_onnx.rewrite.pruner import Pruner  # noqa: E402
+# YOLOv8n: an anchor is a detection when its best class score reaches this (Ultralytics' default confidence, 0.25),
+# the threshold finetune's validation counts detections at too
+from lean_onnx.train.score_parts import DETECTION_SCORE  # noqa: E402
 
 HEADING = "## Recovery without labels: distillation after --target-macs (tools/bench_recovery.py, issue 18)"
 HELD_OUT = ("china", "flower", "camera", "clock")
 #: top-1 logit minus the second: crops below it are near-ties for the original itself
 CLEAR_MARGIN = 1.0
-#: YOLOv8n: an anchor is a detection when its best class score reaches this (Ultralytics' default confidence)
-DETECTION_SCORE = 0.25
 ARGS = None
 
 

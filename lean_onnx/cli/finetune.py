@@ -155,14 +155,13 @@ def _calibrate(model, teacher, train, args, say):
 
     from ..train.calibrate import calibrate_to_teacher
 
-    count = min(args.calibrate_samples, len(train["inputs"]) if isinstance(train, dict) else len(train))
     if isinstance(train, dict):
-        inputs = train["inputs"][:count]
+        inputs = train["inputs"][:args.calibrate_samples]
     else:  # an image folder: the first crops of the first epoch, as training would draw them
         rng = np.random.default_rng(args.seed)
-        inputs = train.batch(train.order(rng)[:count], rng)[0]
+        inputs = train.batch(train.order(rng)[:args.calibrate_samples], rng)[0]
     try:
-        model, summary = calibrate_to_teacher(model, teacher, inputs, count, args.model, args.teacher)
+        model, summary = calibrate_to_teacher(model, teacher, inputs, len(inputs), args.model, args.teacher)
     except LeanOnnxError as exc:
         warn(f"not calibrated: {exc}")
         return model, None

@@ -31,7 +31,7 @@ from __future__ import annotations
 import onnx
 
 from ..errors import LeanOnnxError
-from .score_parts import detection_counts, logit, parts_loss, score_parts
+from .score_parts import detection_counts, logit, parts_loss, producers, score_parts
 
 #: Adam's learning rate without / with a teacher: a trained network that lost channels recovers at 1e-4;
 #: at 1e-3 it does not (trained MobileNetV2 at half the MACs, one epoch on 512 crops: top-1 agreement with
@@ -77,15 +77,9 @@ class Teacher:
 
 def _outputs_of(model: onnx.ModelProto, op: str) -> set[int]:
     """Indices of the outputs computed by an `op` node (through Identity nodes)."""
-    producer = {name: node for node in model.graph.node for name in node.output}
-    found = set()
-    for k, output in enumerate(model.graph.output):
-        node = producer.get(output.name)
-        while node is not None and node.op_type == "Identity":
-            node = producer.get(node.input[0])
-        if node is not None and node.op_type == op:
-            found.add(k)
-    return found
+    source = producers(model.graph)
+    return {k for k, output in enumerate(model.graph.output)
+            if (node := source(output.name)) is not None and node.op_type == op}
 
 
 def is_classes(tensor) -> bool:

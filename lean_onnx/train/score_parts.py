@@ -36,41 +36,45 @@ ANCHOR_FLOOR = 0.01
 EPS = 1e-8
 
 
+def producers(graph: onnx.GraphProto):
+    """`source(tensor)`: the node that computes `tensor`, looked up through Identity nodes (None for a graph
+    input or initializer)."""
+    producer = {name: node for node in graph.node for name in node.output}
+
+    def source(name):
+        node = producer.get(name)
+        while node is not None and node.op_type == "Identity":
+            node = producer.get(node.input[0])
+        return node
+    return source
+
+
 def score_parts(model: onnx.ModelProto) -> dict[int, tuple[int, list[tuple[int, int, bool]]]]:
     """{output index: (axis, [(start, stop, is probability)])} for the outputs made by a Concat of sigmoid
     scores (and other values) along a static axis; outputs that are not are left out."""
-    def sources(graph):
-        producer = {name: node for node in graph.node for name in node.output}
+    source = producers(model.graph)
 
-        def source(name):
-            node = producer.get(name)
-            while node is not None and node.op_type == "Identity":
-                node = producer.get(node.input[0])
-            return node
-        return source
+    def is_sigmoid(name):
+        node = source(name)
+        return node is not None and node.op_type == "Sigmoid"
 
-    source = sources(model.graph)
-    candidates = [k for k, output in enumerate(model.graph.output)
-                  if (node := source(output.name)) is not None and node.op_type == "Concat"
-                  and any((part := source(name)) is not None and part.op_type == "Sigmoid" for name in node.input)]
-    if not candidates:
+    concats = {k: node for k, output in enumerate(model.graph.output)
+               if (node := source(output.name)) is not None and node.op_type == "Concat"
+               and any(is_sigmoid(name) for name in node.input)}
+    if not concats:
         return {}  # the common case: no shape inference needed
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    try:  # shape inference leaves the nodes as they are: only the shapes are read from its copy
+        graph = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True).graph
     except Exception:  # noqa: BLE001 - a model shape inference cannot handle is compared as a whole
         return {}
-    graph = inferred.graph
-    source = sources(graph)
     ranks = {v.name: v.type.tensor_type.shape for v in list(graph.value_info) + list(graph.output)
              + list(graph.input) if v.type.tensor_type.HasField("shape")}
-
     found = {}
-    for k in candidates:
-        output = graph.output[k]
-        concat = source(output.name)
-        if output.name not in ranks:
+    for k, concat in concats.items():
+        output = model.graph.output[k].name
+        if output not in ranks:
             continue
-        rank = len(ranks[output.name].dim)
+        rank = len(ranks[output].dim)
         axis = next((a.i for a in concat.attribute if a.name == "axis"), 0) % max(rank, 1)
         parts, start = [], 0
         for name in concat.input:
@@ -78,10 +82,8 @@ def score_parts(model: onnx.ModelProto) -> dict[int, tuple[int, list[tuple[int, 
             if dims is None or len(dims.dim) != rank or not dims.dim[axis].HasField("dim_value"):
                 parts = []
                 break
-            size = dims.dim[axis].dim_value
-            node = source(name)
-            prob = node is not None and node.op_type == "Sigmoid"
-            if parts and parts[-1][2] == prob and parts[-1][1] == start:
+            size, prob = dims.dim[axis].dim_value, is_sigmoid(name)
+            if parts and parts[-1][2] == prob:  # adjacent inputs of one kind make one part
                 parts[-1] = (parts[-1][0], start + size, prob)
             else:
                 parts.append((start, start + size, prob))
@@ -110,7 +112,7 @@ def parts_loss(student, teacher, axis: int, parts: list, mean_of=None):
     pieces = [(student.narrow(axis, start, stop - start), teacher.narrow(axis, start, stop - start), prob)
               for start, stop, prob in parts]
     # how sure the teacher is that something is there, per position: its best score over the Concat's axis
-    sure = torch.cat([t for _, t, prob in pieces if prob], axis).amax(axis, keepdim=True) + ANCHOR_FLOOR
+    sure = _scores(teacher, axis, parts).amax(axis, keepdim=True) + ANCHOR_FLOOR
     regression, probability = [], []
     for s, t, prob in pieces:
         if prob:
@@ -129,12 +131,14 @@ def parts_loss(student, teacher, axis: int, parts: list, mean_of=None):
 def detection_counts(student, teacher, axis: int, parts: list) -> tuple[int, int, int]:
     """(detections both make with the same class, the teacher's, the student's) at the positions whose best
     class score is at least DETECTION_SCORE: recall and precision of the teacher's detections."""
-    import torch
-
-    def scores(x):
-        return torch.cat([x.narrow(axis, start, stop - start) for start, stop, prob in parts if prob], axis)
-
-    s, t = scores(student), scores(teacher)
+    s, t = _scores(student, axis, parts), _scores(teacher, axis, parts)
     mine, theirs = s.amax(axis) >= DETECTION_SCORE, t.amax(axis) >= DETECTION_SCORE
     same = mine & theirs & (s.argmax(axis) == t.argmax(axis))
     return int(same.sum()), int(theirs.sum()), int(mine.sum())
+
+
+def _scores(x, axis: int, parts: list):
+    """The probability parts of a split output, side by side along the Concat's axis."""
+    import torch
+
+    return torch.cat([x.narrow(axis, start, stop - start) for start, stop, prob in parts if prob], axis)
