@@ -33,7 +33,8 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3, as the "
                                                          "paper's schedule per pruning step)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3; 1e-4 with --teacher: "
-                                                          "a trained network recovers, docs/finetune.md)")
+                                                          "a trained network recovers; 5e-5 after the default "
+                                                          "reconstruction, docs/finetune.md)")
     p.add_argument("--batch", type=int, default=5, help="batch size (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of torch and of the shuffles/crops (default 0)")
     p.add_argument("--crop", type=int, default=0, metavar="PIXELS",
@@ -58,10 +59,14 @@ def register(sub) -> None:
                         "Sigmoid(classes))): split (default) distils the scores by a Bernoulli KL and the boxes "
                         "weighted by the teacher's scores (docs/finetune.md); whole: one scale-normalised MSE")
     d.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --teacher, before training: match every kept conv channel's mean and spread to the "
-                        "teacher's on the first --calibrate-samples training inputs (IN's kept-channel record, "
-                        "written by lean-onnx when it pruned: the statistics a pruned trained network loses, "
-                        "docs/finetune.md; default on; skipped with a [W] line when IN has no record)")
+                   help="with --teacher, before training: bring IN back towards the teacher on the first "
+                        "--calibrate-samples training inputs, as --calibrate-method says (IN's kept-channel record, "
+                        "written by lean-onnx when it pruned, docs/finetune.md; default on; skipped with a [W] "
+                        "line when IN has no record)")
+    d.add_argument("--calibrate-method", choices=("reconstruct", "statistics"), default="reconstruct",
+                   help="reconstruct (default): refit every conv's and Gemm's weights and bias by ridge least "
+                        "squares to the teacher's output of the same channels, layer by layer; statistics: only "
+                        "match every kept channel's mean and spread to the teacher's")
     d.add_argument("--calibrate-samples", type=int, default=64, metavar="N",
                    help="training inputs used for --calibrate, in one batch (default 64)")
     g = p.add_argument_group("image folders (--data / --val-data DIR)")
@@ -99,6 +104,7 @@ def cmd_finetune(args) -> int:
     from ..train.distributed import World, process_group
     from ..train.finetune import finetune, resolve_device
 
+    lr_given = args.lr is not None
     check_distill_options(args)
     _check_args(args)
     model = read_model(args.model)
@@ -119,6 +125,10 @@ def cmd_finetune(args) -> int:
     calibration = None
     if teacher is not None and args.calibrate:
         model, calibration = _calibrate(model, teacher, train, args, say)
+        if calibration is not None and calibration["method"] == "reconstruct" and not lr_given:
+            from ..train.distill import RECONSTRUCTED_LR
+
+            args.lr = RECONSTRUCTED_LR
     say(f"fine-tuning {args.model} on {samples} samples for {args.epochs} epoch(s)")
     started = time.perf_counter()
     with process_group(World.from_env(), resolve_device(args.device)) as (world, device):
@@ -137,7 +147,8 @@ def cmd_finetune(args) -> int:
                                                   "train_zero_kernels", "device", "teacher", "detector_loss")}
         settings.update(_distill_settings(args, train, val, samples))
         settings.update(world_size=world.size, backend=world.backend, device_used=device,
-                        calibrate=bool(teacher is not None and args.calibrate))
+                        calibrate=bool(teacher is not None and args.calibrate),
+                        calibrate_method=args.calibrate_method)
         report = {"schema_version": 1, "command": "finetune", "input": args.model, "output": args.output,
                   "data": args.data, "val_data": args.val_data, "settings": settings,
                   "skipped": {flag: [{"file": name, "reason": why} for name, why in data.skipped]
@@ -149,11 +160,13 @@ def cmd_finetune(args) -> int:
 
 
 def _calibrate(model, teacher, train, args, say):
-    """(IN calibrated to the teacher on the first training inputs, its summary), or (IN, None) with a [W]
-    line when that cannot be done (train/calibrate.py `calibrate_to_teacher`)."""
+    """(IN brought towards the teacher on the first training inputs, its summary), or (IN, None) with a [W]
+    line when that cannot be done (train/reconstruct.py `reconstruct_to_teacher`, train/calibrate.py
+    `calibrate_to_teacher`)."""
     import numpy as np
 
     from ..train.calibrate import calibrate_to_teacher
+    from ..train.reconstruct import reconstruct_to_teacher
 
     if isinstance(train, dict):
         inputs = train["inputs"][:args.calibrate_samples]
@@ -161,13 +174,23 @@ def _calibrate(model, teacher, train, args, say):
         rng = np.random.default_rng(args.seed)
         inputs = train.batch(train.order(rng)[:args.calibrate_samples], rng)[0]
     try:
-        model, summary = calibrate_to_teacher(model, teacher, inputs, len(inputs), args.model, args.teacher)
+        if args.calibrate_method == "reconstruct":
+            model, summary = reconstruct_to_teacher(model, teacher, inputs, path=args.model, teacher_path=args.teacher)
+        else:
+            model, summary = calibrate_to_teacher(model, teacher, inputs, len(inputs), args.model, args.teacher)
     except LeanOnnxError as exc:
         warn(f"not calibrated: {exc}")
         return model, None
-    say(f"calibrated {summary['channels']} channels of {summary['tensors']} convs to the teacher's statistics on "
-        f"{summary['samples']} training inputs ({summary['seconds']:.1f} s; median scale "
-        f"{summary['scale_median']:.3f}, {summary['scale_capped']} capped)")
+    if args.calibrate_method == "reconstruct":
+        say(f"reconstructed {summary['convs']} convs/Gemms to the teacher's outputs on {summary['samples']} training "
+            f"inputs ({summary['seconds']:.1f} s; median relative squared error of their outputs "
+            f"{summary['error_before_median']:.3f} -> {summary['error_after_median']:.3f}; {summary['left']} left "
+            "as they are)")
+    else:
+        summary["method"] = "statistics"
+        say(f"calibrated {summary['channels']} channels of {summary['tensors']} convs to the teacher's statistics "
+            f"on {summary['samples']} training inputs ({summary['seconds']:.1f} s; median scale "
+            f"{summary['scale_median']:.3f}, {summary['scale_capped']} capped)")
     return model, summary
 
 

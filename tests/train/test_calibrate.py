@@ -176,8 +176,9 @@ def test_calibration_to_a_teacher_needs_the_record_and_the_right_teacher(pruned)
 
 
 def test_cli_finetune_with_a_teacher_calibrates_first(pruned, tmp_path):
-    """`finetune P OUT --teacher IN`: one calibration line and the report's section; `--no-calibrate` skips it;
-    a model without a record is trained all the same after a [W] line."""
+    """`finetune P OUT --teacher IN`: one line and the report's section for the reconstruction (the default, with
+    its learning rate) or the statistics calibration; `--no-calibrate` skips it; a model without a record is
+    trained all the same after a [W] line."""
     import json
 
     from lean_onnx.rewrite.channel_map import METADATA_KEY
@@ -200,12 +201,19 @@ def test_cli_finetune_with_a_teacher_calibrates_first(pruned, tmp_path):
         assert run.returncode == 0, run.stderr
         return run.stderr, json.loads(report.read_text())
 
-    err, report = finetune("p.onnx", "--calibrate-samples", "6")
+    err, report = finetune("p.onnx", "--calibrate-samples", "6")  # the default: reconstruction
+    assert "reconstructed" in err and "to the teacher's outputs on 6 training inputs" in err
+    assert report["calibration"]["method"] == "reconstruct" and report["calibration"]["samples"] == 6
+    assert report["calibration"]["convs"] > 10 and report["settings"]["calibrate_method"] == "reconstruct"
+    assert report["settings"]["lr"] == 5e-5  # train/distill.py RECONSTRUCTED_LR
+    err, report = finetune("p.onnx", "--calibrate-samples", "6", "--calibrate-method", "statistics", "--lr", "2e-4")
     assert "calibrated" in err and "to the teacher's statistics on 6 training inputs" in err
     assert report["calibration"]["samples"] == 6 and report["calibration"]["channels"] > 0
+    assert report["calibration"]["method"] == "statistics" and report["settings"]["lr"] == 2e-4
     assert report["settings"]["calibrate"] is True and report["settings"]["detector_loss"] == "split"
     err, report = finetune("p.onnx", "--no-calibrate", "--detector-loss", "whole")
     assert "calibrated" not in err and report["calibration"] is None and report["settings"]["calibrate"] is False
     assert report["settings"]["detector_loss"] == "whole"
     err, report = finetune("bare.onnx")
     assert "[W] not calibrated:" in err and "no lean-onnx kept-channel record" in err and report["calibration"] is None
+    assert report["settings"]["lr"] == 1e-4  # not reconstructed: the distillation default
