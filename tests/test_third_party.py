@@ -244,9 +244,9 @@ def test_calibration_on_trained_networks(name, subjects, request):
 def test_label_free_recovery_of_the_trained_mobilenet_v2(tmp_path, request):
     """Issue 18's acceptance through the command line, as written: the trained MobileNetV2 pruned with
     `--target-macs 0.5`, then `finetune P OUT --teacher IN --data train.npz --epochs 3` (512 unlabelled random
-    crops of the 8 photos; finetune calibrates P to the teacher first, from P's kept-channel record): top-1
+    crops of the 8 photos; finetune reconstructs P to the teacher first, from P's kept-channel record): top-1
     agreement with IN on 192 new crops of the same photos >= 0.70 and at least 0.30 above P's; OUT keeps P's
-    MACs. About 3 minutes on 2 cores."""
+    MACs. About 3 minutes on 2 cores (measured: 0.000 -> 0.766)."""
     import subprocess
     import sys
 
@@ -269,7 +269,7 @@ def test_label_free_recovery_of_the_trained_mobilenet_v2(tmp_path, request):
     cli(original, pruned, "--target-macs", "0.5", "--input-shape", "input=1x3x224x224", "-q")
     err = cli("finetune", pruned, out, "--teacher", original, "--data", tmp_path / "train.npz", "--epochs", 3,
               "--threads", 2)
-    assert "to the teacher's statistics on 64 training inputs" in err
+    assert "reconstructed 53 convs/Gemms to the teacher's outputs on 64 training inputs" in err
 
     def top1(path):
         return np.concatenate([run(onnx.load(str(path)), {"input": new[i:i + 16]})[0].argmax(1)
@@ -282,3 +282,53 @@ def test_label_free_recovery_of_the_trained_mobilenet_v2(tmp_path, request):
     macs = [model_cost(load_model(onnx.load(str(p)), {"input": MNV2_PRUNE_SHAPE}))["macs"] for p in (pruned, out)]
     assert macs[0] == macs[1] <= 0.55 * model_cost(load_model(onnx.load(str(original)),
                                                               {"input": MNV2_PRUNE_SHAPE}))["macs"]
+
+
+@pytest.mark.slow
+def test_label_free_recovery_of_the_trained_yolov8n(tmp_path, request):
+    """Issue 18's detector acceptance through the command line: the trained YOLOv8n pruned with `--target-macs
+    0.5`, then `finetune P OUT --teacher IN --data train.npz --epochs 2` (512 unlabelled crops of the 8 photos,
+    RGB in [0, 1]): on 96 new crops the output's mean relative error to IN is at most half of P's, and OUT finds
+    at least 0.3 of IN's detections (best class score >= 0.25, that class) that P lost; OUT keeps P's MACs.
+    About 4 minutes on 2 cores (measured: error 0.137 -> 0.065, recall 0 -> 0.52, precision 0.74)."""
+    import subprocess
+    import sys
+
+    from lean_onnx.graph.cost import model_cost
+    from lean_onnx.graph.load import load_model
+    from lean_onnx.train.score_parts import DETECTION_SCORE
+    from tools.bench_budget import photo_inputs
+
+    request.getfixturevalue("images")  # skips without scikit-image's photos
+    original = tmp_path / "yolo.onnx"
+    onnx.save(_fetch(tp.yolov8n, tp.YOLO_WHEEL), str(original))
+    np.savez(tmp_path / "train.npz", inputs=photo_inputs(tp.YOLO_SHAPE, 512, seed=0, normalise="unit"))
+    new = photo_inputs(tp.YOLO_SHAPE, 96, seed=1, normalise="unit")
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "lean_onnx", *map(str, args)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    pruned, out = tmp_path / "p.onnx", tmp_path / "out.onnx"
+    cli(original, pruned, "--target-macs", "0.5", "--input-shape", "images=1x3x320x320", "-q")
+    err = cli("finetune", pruned, out, "--teacher", original, "--data", tmp_path / "train.npz", "--epochs", 2,
+              "--threads", 2)
+    assert "to the teacher's outputs on 64 training inputs" in err
+
+    def outputs(path):
+        model = onnx.load(str(path))
+        return np.concatenate([run(model, {"images": new[i:i + 1]})[0] for i in range(len(new))])
+
+    reference, before, after = (outputs(p) for p in (original, pruned, out))
+    error = [float(np.abs(o - reference).mean() / np.abs(reference).mean()) for o in (before, after)]
+    theirs = reference[:, 4:].max(1) >= DETECTION_SCORE
+    found = [theirs & (o[:, 4:].max(1) >= DETECTION_SCORE) & (o[:, 4:].argmax(1) == reference[:, 4:].argmax(1))
+             for o in (before, after)]
+    recall = [float(f.sum() / theirs.sum()) for f in found]
+    print(f"mean relative error {error[0]:.3f} -> {error[1]:.3f}; recall of {int(theirs.sum())} detections "
+          f"{recall[0]:.3f} -> {recall[1]:.3f}")
+    assert theirs.sum() >= 50 and error[1] <= 0.5 * error[0] and recall[1] >= recall[0] + 0.3, (error, recall)
+    shape = {"images": tp.YOLO_SHAPE}
+    macs = [model_cost(load_model(onnx.load(str(p)), shape))["macs"] for p in (pruned, out)]
+    assert macs[0] == macs[1] <= 0.55 * model_cost(load_model(onnx.load(str(original)), shape))["macs"]

@@ -17,8 +17,10 @@ gives the mean and the range, the noise a one-seed comparison hides. Pruners at 
 `--target-macs` with `--method lean` and `--method l1`, and Torch-Pruning's `MagnitudePruner` searched to
 the same MACs (tools/bench_budget_torch.py);
 lean-onnx's also calibrated on the first `--calibrate` training crops (`--calibrate-data`: each kept channel's
-statistics matched to the original's, train/calibrate.py) before distillation, a step of lean-onnx's pruning
-that a Torch-Pruning model (no record of which channels it kept) does not get;
+statistics matched to the original's, train/calibrate.py) and, separately, reconstructed to the original on them
+(every conv's and Gemm's weights refit by least squares, train/reconstruct.py: what `finetune --teacher` does
+first, distilled then at its learning rate 5e-5) before distillation: steps that need lean-onnx's record of the
+kept channels, which a Torch-Pruning model does not have;
 every pruned model, whoever pruned it, is distilled by the same code (`lean_onnx.train.finetune` with the
 original as teacher: KL of temperature-softened logits), same data, epochs, batch, learning rate and seed.
 `--long-epochs N` adds one longer run per pruner at the first target.
@@ -65,6 +67,9 @@ HELD_OUT = ("china", "flower", "camera", "clock")
 #: top-1 logit minus the second: crops below it are near-ties for the original itself
 CLEAR_MARGIN = 1.0
 ARGS = None
+#: the label's tail of a model reconstructed to the original before distillation (finetune --teacher's default),
+#: distilled at its learning rate (train/distill.py RECONSTRUCTED_LR) where the others take --lr
+RECONSTRUCTED = ", reconstructed (finetune --teacher's default)"
 
 
 def log(msg: str) -> None:
@@ -94,10 +99,12 @@ def macs_ratio(model: bytes, shape: tuple, before: float) -> float:
 def pruned_models(source: bytes, module, shape: tuple, target: float, pruners: list[str],
                   calibration: np.ndarray | None = None):
     """{pruner label: pruned ONNX bytes} at `target` of the original's MACs; with `calibration` (inputs),
-    lean-onnx's models also calibrated on them (`--calibrate-data`, train/calibrate.py)."""
+    lean-onnx's models also calibrated on them (`--calibrate-data`, train/calibrate.py) and reconstructed to
+    the original on them (RECONSTRUCTED: what `finetune --teacher` does first, train/reconstruct.py)."""
     from bench_budget_torch import export_bytes, torch_pruning_at
 
     from lean_onnx.train.calibrate import calibrate
+    from lean_onnx.train.reconstruct import reconstruct_to_teacher
 
     model = onnx.load_from_string(source)
     pruner = Pruner(model, input_shapes={model.graph.input[0].name: shape})
@@ -109,6 +116,8 @@ def pruned_models(source: bytes, module, shape: tuple, target: float, pruners: l
             if calibration is not None:
                 calibrated, _ = calibrate(pruner, result, calibration)
                 found[f"lean-onnx --method {name} --calibrate-data"] = calibrated.model_bytes
+                rebuilt, _ = reconstruct_to_teacher(result.model, model, calibration)
+                found[f"lean-onnx --method {name}{RECONSTRUCTED}"] = rebuilt.SerializeToString()
         elif name == "tp" and module is not None:
             pruned, _, _ = torch_pruning_at(module, shape, target)
             found["Torch-Pruning MagnitudePruner (L1)"] = export_bytes(pruned, shape)
@@ -116,7 +125,7 @@ def pruned_models(source: bytes, module, shape: tuple, target: float, pruners: l
 
 
 def distil(student: bytes, teacher: bytes, inputs, epochs: int, args, seed: int = 0,
-           split: bool = True) -> tuple[bytes, list, float]:
+           split: bool = True, lr: float | None = None) -> tuple[bytes, list, float]:
     """lean-onnx's own distillation (the library call behind `finetune --teacher`): (model, history, s).
     `inputs`: an array of crops, or a data object (an image folder with fresh random crops every epoch)."""
     import torch
@@ -127,10 +136,17 @@ def distil(student: bytes, teacher: bytes, inputs, epochs: int, args, seed: int 
     start = time.perf_counter()
     data = {"inputs": inputs} if isinstance(inputs, np.ndarray) else inputs
     trained, history = finetune(onnx.load_from_string(student), data, None, epochs=epochs,
-                                lr=args.lr, batch=args.batch, seed=seed, teacher=onnx.load_from_string(teacher),
+                                lr=lr or args.lr, batch=args.batch, seed=seed, teacher=onnx.load_from_string(teacher),
                                 temperature=args.temperature, device="cpu", split_scores=split,
                                 progress=lambda line: log(f"  {line}"))
     return trained.SerializeToString(), history, time.perf_counter() - start
+
+
+def _lr(label: str) -> float | None:
+    """The learning rate `finetune --teacher` takes by default for this start (None: `--lr`)."""
+    from lean_onnx.train.distill import RECONSTRUCTED_LR
+
+    return RECONSTRUCTED_LR if label.endswith(RECONSTRUCTED) else None
 
 
 def seed_means(per_seed: list[dict]) -> dict:
@@ -172,7 +188,7 @@ def classifier_rows(args) -> list[dict]:
                 for seed in args.seeds:  # the distillation's shuffle: its spread is the comparison's noise
                     log(f"MobileNetV2 @ {target:g}, {label}: distilling {epochs} epoch(s) on {len(train)} crops, "
                         f"seed {seed}")
-                    trained, history, seconds = distil(pruned, original, train, epochs, args, seed)
+                    trained, history, seconds = distil(pruned, original, train, epochs, args, seed, lr=_lr(label))
                     after = {k: top1_agreement(reference[k], outputs(session(trained), x)[0])
                              for k, x in evals.items()}
                     per_seed.append({"seed": seed, "distilled": after, "seconds": seconds,
@@ -281,7 +297,8 @@ def detector_runs(network: str, original: bytes, shape: tuple, train: np.ndarray
             per_seed = []
             for seed in args.seeds:
                 log(f"{network} @ {args.detector_target:g}, {label}: distilling 2 epochs ({loss}), seed {seed}")
-                trained, history, seconds = distil(pruned, original, train, 2, args, seed, split=loss == "split")
+                trained, history, seconds = distil(pruned, original, train, 2, args, seed, split=loss == "split",
+                                                   lr=_lr(label))
                 per_seed.append({"seed": seed, "distilled": fidelity(trained), "seconds": seconds,
                                  "train_loss": [h["train_loss"] for h in history]})
                 log(f"  {one_shot} -> {per_seed[-1]['distilled']}")
@@ -367,7 +384,8 @@ def main() -> None:
     parser.add_argument("--folder-pruners", default="lean-onnx --method lean,torch-pruning",
                         help="comma-separated label prefixes (lower case) of the pruners that get the folder run")
     parser.add_argument("--calibrate", type=int, default=64, metavar="N",
-                        help="also lean-onnx's pruned models calibrated on the first N training crops (0: no)")
+                        help="also lean-onnx's pruned models calibrated, and reconstructed, on the first N "
+                             "training crops (0: no)")
     parser.add_argument("--batch", type=int, default=5)  # finetune's default
     parser.add_argument("--lr", type=float, default=1e-4)  # finetune --teacher's default
     parser.add_argument("--temperature", type=float, default=1.0)
