@@ -348,7 +348,8 @@ def yolo_rows(args) -> list[dict]:
 
 def render(rows: list[dict], args, command: str) -> str:
     lines = [HEADING, "", f"`{command}` (this 2-core machine, CPU, {args.threads} torch threads; batch "
-             f"{args.batch}, Adam lr {args.lr:g}, temperature {args.temperature:g}, seed 0; {args.crops} training "
+             f"{args.batch}, Adam lr {args.lr:g} ({_lr(RECONSTRUCTED):g} for the reconstructed models, as finetune "
+             f"--teacher), temperature {args.temperature:g}, seed 0; {args.crops} training "
              "crops). Every pruned model is distilled by the same lean-onnx code with the original as teacher; "
              "*MACs after* is the distilled model's (it must equal the pruned one's).", "",
              "| network | target | pruner | MACs ratio (after) | epochs | one-shot | distilled | distillation s |",
