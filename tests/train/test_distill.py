@@ -349,7 +349,10 @@ def test_cli_distils_on_a_photo_folder(photos, nets, tmp_path, capsys):
     assert [row["epoch"] for row in data["epochs"]] == [0, 1]
     assert 0 <= data["epochs"][1]["val_top1_agreement"] <= 1 and data["epochs"][1]["seconds"] > 0
     settings = data["settings"]
-    assert settings["teacher"] == teacher_path and settings["temperature"] == 1.0 and settings["alpha"] == 0.0 and settings["lr"] == 1e-4
+    assert settings["teacher"] == teacher_path and settings["temperature"] == 1.0 and settings["alpha"] == 0.0
+    # reconstructed first, on the first crops of the folder, then distilled at RECONSTRUCTED_LR
+    assert data["calibration"]["method"] == "reconstruct" and data["calibration"]["samples"] == 6
+    assert settings["lr"] == 5e-5
     assert settings["augment"] is True and settings["input_size"] == [SIZE, SIZE] and settings["layout"] == "NCHW"
     assert settings["samples_per_epoch"] == 6 and settings["channel_order"] == "rgb"
     assert settings["mean"] == pytest.approx(IMAGENET_MEAN) and settings["std"] == pytest.approx(IMAGENET_STD)
