@@ -42,11 +42,15 @@ def register(sub) -> None:
                         "is folded into the Gemm bias and the channel is removed")
     g = p.add_argument_group("calibration (label-free: no training, no labels; needs torch)")
     g.add_argument("--calibrate-data", metavar="NPZ|DIR",
-                   help="after pruning, match every kept conv channel's mean and spread to the original's on these "
-                        "inputs (an .npz `inputs` array or a folder of images, resized and centre-cropped for the "
-                        "model's input): the statistics a pruned trained network loses (docs/finetune.md); the "
+                   help="after pruning, bring the pruned model back towards the original on these inputs (an .npz "
+                        "`inputs` array or a folder of images, resized and centre-cropped for the model's input) "
+                        "as --calibrate-method says: what a pruned trained network loses (docs/finetune.md); the "
                         "pruned model still equals its masked model, now with the corrected weights; with --steps, "
                         "every step's model is calibrated against the step's input before its fine-tuning")
+    g.add_argument("--calibrate-method", choices=("reconstruct", "statistics"), default="reconstruct",
+                   help="reconstruct (default): refit every conv's and Gemm's kept kernels and bias by ridge least "
+                        "squares to the original's output of the same channels, layer by layer (train/"
+                        "reconstruct.py); statistics: only match each kept channel's mean and spread")
     g.add_argument("--calibrate-samples", type=int, default=64, metavar="N",
                    help="inputs used for the calibration, in one batch (default 64)")
     g.add_argument("--input-size", metavar="H,W", help="with an image folder: the input size (default: the model's)")
@@ -167,10 +171,18 @@ def cmd_prune(args) -> int:
 
 
 def _calibrate(pruner, result, args):
-    """`--calibrate-data`: train/calibrate.py on the inputs of options.calibration_inputs."""
+    """`--calibrate-data`: train/reconstruct.py or train/calibrate.py on the inputs of options.calibration_inputs."""
+    inputs = calibration_inputs(args, pruner.loaded.original)
+    if args.calibrate_method == "reconstruct":
+        from ..train.reconstruct import reconstruct
+
+        rebuilt, summary = reconstruct(pruner, result, inputs[:args.calibrate_samples])
+        info(f"reconstructed {summary['convs']} convs/Gemms to the original's outputs on {summary['samples']} "
+             f"inputs ({summary['seconds']:.1f} s; median relative squared error of their outputs "
+             f"{summary['error_before_median']:.3f} -> {summary['error_after_median']:.3f})")
+        return rebuilt
     from ..train.calibrate import calibrate
 
-    inputs = calibration_inputs(args, pruner.loaded.original)
     calibrated, summary = calibrate(pruner, result, inputs, batch=args.calibrate_samples)
     info(f"calibrated {summary['channels']} channels of {summary['tensors']} convs on {summary['samples']} inputs "
          f"({summary['seconds']:.1f} s; median scale {summary['scale_median']:.3f}, {summary['scale_capped']} capped)")

@@ -92,7 +92,7 @@ def cmd_schedule(args, info, warn) -> int:
                             gather_below=args.gather_below, exclude=list(args.exclude),
                             input_shapes={k: list(v) for k, v in shapes.items()} or None,
                             norm_grid=None if args.norm_grid == "auto" else int(args.norm_grid),
-                            carry_optimizer=args.carry_optimizer)
+                            carry_optimizer=args.carry_optimizer, calibrate_method=args.calibrate_method)
     folder = args.checkpoint_dir or args.output + ".steps"
     goal, what = (args.target_macs, "MACs") if args.target_macs is not None else (args.keep, "keep")
     info(f"schedule: {args.steps} step(s) to {what} {goal:g} "

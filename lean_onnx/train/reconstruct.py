@@ -48,13 +48,16 @@ CHUNK = 8
 
 
 def reconstruct_to_teacher(student: onnx.ModelProto, teacher: onnx.ModelProto, inputs: np.ndarray,
-                           ridge: float = RIDGE, path: str = "<model>", teacher_path: str = "<teacher>"):
+                           ridge: float = RIDGE, path: str = "<model>", teacher_path: str = "<teacher>",
+                           kept: dict | None = None):
     """(reconstructed copy of `student`, info): every 2-D conv's kernels and bias refit to the `teacher`'s
     output (the original the student was pruned from) on `inputs` (an (N, ...) float array for the single
     input, N >= 2, all in one pass). `info`: the convs and Gemms refit (`convs`) and those left as they are
     (`left`: a form the fit does not take), the median relative squared error of their outputs to the
     teacher's before and after their refit, the seconds. Raises LeanOnnxError when the student has no
-    kept-channel record or the teacher is not the model it refers to."""
+    kept-channel record or the teacher is not the model it refers to. `kept` ({tensor: (the teacher's channel
+    count, kept indices)}): instead of the student's record (prune time: the plan's, relative to the pruner's
+    input, where the record refers to the first original)."""
     import torch
 
     from ..rewrite.channel_map import read
@@ -64,7 +67,7 @@ def reconstruct_to_teacher(student: onnx.ModelProto, teacher: onnx.ModelProto, i
     inputs = np.asarray(inputs, dtype=np.float32)
     if len(inputs) < 2:
         raise LeanOnnxError(f"{path}: reconstruction needs at least 2 inputs, got {len(inputs)}")
-    kept = read(student)
+    kept = read(student) if kept is None else kept
     if kept is None:
         raise LeanOnnxError(f"{path}: no lean-onnx kept-channel record in its metadata (pruned by another tool "
                             "or an older lean-onnx), so its channels cannot be matched to the teacher's")
@@ -164,7 +167,8 @@ def _patches(ctx, x, weight):
 
 
 def _solve(ctx, x, weight, bias, target, ridge):
-    """(weight, bias) minimising the ridge objective of the module docstring, per group."""
+    """(weight, bias) minimising the ridge objective of the module docstring, per group; zero kernels stay
+    zero (`_live`)."""
     import torch
 
     groups = ctx.get("group", 1)
@@ -189,10 +193,31 @@ def _solve(ctx, x, weight, bias, target, ridge):
     rows = float(len(x) * positions)
     lam = (ridge * diagonal[:, :taps].mean(1)).clamp_min(1e-6 * rows)  # > 0 also for an all-zero input
     eye = torch.eye(size, dtype=torch.float64)
-    solution = torch.linalg.solve(gram + lam[:, None, None] * eye, cross + lam[:, None, None] * start)
+    system, rhs = gram + lam[:, None, None] * eye, cross + lam[:, None, None] * start
+    solution = torch.linalg.solve(system, rhs)
+    live = _live(weight, bias).reshape(groups, per_group, size)  # (groups, per_group, unknowns)
+    for g, o in torch.nonzero(~live.all(-1)).tolist():  # outputs with pruned kernels: solved on their live ones
+        keep = live[g, o]
+        solution[g, :, o] = 0.0
+        if keep.any():
+            solution[g, keep, o] = torch.linalg.solve(system[g][keep][:, keep], rhs[g, keep, o])
     new_weight = solution[:, :taps].transpose(1, 2).reshape(weight.shape)
     new_bias = solution[:, taps].reshape(c_out) if bias is not None else None
     return new_weight, new_bias
+
+
+def _live(weight, bias):
+    """(C_out, unknowns) bool: the unknowns of each output channel that may move. A kernel that is exactly
+    zero (pruned, DESIGN.md section 2) stays zero, and so does the bias of an output channel whose kernels and
+    bias are all zero (a dead channel), as fine-tuning holds them (bridge.zero_kernel_masks)."""
+    import torch
+
+    c_out = weight.shape[0]
+    alive = weight.flatten(2).ne(0).any(-1)  # (C_out, C_in / group)
+    live = alive[:, :, None].expand(-1, -1, weight.shape[2] * weight.shape[3]).reshape(c_out, -1)
+    if bias is not None:
+        live = torch.cat([live, (alive.any(1) | bias.ne(0))[:, None]], 1)
+    return live
 
 
 def _refit_gemm(ctx, x, weight, bias, target, output, ridge):
@@ -225,3 +250,71 @@ def _refit_gemm(ctx, x, weight, bias, target, output, ridge):
         bias.copy_(solution[taps].to(bias.dtype))
     result = OPS["Gemm"](ctx, x, weight, bias) if bias is not None else OPS["Gemm"](ctx, x, weight)
     return result, before, float(((result.double() - target.double()) ** 2).mean() / scale)
+
+
+def reconstruct(pruner, result, inputs: np.ndarray, ridge: float = RIDGE):
+    """(new PruneResult, info) at prune time (`--calibrate-data`, `--calibrate-method reconstruct`): `result`'s
+    pruned model reconstructed to the original on `inputs`; the refit values
+    are written back into the original's layout (where each pruned value came from: the rewrite run on index
+    arrays, Pruner.slice_like) and both models are rewritten from them (rewrite/pruner.replace_initializers),
+    so the pruned model still equals the masked one (DESIGN.md section 2), now the refit original with the
+    pruned kernels zeroed. A weight the rewrite copied for several readers is refit in none of them."""
+    from onnx import numpy_helper
+
+    from ..rewrite.channel_map import kept_channels
+    from ..rewrite.pruner import replace_initializers
+
+    path = pruner.loaded.path
+    kept = kept_channels(pruner.graph, result.plan, result.model.graph)  # relative to the pruner's input
+    model, info = reconstruct_to_teacher(result.model, pruner.loaded.original, inputs, ridge, path, path, kept)
+    before = {t.name: t for t in result.model.graph.initializer}
+    deltas = {}
+    for tensor in model.graph.initializer:
+        new, old = numpy_helper.to_array(tensor), numpy_helper.to_array(before[tensor.name])
+        if not np.array_equal(new, old):
+            deltas[tensor.name] = new.astype(np.float64) - old.astype(np.float64)
+    originals = _original_arrays(pruner)
+    source = {name: name if name in originals else name.partition("__")[0] for name in deltas}
+    shared = {s for s in source.values() if list(source.values()).count(s) > 1 or s not in originals
+              or originals[s].dtype not in (np.float32, np.float64)}  # the index halves are exact in these
+    deltas = {name: d for name, d in deltas.items() if source[name] not in shared}
+    where = _positions(pruner, result, {source[name]: originals[source[name]].shape for name in deltas})
+    arrays = {source[name]: originals[source[name]].astype(np.float64) for name in deltas}
+    for name, delta in deltas.items():
+        at = where[name]
+        if (delta[at < 0] != 0).any():
+            raise LeanOnnxError(f"{path}: {name!r}: a refit value has no place in the original (please report)")
+        arrays[source[name]].reshape(-1)[at[at >= 0]] += delta[at >= 0]
+    arrays = {name: value.astype(originals[name].dtype) for name, value in arrays.items()}
+    rebuilt = replace_initializers(pruner, result, arrays) if arrays else result
+    info["shared_left"] = len(shared)
+    rebuilt.report["calibration"] = info
+    return rebuilt, info
+
+
+def _original_arrays(pruner) -> dict[str, np.ndarray]:
+    """{initializer name: array} of the original, large (stubbed) weights read from their source."""
+    from onnx import numpy_helper
+
+    from ..io.external_data import is_stub, source_tensors
+
+    sources = source_tensors(pruner.loaded.original)
+    found = {}
+    for tensor in pruner._base().graph.initializer:
+        if is_stub(tensor) and tensor.name in sources:
+            tensor = sources[tensor.name]
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and not is_stub(tensor):
+            found[tensor.name] = numpy_helper.to_array(tensor)
+    return found
+
+
+def _positions(pruner, result, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """{pruned initializer name: int64 array of its shape}: the flat index in the original's initializer each
+    value was cut from, -1 where the rewrite made it (a zero kernel): the rewrite run on the indices, in two
+    float32-exact halves."""
+    halves = [pruner.slice_like(result, {name: ((np.arange(int(np.prod(shape))) // 4096 if high else
+                                                 np.arange(int(np.prod(shape))) % 4096) + 1).reshape(shape)
+                                         .astype(np.float32) for name, shape in shapes.items()})
+              for high in (True, False)]
+    return {name: np.where((high > 0) & (low > 0), (high.astype(np.int64) - 1) * 4096 + low.astype(np.int64) - 1, -1)
+            for name, high in halves[0].items() for low in [halves[1][name]]}

@@ -62,6 +62,7 @@ class ScheduleConfig:
     temperature: float = 1.0
     alpha: float = 0.0
     calibrate_data: str | None = None  # sha256 of the calibration inputs (every step calibrated before fine-tuning)
+    calibrate_method: str = "statistics"  # or "reconstruct" (train/reconstruct.py)
 
 
 def step_keeps(keep: float, steps: int) -> list[float]:
@@ -187,7 +188,8 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
     `model`'s fine-tuning is cut like the weights (Pruner.slice_like) unless `finetune_masked`.
     `finetune_masked` (needs `verify`): fine-tune the masked model, which has `model`'s shapes (so a
     state from `model`'s fine-tuning maps one to one), instead of the pruned one: the same function.
-    `calibration` (inputs): the pruned model's kept channels get `model`'s statistics on them first."""
+    `calibration` (inputs): the pruned model's kept channels get `model`'s statistics on them first, or with
+    `config.calibrate_method` "reconstruct" its convs and Gemms are refit to `model`'s outputs on them."""
     from ..rewrite.pruner import Pruner
     from .distributed import LOCAL
 
@@ -205,10 +207,14 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
     else:
         in_step = min(1.0, target * state["original_kernels"] / prunable)
         result = pruner.prune(in_step, zeros_are_pruned=True, **options)
-    if calibration is not None:  # the masked model is calibrated alike: the contract below checks both
+    if calibration is not None and config.calibrate_method == "reconstruct":  # the masked model alike
+        from .reconstruct import reconstruct
+
+        result, _ = reconstruct(pruner, result, calibration)  # summary: report["calibration"]
+    elif calibration is not None:  # the masked model is calibrated alike: the contract below checks both
         from .calibrate import calibrate
 
-        result, _ = calibrate(pruner, result, calibration, batch=len(calibration))  # summary: report["calibration"]
+        result, _ = calibrate(pruner, result, calibration, batch=len(calibration))
     report = result.report
     row = {"step": t, "keep_target": target, "keep_in_step": in_step, "kernels_kept": report["kernels"]["kept"],
            "keep_achieved": report["kernels"]["kept"] / state["original_kernels"],
@@ -293,7 +299,9 @@ def _step_line(row: dict, steps: int) -> str:
     what = "MACs" if row.get("target_kind") == "macs" else "keep"
     parts = [f"step {row['step']}/{steps}: {what} {row['keep_achieved']:.4f} (target {row['keep_target']:.4f})",
              f"{row['kernels_kept']:,} kernels", f"params {row['params']:,}"]
-    if row.get("calibration"):
+    if row.get("calibration", {}).get("method") == "reconstruct":
+        parts.append(f"reconstructed {row['calibration']['convs']:,} convs/Gemms")
+    elif row.get("calibration"):
         parts.append(f"calibrated {row['calibration']['channels']:,} channels")
     if row["finetune"]:
         last = row["finetune"][-1]

@@ -57,13 +57,49 @@ def test_the_least_squares_solve_recovers_a_conv_from_its_outputs(c_in, c_out, g
     weight = torch.randn(c_out, c_in // group, 3, 3, generator=gen, dtype=torch.float64)
     bias = torch.randn(c_out, generator=gen, dtype=torch.float64)
     target = OPS["Conv"](ctx, x, weight, bias)
-    start_w, start_b = torch.zeros_like(weight), torch.zeros_like(bias)
+    start_w = weight + 0.5 * torch.randn(weight.shape, generator=gen, dtype=torch.float64)
+    start_b = bias + 0.5
     new_w, new_b = _solve(ctx, x, start_w, start_b, target, ridge=1e-12)
     np.testing.assert_allclose(new_w.numpy(), weight.numpy(), atol=1e-4)  # the ridge's floor: 1e-6 per row
     np.testing.assert_allclose(new_b.numpy(), bias.numpy(), atol=1e-4)
     # the ridge pulls towards the starting weights: a large one barely moves them
     held, _ = _solve(ctx, x, weight + 1, bias, target, ridge=1e6)
     assert np.abs(held.numpy() - (weight + 1).numpy()).max() < 1e-3
+
+
+def test_pruned_kernels_and_dead_channels_stay_as_they_are():
+    """A kernel that is exactly zero stays zero (the output is fitted on its live kernels alone, as well as
+    they allow: the same least squares as a conv that never had the others), and a dead channel (zero kernels
+    and bias) stays dead."""
+    import torch
+
+    from lean_onnx.train.ops import OPS
+    from lean_onnx.train.ops.context import NodeContext
+    from lean_onnx.train.reconstruct import _solve
+
+    ctx = NodeContext(_conv_node(1, (1, 1), (1, 1, 1, 1), (1, 1)), 13)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 4, 9, 9, generator=gen, dtype=torch.float64)
+    truth = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64)
+    target = OPS["Conv"](ctx, x, truth, bias)
+    start = truth + 0.3 * torch.randn(truth.shape, generator=gen, dtype=torch.float64)
+    start_b = bias.clone()
+    start[0, 1] = 0.0  # a pruned kernel
+    start[1, 2:] = 0.0  # two of them
+    start[2], start_b[2] = 0.0, 0.0  # a dead channel
+    new_w, new_b = _solve(ctx, x, start, start_b, target, ridge=1e-12)
+    assert (new_w[0, 1] == 0).all() and (new_w[1, 2:] == 0).all() and (new_w[2] == 0).all() and new_b[2] == 0
+    np.testing.assert_allclose(new_w[4].numpy(), truth[4].numpy(), atol=1e-4)  # all live: recovered
+    for o, inputs in ((0, [0, 2, 3]), (1, [0, 1])):  # the restricted least squares, solved directly
+        only = OPS["Conv"](ctx, x[:, inputs], new_w[o:o + 1, inputs], new_b[o:o + 1])
+        residual = ((only - target[:, o:o + 1]) ** 2).mean()
+        moved = new_w[o:o + 1, inputs] + 1e-3 * torch.randn((1, len(inputs), 3, 3), generator=gen,
+                                                             dtype=torch.float64)
+        worse = ((OPS["Conv"](ctx, x[:, inputs], moved, new_b[o:o + 1]) - target[:, o:o + 1]) ** 2).mean()
+        assert residual < worse  # a small move off the solution only fits worse
+        start_res = ((OPS["Conv"](ctx, x, start[o:o + 1], start_b[o:o + 1]) - target[:, o:o + 1]) ** 2).mean()
+        assert residual < start_res
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +211,46 @@ def test_reconstruction_needs_the_record_the_right_teacher_and_two_inputs(pruned
         reconstruct_to_teacher(result.model, result.model, fit, path="p.onnx", teacher_path="t.onnx")
     with pytest.raises(LeanOnnxError, match="at least 2 inputs"):
         reconstruct_to_teacher(result.model, pruner.loaded.original, fit[:1])
+
+
+@pytest.mark.parametrize("how", [{"target_macs": 0.4}, {"keep": 0.3}, {"keep": 0.3, "fold_constants": True}])
+def test_reconstruction_at_prune_time_keeps_pruned_equal_to_masked(deep, how):
+    """`--calibrate-data` with the default `--calibrate-method reconstruct`: the refit values go back into the
+    original's layout and both models are rewritten from them, so the pruned model equals the masked one (also
+    with kernels pruned inside kept channels, which stay zero, and with dead channels that keep a constant);
+    the input is not modified; on held-out inputs the result is closer to the original than the pruned one."""
+    from lean_onnx.rewrite.contract import check_contract
+    from lean_onnx.train.reconstruct import reconstruct
+
+    path, fit, held_out = deep
+    pruner = Pruner(path)
+    before = pruner.loaded.original.SerializeToString()
+    options = {k: v for k, v in how.items() if k != "keep"}
+    result = pruner.prune(how.get("keep"), round_channels=1, **options)
+    rebuilt, info = reconstruct(pruner, result, fit)
+    errors = check_contract(pruner.loaded.original, rebuilt, pruner.loaded.input_shapes, np.random.default_rng(0))
+    assert errors["max_rel_err_vs_masked"] < 1e-4 and pruner.loaded.original.SerializeToString() == before
+    assert rebuilt.report["calibration"] is info and info["convs"] > 0 and info["shared_left"] == 0
+    reference = _ort(pruner.loaded.original, held_out)
+    error = [np.abs(_ort(m, held_out) - reference).mean() for m in (result.model, rebuilt.model)]
+    assert error[1] < 0.9 * error[0], error
+    zero = lambda m: sum(int((onnx.numpy_helper.to_array(t).reshape(*t.dims[:2], -1) == 0).all(-1).sum())  # noqa
+                         for t in m.graph.initializer if len(t.dims) == 4)
+    assert zero(rebuilt.model) == zero(result.model)  # pruned kernels inside kept channels stay zero
+
+
+def test_the_contract_holds_with_dead_channels_that_keep_a_constant(pruned):
+    """MobileNetV2 (BN folded) at --keep 0.1 with --fold-constants keeps dozens of dead channels whose constant
+    the masked model keeps too: every refit value is written where the masked model reads it, so the
+    contract holds."""
+    from lean_onnx.rewrite.contract import check_contract
+    from lean_onnx.train.reconstruct import reconstruct
+
+    pruner, _, fit, _ = pruned
+    result = pruner.prune(0.1, round_channels=1, fold_constants=True)
+    dead = sum(int(result.plan.dead[layer.out_nodes[np.flatnonzero(result.plan.keep(layer.output))]].sum())
+               for layer in result.graph.layers if layer.prunable and result.plan.keep(layer.output) is not None)
+    assert dead > 10
+    rebuilt, _ = reconstruct(pruner, result, fit)
+    errors = check_contract(pruner.loaded.original, rebuilt, pruner.loaded.input_shapes, np.random.default_rng(0))
+    assert errors["max_rel_err_vs_masked"] < 1e-4

@@ -271,17 +271,20 @@ def test_budget_schedule_calibrates_every_step(tmp_path, trained_unet):
 
 
 def test_cli_schedule_with_calibrate_data(tmp_path, unet, data):
-    """`--calibrate-data` with `--steps`: every step is calibrated (the state says so per step) before its
-    distillation; it was silently ignored by the schedule before."""
+    """`--calibrate-data` with `--steps`: every step is reconstructed (the default `--calibrate-method`; the
+    state says so per step, and the contract holds) before its distillation; it was silently ignored by the
+    schedule before."""
     np.savez(tmp_path / "inputs.npz", inputs=data["inputs"])
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     code, _, err = cli(unet, out, "--target-macs", "0.6", "--steps", "2", "--finetune-data", tmp_path / "inputs.npz",
                        "--epochs-per-step", "1", "--batch", "2", "--teacher", unet,
                        "--calibrate-data", tmp_path / "inputs.npz", "--report", report)
     assert code == 0, err
-    assert "calibrating every step on 4 inputs" in err and "calibrated" in err
+    assert "calibrating every step on 4 inputs" in err and "reconstructed" in err  # --calibrate-method's default
     state = json.loads(report.read_text())
     assert all(row["calibration"]["samples"] == 4 for row in state["steps"]) and len(state["steps"]) == 2
+    assert all(row["calibration"]["method"] == "reconstruct" and row["max_rel_err_vs_masked"] < 1e-4
+               for row in state["steps"])
     onnx.checker.check_model(str(out), full_check=True)
     code, _, err = cli(unet, out, "--target-macs", "0.6", "--steps", "2", "--calibrate-data", tmp_path / "no.npz")
     assert code == 2 and "no such file" in err
