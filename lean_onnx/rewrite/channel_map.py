@@ -19,6 +19,7 @@ import json
 import numpy as np
 import onnx
 
+from ..errors import LeanOnnxError
 from ..graph.channel_graph import ChannelGraph
 from .plan import Plan
 
@@ -43,6 +44,16 @@ def read(model: onnx.ModelProto) -> dict[str, tuple[int, np.ndarray]] | None:
         return tensors
     except (ValueError, TypeError, KeyError):
         return None
+
+
+def required(model: onnx.ModelProto, path: str) -> dict[str, tuple[int, np.ndarray]]:
+    """`read(model)`, or one LeanOnnxError naming `path` when it has no record: its channels cannot be matched
+    to the teacher's (train/calibrate.py and train/reconstruct.py, `finetune --teacher`)."""
+    kept = read(model)
+    if kept is None:
+        raise LeanOnnxError(f"{path}: no lean-onnx kept-channel record in its metadata (pruned by another tool "
+                            "or an older lean-onnx), so its channels cannot be matched to the teacher's")
+    return kept
 
 
 def kept_channels(graph: ChannelGraph, plan: Plan, base: onnx.GraphProto) -> dict[str, tuple[int, np.ndarray]]:

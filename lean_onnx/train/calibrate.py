@@ -124,14 +124,11 @@ def calibrate_to_teacher(student: onnx.ModelProto, teacher: onnx.ModelProto, inp
     matched to the `teacher`'s (the original it was pruned from) through the kept-channel record in its
     metadata (rewrite/channel_map.py). `finetune --teacher` does this before training. Raises LeanOnnxError
     when the student has no record or the teacher's channels are not those the record refers to."""
-    from ..rewrite.channel_map import read
+    from ..rewrite.channel_map import required
 
     start = time.perf_counter()
     inputs = _inputs(inputs, batch, path)
-    kept = read(student)
-    if kept is None:
-        raise LeanOnnxError(f"{path}: no lean-onnx kept-channel record in its metadata (pruned by another tool "
-                            "or an older lean-onnx), so its channels cannot be matched to the teacher's")
+    kept = required(student, path)
     counts = {name: count for name, (count, _) in kept.items()}
     targets = _correctable(student.graph, {name: (indices, np.ones(indices.size, dtype=bool))
                                            for name, (_, indices) in kept.items()})
@@ -227,13 +224,20 @@ def _match(reference_model, student_model, targets: dict, inputs: np.ndarray, pa
     return corrections
 
 
-def _corrected_initializers(pruner, base: onnx.GraphProto, targets: dict, corrections: dict) -> dict[str, np.ndarray]:
-    """{initializer name: corrected full-size array of the original} for every corrected weight/bias."""
-    inits = {t.name: t for t in base.initializer}  # the names the rewrite starts from
-    sources = source_tensors(pruner.loaded.original)  # large weights are stubs in the base: their values
+def original_tensors(pruner, base: onnx.GraphProto | None = None) -> dict[str, onnx.TensorProto]:
+    """{initializer name: tensor} of the graph the rewrite starts from (`base`, or a fresh one), the large
+    weights that are stubs there taken from their source (they may still be stored as external data)."""
+    inits = {t.name: t for t in (base if base is not None else pruner._base().graph).initializer}
+    sources = source_tensors(pruner.loaded.original)
     for name, tensor in inits.items():
         if is_stub(tensor) and name in sources:
             inits[name] = sources[name]
+    return inits
+
+
+def _corrected_initializers(pruner, base: onnx.GraphProto, targets: dict, corrections: dict) -> dict[str, np.ndarray]:
+    """{initializer name: corrected full-size array of the original} for every corrected weight/bias."""
+    inits = original_tensors(pruner, base)
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, np.dtype] = {}
 

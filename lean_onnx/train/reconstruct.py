@@ -36,6 +36,7 @@ MACs, the output's mean relative error 0.137 pruned, 0.064 reconstructed.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -63,17 +64,14 @@ def reconstruct_to_teacher(student: onnx.ModelProto, teacher: onnx.ModelProto, i
     input, where the record refers to the first original)."""
     import torch
 
-    from ..rewrite.channel_map import read
+    from ..rewrite.channel_map import required
     from .bridge import export_onnx, to_torch
 
     start = time.perf_counter()
     inputs = np.asarray(inputs, dtype=np.float32)
     if len(inputs) < 2:
         raise LeanOnnxError(f"{path}: reconstruction needs at least 2 inputs, got {len(inputs)}")
-    kept = read(student) if kept is None else kept
-    if kept is None:
-        raise LeanOnnxError(f"{path}: no lean-onnx kept-channel record in its metadata (pruned by another tool "
-                            "or an older lean-onnx), so its channels cannot be matched to the teacher's")
+    kept = required(student, path) if kept is None else kept
     original, pruned = to_torch(teacher, teacher_path), to_torch(student, path)
     if len(pruned.input_names) != 1:
         raise LeanOnnxError(f"{path}: reconstruction takes models with one input")
@@ -146,16 +144,19 @@ def _refit(module, ctx, keys, values, target, record, output, ridge):
         target = target[:, torch.from_numpy(record[1])]
     if target.shape != output.shape:
         return None
-    scale = target.double().var().clamp_min(1e-30)
-    before = float(((output.double() - target.double()) ** 2).mean() / scale)
+    before = _error(output, target)
     x = values[keys[0][1]]
     new_weight, new_bias = _solve(ctx, x, weight.detach(), None if bias is None else bias.detach(), target, ridge)
     weight.copy_(new_weight.to(weight.dtype))
     if bias is not None:
         bias.copy_(new_bias.to(bias.dtype))
     result = OPS["Conv"](ctx, x, weight, bias) if bias is not None else OPS["Conv"](ctx, x, weight)
-    after = float(((result.double() - target.double()) ** 2).mean() / scale)
-    return result, before, after
+    return result, before, _error(result, target)
+
+
+def _error(output, target) -> float:
+    """Mean squared difference relative to the target's variance (the `error_*_median` of the summary)."""
+    return float(((output.double() - target.double()) ** 2).mean() / target.double().var().clamp_min(1e-30))
 
 
 def _patches(ctx, x, weight):
@@ -234,8 +235,7 @@ def _refit_gemm(ctx, x, weight, bias, target, output, ridge):
             or x.dim() != 2 or target.shape != output.shape
             or (bias is not None and (not isinstance(bias, torch.nn.Parameter) or bias.shape != output.shape[1:]))):
         return None
-    scale = target.double().var().clamp_min(1e-30)
-    before = float(((output.double() - target.double()) ** 2).mean() / scale)
+    before = _error(output, target)
     rows = x.double()
     if bias is not None:
         rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], 1)
@@ -252,7 +252,7 @@ def _refit_gemm(ctx, x, weight, bias, target, output, ridge):
     if bias is not None:
         bias.copy_(solution[taps].to(bias.dtype))
     result = OPS["Gemm"](ctx, x, weight, bias) if bias is not None else OPS["Gemm"](ctx, x, weight)
-    return result, before, float(((result.double() - target.double()) ** 2).mean() / scale)
+    return result, before, _error(result, target)
 
 
 def reconstruct(pruner, result, inputs: np.ndarray, ridge: float = RIDGE):
@@ -276,9 +276,10 @@ def reconstruct(pruner, result, inputs: np.ndarray, ridge: float = RIDGE):
         new, old = numpy_helper.to_array(tensor), numpy_helper.to_array(before[tensor.name])
         if not np.array_equal(new, old):
             deltas[tensor.name] = new.astype(np.float64) - old.astype(np.float64)
-    originals = _original_arrays(pruner)
+    originals = _original_arrays(pruner, set(deltas) | {name.partition("__")[0] for name in deltas})
     source = {name: name if name in originals else name.partition("__")[0] for name in deltas}
-    shared = {s for s in source.values() if list(source.values()).count(s) > 1 or s not in originals
+    readers = Counter(source.values())
+    shared = {s for s in readers if readers[s] > 1 or s not in originals
               or originals[s].dtype not in (np.float32, np.float64)}  # the index halves are exact in these
     deltas = {name: d for name, d in deltas.items() if source[name] not in shared}
     where = _positions(pruner, result, {source[name]: originals[source[name]].shape for name in deltas})
@@ -295,20 +296,16 @@ def reconstruct(pruner, result, inputs: np.ndarray, ridge: float = RIDGE):
     return rebuilt, info
 
 
-def _original_arrays(pruner) -> dict[str, np.ndarray]:
-    """{initializer name: array} of the original, large (stubbed) weights read from their source."""
+def _original_arrays(pruner, names) -> dict[str, np.ndarray]:
+    """{name: array} of those of the original's initializers `names` whose values are in the model file."""
     from onnx import numpy_helper
 
-    from ..io.external_data import is_stub, source_tensors
+    from ..io.external_data import is_stub
+    from .calibrate import original_tensors
 
-    sources = source_tensors(pruner.loaded.original)
-    found = {}
-    for tensor in pruner._base().graph.initializer:
-        if is_stub(tensor) and tensor.name in sources:
-            tensor = sources[tensor.name]
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and not is_stub(tensor):
-            found[tensor.name] = numpy_helper.to_array(tensor)
-    return found
+    tensors = original_tensors(pruner)
+    return {name: numpy_helper.to_array(tensors[name]) for name in names if name in tensors
+            and tensors[name].data_location != onnx.TensorProto.EXTERNAL and not is_stub(tensors[name])}
 
 
 def _positions(pruner, result, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
