@@ -91,3 +91,15 @@ def bridge_tensors(model: onnx.ModelProto, inputs: np.ndarray, names=None) -> di
     with torch.no_grad():
         module(torch.from_numpy(inputs))
     return found
+
+
+def without_kept_channel_record(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a pruned model without lean-onnx's kept-channel record (as another tool would write it)."""
+    from lean_onnx.rewrite.channel_map import METADATA_KEY
+
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    props = [p for p in bare.metadata_props if p.key != METADATA_KEY]
+    del bare.metadata_props[:]
+    bare.metadata_props.extend(props)
+    return bare

@@ -263,6 +263,16 @@ def test_reconstruction_on_trained_networks(name, subjects, request):
     assert error["reconstructed"] < error["calibrated"], error
 
 
+def _cli(*args) -> str:
+    """`python -m lean_onnx ARGS` that must exit 0; its stderr."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lean_onnx", *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
 @pytest.mark.slow
 def test_label_free_recovery_of_the_trained_mobilenet_v2(tmp_path, request):
     """Issue 18's acceptance through the command line, as written: the trained MobileNetV2 pruned with
@@ -270,9 +280,6 @@ def test_label_free_recovery_of_the_trained_mobilenet_v2(tmp_path, request):
     crops of the 8 photos; finetune reconstructs P to the teacher first, from P's kept-channel record): top-1
     agreement with IN on 192 new crops of the same photos >= 0.70 and at least 0.30 above P's; OUT keeps P's
     MACs. About 3 minutes on 2 cores (measured: 0.000 -> 0.766)."""
-    import subprocess
-    import sys
-
     from lean_onnx.graph.cost import model_cost
     from lean_onnx.graph.load import load_model
     from tools.bench_budget import photo_inputs
@@ -283,14 +290,9 @@ def test_label_free_recovery_of_the_trained_mobilenet_v2(tmp_path, request):
     np.savez(tmp_path / "train.npz", inputs=photo_inputs(MNV2_PRUNE_SHAPE, 512, seed=0))
     new = photo_inputs(MNV2_PRUNE_SHAPE, 192, seed=1)
 
-    def cli(*args):
-        done = subprocess.run([sys.executable, "-m", "lean_onnx", *map(str, args)], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        return done.stderr
-
     pruned, out = tmp_path / "p.onnx", tmp_path / "out.onnx"
-    cli(original, pruned, "--target-macs", "0.5", "--input-shape", "input=1x3x224x224", "-q")
-    err = cli("finetune", pruned, out, "--teacher", original, "--data", tmp_path / "train.npz", "--epochs", 3,
+    _cli(original, pruned, "--target-macs", "0.5", "--input-shape", "input=1x3x224x224", "-q")
+    err = _cli("finetune", pruned, out, "--teacher", original, "--data", tmp_path / "train.npz", "--epochs", 3,
               "--threads", 2)
     assert "reconstructed 53 convs/Gemms to the teacher's outputs on 64 training inputs" in err
 
@@ -314,9 +316,6 @@ def test_label_free_recovery_of_the_trained_yolov8n(tmp_path, request):
     RGB in [0, 1]): on 96 new crops the output's mean relative error to IN is at most half of P's, and OUT finds
     at least 0.3 of IN's detections (best class score >= 0.25, that class) that P lost; OUT keeps P's MACs.
     About 4 minutes on 2 cores (measured: error 0.137 -> 0.065, recall 0 -> 0.52, precision 0.74)."""
-    import subprocess
-    import sys
-
     from lean_onnx.graph.cost import model_cost
     from lean_onnx.graph.load import load_model
     from lean_onnx.train.score_parts import DETECTION_SCORE
@@ -328,14 +327,9 @@ def test_label_free_recovery_of_the_trained_yolov8n(tmp_path, request):
     np.savez(tmp_path / "train.npz", inputs=photo_inputs(tp.YOLO_SHAPE, 512, seed=0, normalise="unit"))
     new = photo_inputs(tp.YOLO_SHAPE, 96, seed=1, normalise="unit")
 
-    def cli(*args):
-        done = subprocess.run([sys.executable, "-m", "lean_onnx", *map(str, args)], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        return done.stderr
-
     pruned, out = tmp_path / "p.onnx", tmp_path / "out.onnx"
-    cli(original, pruned, "--target-macs", "0.5", "--input-shape", "images=1x3x320x320", "-q")
-    err = cli("finetune", pruned, out, "--teacher", original, "--data", tmp_path / "train.npz", "--epochs", 2,
+    _cli(original, pruned, "--target-macs", "0.5", "--input-shape", "images=1x3x320x320", "-q")
+    err = _cli("finetune", pruned, out, "--teacher", original, "--data", tmp_path / "train.npz", "--epochs", 2,
               "--threads", 2)
     assert "to the teacher's outputs on 64 training inputs" in err
 

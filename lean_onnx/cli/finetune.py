@@ -14,7 +14,7 @@ from ..errors import LeanOnnxError
 from ..train.finetune import LOSSES
 from ..train.images import IMAGENET_MEAN, IMAGENET_STD
 from .messages import info, warn
-from .options import check_distill_options
+from .options import add_calibrate_method, calibration_line, check_distill_options
 
 MAX_SKIPPED_LINES = 20  # one [W] line per skipped file up to this many, then one line for the rest
 
@@ -63,10 +63,7 @@ def register(sub) -> None:
                         "--calibrate-samples training inputs, as --calibrate-method says (IN's kept-channel record, "
                         "written by lean-onnx when it pruned, docs/finetune.md; default on; skipped with a [W] "
                         "line when IN has no record)")
-    d.add_argument("--calibrate-method", choices=("reconstruct", "statistics"), default="reconstruct",
-                   help="reconstruct (default): refit every conv's and Gemm's weights and bias by ridge least "
-                        "squares to the teacher's output of the same channels, layer by layer; statistics: only "
-                        "match every kept channel's mean and spread to the teacher's")
+    add_calibrate_method(d, "the teacher's")
     d.add_argument("--calibrate-samples", type=int, default=64, metavar="N",
                    help="training inputs used for --calibrate, in one batch (default 64)")
     g = p.add_argument_group("image folders (--data / --val-data DIR)")
@@ -181,16 +178,7 @@ def _calibrate(model, teacher, train, args, say):
     except LeanOnnxError as exc:
         warn(f"not calibrated: {exc}")
         return model, None
-    if args.calibrate_method == "reconstruct":
-        say(f"reconstructed {summary['convs']} convs/Gemms to the teacher's outputs on {summary['samples']} training "
-            f"inputs ({summary['seconds']:.1f} s; median relative squared error of their outputs "
-            f"{summary['error_before_median']:.3f} -> {summary['error_after_median']:.3f}; {summary['left']} left "
-            "as they are)")
-    else:
-        summary["method"] = "statistics"
-        say(f"calibrated {summary['channels']} channels of {summary['tensors']} convs to the teacher's statistics "
-            f"on {summary['samples']} training inputs ({summary['seconds']:.1f} s; median scale "
-            f"{summary['scale_median']:.3f}, {summary['scale_capped']} capped)")
+    say(calibration_line(summary, "the teacher's", "training inputs"))
     return model, summary
 
 

@@ -199,6 +199,27 @@ def check_distill_options(args) -> None:
             raise LeanOnnxError(f"--alpha {args.alpha:g}: expected a weight in [0, 1]")
 
 
+def add_calibrate_method(group, reference: str) -> None:
+    """`--calibrate-method` of `finetune --teacher` and of `--calibrate-data` (`reference`: "the teacher's" or
+    "the original's")."""
+    group.add_argument("--calibrate-method", choices=("reconstruct", "statistics"), default="reconstruct",
+                       help=f"reconstruct (default): refit every conv's and Gemm's kept kernels and bias by ridge "
+                            f"least squares to {reference} output of the same channels, layer by layer "
+                            f"(train/reconstruct.py); statistics: only match each kept channel's mean and spread to "
+                            f"{reference}")
+
+
+def calibration_line(summary: dict, reference: str, inputs: str) -> str:
+    """The one [I] line of a reconstruction's or a statistics calibration's summary (`summary["method"]`)."""
+    where = f"on {summary['samples']} {inputs} ({summary['seconds']:.1f} s;"
+    if summary["method"] == "reconstruct":
+        return (f"reconstructed {summary['convs']} convs/Gemms to {reference} outputs {where} median relative "
+                f"squared error of their outputs {summary['error_before_median']:.3f} -> "
+                f"{summary['error_after_median']:.3f}; {summary['left']} left as they are)")
+    return (f"calibrated {summary['channels']} channels of {summary['tensors']} convs to {reference} statistics "
+            f"{where} median scale {summary['scale_median']:.3f}, {summary['scale_capped']} capped)")
+
+
 def check_calibration(args) -> None:
     """Refused before any work: a missing calibration source, too few samples, no torch."""
     if not os.path.exists(args.calibrate_data):

@@ -11,8 +11,8 @@ import time
 from ..errors import LeanOnnxError
 from . import messages
 from .messages import info, warn
-from .options import (calibration_inputs, check_calibration, check_outputs, check_prune_options, check_selection,
-                      explain_selection, make_pruner, selection_args)
+from .options import (add_calibrate_method, calibration_inputs, calibration_line, check_calibration, check_outputs,
+                      check_prune_options, check_selection, explain_selection, make_pruner, selection_args)
 from .schedule import add_arguments as schedule_arguments
 from .schedule import cmd_schedule, wants_schedule
 
@@ -47,10 +47,7 @@ def register(sub) -> None:
                         "as --calibrate-method says: what a pruned trained network loses (docs/finetune.md); the "
                         "pruned model still equals its masked model, now with the corrected weights; with --steps, "
                         "every step's model is calibrated against the step's input before its fine-tuning")
-    g.add_argument("--calibrate-method", choices=("reconstruct", "statistics"), default="reconstruct",
-                   help="reconstruct (default): refit every conv's and Gemm's kept kernels and bias by ridge least "
-                        "squares to the original's output of the same channels, layer by layer (train/"
-                        "reconstruct.py); statistics: only match each kept channel's mean and spread")
+    add_calibrate_method(g, "the original's")
     g.add_argument("--calibrate-samples", type=int, default=64, metavar="N",
                    help="inputs used for the calibration, in one batch (default 64)")
     g.add_argument("--input-size", metavar="H,W", help="with an image folder: the input size (default: the model's)")
@@ -172,18 +169,13 @@ def cmd_prune(args) -> int:
 
 def _calibrate(pruner, result, args):
     """`--calibrate-data`: train/reconstruct.py or train/calibrate.py on the inputs of options.calibration_inputs."""
-    inputs = calibration_inputs(args, pruner.loaded.original)
-    if args.calibrate_method == "reconstruct":
-        from ..train.reconstruct import reconstruct
-
-        rebuilt, summary = reconstruct(pruner, result, inputs[:args.calibrate_samples])
-        info(f"reconstructed {summary['convs']} convs/Gemms to the original's outputs on {summary['samples']} "
-             f"inputs ({summary['seconds']:.1f} s; median relative squared error of their outputs "
-             f"{summary['error_before_median']:.3f} -> {summary['error_after_median']:.3f})")
-        return rebuilt
     from ..train.calibrate import calibrate
+    from ..train.reconstruct import reconstruct
 
-    calibrated, summary = calibrate(pruner, result, inputs, batch=args.calibrate_samples)
-    info(f"calibrated {summary['channels']} channels of {summary['tensors']} convs on {summary['samples']} inputs "
-         f"({summary['seconds']:.1f} s; median scale {summary['scale_median']:.3f}, {summary['scale_capped']} capped)")
+    inputs = calibration_inputs(args, pruner.loaded.original)  # at most --calibrate-samples of them
+    if args.calibrate_method == "reconstruct":
+        calibrated, summary = reconstruct(pruner, result, inputs)
+    else:
+        calibrated, summary = calibrate(pruner, result, inputs, batch=len(inputs))
+    info(calibration_line(summary, "the original's", "inputs"))
     return calibrated

@@ -162,7 +162,8 @@ def _inputs(inputs, batch: int, path: str) -> np.ndarray:
 
 def _info(inputs, targets: dict, corrections: dict, start: float) -> dict:
     scales = np.concatenate([c[0][targets[n][1]] for n, c in corrections.items()]) if corrections else np.ones(0)
-    return {"samples": int(len(inputs)), "tensors": len(corrections), "channels": int(scales.size),
+    return {"method": "statistics", "samples": int(len(inputs)), "tensors": len(corrections),
+            "channels": int(scales.size),
             "scale_median": float(np.median(scales)) if scales.size else 1.0,
             "scale_capped": int((scales >= MAX_SCALE).sum()),
             "seconds": time.perf_counter() - start}

@@ -11,7 +11,7 @@ from lean_onnx.errors import LeanOnnxError
 from lean_onnx.rewrite.contract import check_contract
 from lean_onnx.rewrite.pruner import Pruner
 from lean_onnx.train.calibrate import MAX_SCALE, _targets, calibrate
-from tests.helpers import bridge_tensors, zoo_path
+from tests.helpers import bridge_tensors, without_kept_channel_record, zoo_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,15 +160,10 @@ def test_conv_transpose_outputs_are_calibrated_along_their_output_channels(zoo_c
 
 
 def test_calibration_to_a_teacher_needs_the_record_and_the_right_teacher(pruned):
-    from lean_onnx.rewrite.channel_map import METADATA_KEY
     from lean_onnx.train.calibrate import calibrate_to_teacher
 
     pruner, result, inputs = pruned
-    bare = onnx.ModelProto()
-    bare.CopyFrom(result.model)
-    kept = [p for p in bare.metadata_props if p.key != METADATA_KEY]
-    del bare.metadata_props[:]
-    bare.metadata_props.extend(kept)
+    bare = without_kept_channel_record(result.model)
     with pytest.raises(LeanOnnxError, match="no lean-onnx kept-channel record"):
         calibrate_to_teacher(bare, pruner.loaded.original, inputs, path="p.onnx")
     with pytest.raises(LeanOnnxError, match="not the model it was pruned from"):
@@ -181,16 +176,10 @@ def test_cli_finetune_with_a_teacher_calibrates_first(pruned, tmp_path):
     trained all the same after a [W] line."""
     import json
 
-    from lean_onnx.rewrite.channel_map import METADATA_KEY
-
     pruner, result, inputs = pruned
     np.savez(tmp_path / "train.npz", inputs=inputs)
     onnx.save(result.model, tmp_path / "p.onnx")
-    bare = onnx.load(tmp_path / "p.onnx")
-    props = [p for p in bare.metadata_props if p.key != METADATA_KEY]
-    del bare.metadata_props[:]
-    bare.metadata_props.extend(props)
-    onnx.save(bare, tmp_path / "bare.onnx")
+    onnx.save(without_kept_channel_record(result.model), tmp_path / "bare.onnx")
 
     def finetune(model, *extra):
         report = tmp_path / "r.json"

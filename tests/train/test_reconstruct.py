@@ -6,11 +6,11 @@ import onnx
 import pytest
 
 from lean_onnx.errors import LeanOnnxError
-from lean_onnx.rewrite.channel_map import METADATA_KEY, read
+from lean_onnx.rewrite.channel_map import read
 from lean_onnx.rewrite.pruner import Pruner
 from lean_onnx.train.calibrate import calibrate_to_teacher
 from lean_onnx.train.reconstruct import reconstruct_to_teacher
-from tests.helpers import bridge_tensors, zoo_path
+from tests.helpers import bridge_tensors, without_kept_channel_record, zoo_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -200,11 +200,7 @@ def test_the_model_keeps_its_shapes_record_and_teacher(pruned):
 
 def test_reconstruction_needs_the_record_the_right_teacher_and_two_inputs(pruned):
     pruner, result, fit, _ = pruned
-    bare = onnx.ModelProto()
-    bare.CopyFrom(result.model)
-    props = [p for p in bare.metadata_props if p.key != METADATA_KEY]
-    del bare.metadata_props[:]
-    bare.metadata_props.extend(props)
+    bare = without_kept_channel_record(result.model)
     with pytest.raises(LeanOnnxError, match="p.onnx: no lean-onnx kept-channel record"):
         reconstruct_to_teacher(bare, pruner.loaded.original, fit, path="p.onnx")
     with pytest.raises(LeanOnnxError, match="t.onnx: .*not the model it was pruned from"):
