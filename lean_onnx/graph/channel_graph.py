@@ -159,6 +159,26 @@ class ChannelGraph:
         adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
         return connected_components(adj, directed=False)[1]
 
+    @cached_property
+    def blocked_tensors(self) -> dict[str, np.ndarray]:
+        """Tensor -> channel nodes, for every tensor whose channel count a blocked kernel sees: the input and
+        output of every conv, the inputs of a Concat and the outputs of a Split. ONNX Runtime's NCHWc convs
+        (and TensorRT's tensor cores) run only when these counts are multiples of the block (8 or 16); a
+        conv that reads a Split half of 31 channels ran 2x slower than with 32 (docs/budgets.md). A conv
+        input that is a channel Concat is left out: its parts are in, so it is a multiple when they are,
+        and rounding the sum as well would tie the parts' blocks together."""
+        names, concats = [t for layer in self.layers for t in (layer.input, layer.output)], set()
+        for node in self.loaded.graph.node:
+            if node.op_type == "Concat":
+                names += node.input
+                nodes = self.tensor_nodes.get(node.output[0])
+                if nodes is not None and len(nodes) == sum(len(self.tensor_nodes.get(t, ())) for t in node.input):
+                    concats.add(nodes.tobytes())
+            elif node.op_type == "Split":
+                names += node.output
+        return {t: self.tensor_nodes[t] for t in dict.fromkeys(names)
+                if t in self.tensor_nodes and self.tensor_nodes[t].tobytes() not in concats}
+
     def layer_by_name(self, name: str) -> ConvLayer:
         return next(layer for layer in self.layers if layer.name == name)
 

@@ -68,8 +68,9 @@ def make_plan(graph: ChannelGraph, selection: Selection, round_channels: int = 1
               fold_constants: bool = False, gather_below: float = 0.0) -> Plan:
     """Keep masks for every channel tensor; see the module docstring for the rules.
 
-    `round_channels` N > 1 keeps a few removable channels more so that every conv's output channel
-    count is a multiple of N (or unchanged): ONNX Runtime's blocked conv kernels (and TensorRT's tensor
+    `round_channels` N > 1 keeps a few removable channels more so that every channel count a conv sees
+    (its input and output, and the Concat inputs and Split outputs around it) is a multiple of N (or
+    unchanged): ONNX Runtime's blocked conv kernels (and TensorRT's tensor
     cores) want multiples of 8 or 16, and an odd count can make a pruned model slower than the original.
     `gather_below` F > 0: a conv whose kept kernels read at most F of the channels its (shared) input
     keeps reads them through a channel Gather and gets a narrower weight (see `_gathers`).
@@ -117,14 +118,18 @@ def _gathers(graph: ChannelGraph, selection: Selection, plan: Plan, fraction: fl
 
 
 def _round_up(graph: ChannelGraph, plan: Plan, multiple: int) -> list[int]:
-    """Removed channels to keep so that each conv output count becomes a multiple of `multiple`."""
+    """Removed channels to keep so that each channel count a blocked kernel sees (conv inputs and outputs,
+    Concat inputs, Split outputs: `graph.blocked_tensors`) becomes a multiple of `multiple` (or all).
+    Tensors of a private Concat region are left alone: their conv reads what the Concat keeps."""
     more = []
-    for layer in graph.layers:
-        keep = plan.tensor_keep[layer.output]
+    for tensor, nodes in graph.blocked_tensors.items():
+        if tensor in plan.private:
+            continue
+        keep = plan.tensor_keep[tensor]
         kept = int(keep.sum())
         if 0 < kept < len(keep) and kept % multiple:
             missing = min(multiple - kept % multiple, len(keep) - kept)
-            more += layer.out_nodes[np.flatnonzero(~keep)[:missing]].tolist()
+            more += nodes[np.flatnonzero(~keep)[:missing]].tolist()
     return more
 
 

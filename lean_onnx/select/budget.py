@@ -137,6 +137,7 @@ class ChannelBudget:
         self.round_channels = round_channels
         self.ranked = self._rank_layers()
         self.forced = self._floor(round_channels)
+        self.segment_units, self.segment_starts, self.segment_lengths = self._segments()
         if allocate not in ALLOCATIONS:
             raise LeanOnnxError(f"--allocate {allocate!r}: choose one of {', '.join(ALLOCATIONS)}")
         self.allocate = allocate
@@ -195,25 +196,41 @@ class ChannelBudget:
             forced[units[:need]] = True
         return forced
 
+    def _segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The channel tensors a blocked kernel sees (`graph.blocked_tensors`) with a removable unit, as one
+        flat array of their channels' units, each tensor's best first, with each tensor's start and length."""
+        flat, starts, lengths = [], [], []
+        for nodes in self.graph.blocked_tensors.values():
+            units = self.unit[nodes]
+            if not self.removable[units].any():
+                continue
+            starts.append(sum(lengths))
+            lengths.append(len(units))
+            flat.append(units[np.argsort(-self.unit_score[units], kind="stable")])
+        if not flat:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(flat), np.array(starts), np.array(lengths)
+
     def _fill_blocks(self, keep_unit: np.ndarray) -> np.ndarray:
-        """Round every layer's kept count up to a multiple of `round_channels` with its next-best units, so
-        the rewrite's channel rounding (which would keep zeroed channels) has nothing left to add. A unit
-        may belong to several layers (residual sums): a few passes settle it."""
+        """Round the kept count of every channel tensor a blocked kernel sees (conv inputs and outputs,
+        Concat inputs, Split outputs) up to a multiple of `round_channels` with its next-best units, so the
+        rewrite's channel rounding (which would keep zeroed channels) has nothing left to add. A unit may
+        belong to several tensors (residual sums, Split halves of a conv's output): a few passes settle it."""
         block = self.round_channels
-        if block <= 1:
+        if block <= 1 or not self.segment_units.size:
             return keep_unit
-        for _ in range(3):
-            changed = False
-            for units, c_out, _ in self.ranked:
-                kept = keep_unit[units]
-                count = int(kept.sum())
-                want = min(c_out, -(-count // block) * block)
-                if count < want:
-                    missing = units[~kept][:want - count]
-                    keep_unit[missing] = True
-                    changed = True
-            if not changed:
+        flat, starts, lengths = self.segment_units, self.segment_starts, self.segment_lengths
+        for _ in range(6):
+            counts = np.add.reduceat(keep_unit[flat].astype(np.int64), starts)
+            want = np.minimum(lengths, -(-counts // block) * block)
+            short = np.flatnonzero(counts < want)
+            if not short.size:
                 break
+            for k in short:  # counted again: an earlier tensor of this pass may share its units
+                units = flat[starts[k]:starts[k] + lengths[k]]
+                count = int(keep_unit[units].sum())
+                want = min(int(lengths[k]), -(-count // block) * block)
+                keep_unit[units[~keep_unit[units]][:want - count]] = True
         return keep_unit
 
     # -- the MACs model ----------------------------------------------------------------------

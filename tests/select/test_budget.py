@@ -247,3 +247,62 @@ def test_allocation_is_in_the_report_and_the_contract_holds():
     # 0.83 of the MACs: three of b's four channels gone (0.059 of the MACs each; they cost the most time per MAC)
     assert kept["time"]["wb"] == (1, 2, 1, 1) and kept["time"]["wa"] == (4, 2, 1, 1)
     assert kept["time"] != kept["macs"]  # the same MACs, other channels
+
+
+SPLIT_BLOCK = """
+g (float[1,3,8,8] x) => (float[1,8,8,8] y) {
+  a = Conv (x, w1)
+  h1, h2 = Split <axis = 1> (a, halves)
+  b = Conv <pads = [1, 1, 1, 1]> (h2, w2)
+  c = Concat <axis = 1> (h1, h2, b)
+  y = Conv (c, w3)
+}"""
+
+
+def split_block():
+    """YOLOv8's C2f in small: a conv whose output is split in halves, the second half read by a 3x3 conv,
+    all three concatenated. The first half's channels are weak but three, which are the strongest of all,
+    so a selection by value keeps an odd count in each half."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((128, 3, 1, 1)).astype(np.float32)
+    w1[3:64] *= 1e-3
+    w1[:3] *= 10
+    w3 = rng.standard_normal((8, 192, 1, 1)).astype(np.float32)
+    w3[:, :3] *= 10
+    return text_model(SPLIT_BLOCK, {"w1": w1, "halves": np.array([64, 64], np.int64),
+                                    "w2": rng.standard_normal((64, 64, 3, 3)).astype(np.float32), "w3": w3})
+
+
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_split_halves_and_conv_inputs_are_whole_blocks(target):
+    """Every channel count a blocked kernel sees is a multiple of --round-channels: not only each conv's
+    output (128 -> 64 as 1 + 63 before) but each Split half and each conv's input (a conv reading 31 of
+    32 channels ran 2x slower in ONNX Runtime than one reading 32, on the trained YOLOv8n)."""
+    model = split_block()
+    pruner = Pruner(model)
+    budget = pruner.channel_budget("lean", min_channels=0.1, round_channels=8)
+    for count in range(len(budget.order) + 1):  # the selection's estimate, for every number of units
+        keep = budget.node_keep(count)
+        kept = [int(keep[pruner.graph.tensor_nodes[t]].sum()) for t in ("h1", "h2", "b")]
+        assert all(n % 8 == 0 for n in kept), (count, kept)  # was 3 + 13 in the halves, on the floor alone
+    result = pruner.prune(target_macs=target, round_channels=8, min_channels=0.1)
+    assert abs(result.report["budget"]["achieved_macs_ratio"] - target) <= 0.03
+    keep = result.plan.tensor_keep
+    counts = {t: int(keep[t].sum()) for t in ("a", "h1", "h2", "b", "c")}
+    assert all(n % 8 == 0 and n > 0 for n in counts.values()), counts
+    assert counts["h1"] < 64 and counts["h2"] < 64, counts  # something was pruned in the halves
+    weights = {i.name: i for i in result.model.graph.initializer}
+    for node in result.model.graph.node:
+        if node.op_type == "Conv" and node.input[0] != "x":
+            assert weights[node.input[1]].dims[1] % 8 == 0, node.name
+    check_contract(pruner.loaded.original, result, pruner.loaded.input_shapes, np.random.default_rng(0))
+
+
+def test_split_halves_are_whole_blocks_with_keep_too():
+    """The rewrite's own rounding (kernel granularity, `--keep`) rounds Split halves as well (4 + 44 before)."""
+    pruner = Pruner(split_block())
+    for keep in (0.5, 0.05):
+        result = pruner.prune(keep, round_channels=8)
+        kept = [int(result.plan.tensor_keep[t].sum()) for t in ("a", "h1", "h2", "b")]
+        assert all(n % 8 == 0 for n in kept) and kept[1] < 64 and kept[2] < 64, (keep, kept)
+        check_contract(pruner.loaded.original, result, pruner.loaded.input_shapes, np.random.default_rng(0))
