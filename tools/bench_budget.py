@@ -1,7 +1,7 @@
 """MACs budgets on trained and deployment networks: achieved MACs, ORT CPU speed-up, one-shot fidelity.
 
     pip install --no-deps torch-pruning      # the peer, for this benchmark only
-    python tools/bench_budget.py [--targets 0.75,0.5,0.25] [--rounds 30] [--target-latency 0.6]
+    python tools/bench_budget.py [--targets 0.75,0.5,0.25] [--rounds 30] [--repeats 3] [--target-latency 0.6]
         [--json R.json] [--write docs/benchmarks.md]
 
 Networks: torchvision's trained ImageNet MobileNetV2 (tools/third_party.py), the PP-OCRv4 text detector and
@@ -15,13 +15,16 @@ networks, `--method lean --calibrate-data` (`--calibrate` crops; fidelity only, 
 model's), with `--calibrate-method statistics` and with the default, reconstruction, and on the
 torch-exportable ones Torch-Pruning's `MagnitudePruner` (L1, uniform per-layer
 ratio) searched to the same MACs and exported to ONNX. Per pruned model: MACs ratio (lean-onnx's count on
-the ONNX model for every row), median latency at batch 1, 2 threads, CPU, timed in paired rounds (every
-model of a network once per round, the order rotated), speed-up = original / pruned and its ratio to the
-MACs speed-up (1 / MACs ratio); fidelity vs the original on crops of natural photos (scikit-image): top-1
-agreement for classifiers, and for every network the centred cosine (per crop, all outputs flattened, both
-centred on the original's mean over the crops: 1 = the same, 0 = a constant or unrelated output; a collapsed
-model scores 0 here while its mean error can look small), max and mean relative error of the outputs (to the
-original's largest magnitude) (and, for the text detector, agreement of the map binarised at 0.3).
+the ONNX model for every row), median latency at batch 1, 2 threads, CPU, timed in paired rounds by the
+product's timer (runtime/bench.paired_benchmark: every model of a network in each round, a block of runs
+each, ORT's default spinning threads as deployed; `--repeats` times, the median speed-up), speed-up =
+original / pruned and its ratio to the MACs speed-up (1 / MACs ratio); the original timed a second time in
+the same rounds is the noise control (its speed-up should be 1.00); fidelity vs the original on crops of
+natural photos (scikit-image): top-1 agreement for classifiers, and for every network the centred cosine
+(per crop, all outputs flattened, both centred on the original's mean over the crops: 1 = the same, 0 = a
+constant or unrelated output; a collapsed model scores 0 here while its mean error can look small), max and
+mean relative error of the outputs (to the original's largest magnitude) (and, for the text detector,
+agreement of the map binarised at 0.3).
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ from lean_onnx.errors import LeanOnnxError  # noqa: E402
 from lean_onnx.graph.cost import model_cost  # noqa: E402
 from lean_onnx.graph.load import load_model  # noqa: E402
 from lean_onnx.rewrite.pruner import Pruner  # noqa: E402
+from lean_onnx.runtime.bench import paired_benchmark  # noqa: E402
 
 HEADING = "## MACs budgets on trained networks (tools/bench_budget.py, issue 17)"
+CONTROL = "the original again (noise control)"
 
 
 def log(msg: str) -> None:
@@ -84,11 +89,9 @@ def photo_inputs(shape: tuple, count: int = 24, seed: int = 0, photos: list[np.n
 
 
 def session(model: bytes):
+    """A session for the fidelity outputs (timing is paired_latency's)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
-    # sessions take turns in paired rounds: spinning idle threads would take the cores from the one running
-    # (runtime/bench.paired_benchmark)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
@@ -117,21 +120,22 @@ def fidelity(reference: list[np.ndarray], other: list[np.ndarray], kind: str) ->
     return result
 
 
-def paired_latency(models: dict[str, bytes], shape: tuple, rounds: int, warmup: int = 5) -> dict[str, float]:
-    sessions = {k: session(m) for k, m in models.items()}
-    feed = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
-    for k, s in sessions.items():
-        for _ in range(warmup):
-            s.run(None, {names[k]: feed})
-    times = {k: [] for k in sessions}
-    keys = list(sessions)
-    for r in range(rounds):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            start = time.perf_counter()
-            sessions[k].run(None, {names[k]: feed})
-            times[k].append(1e3 * (time.perf_counter() - start))
-    return {k: statistics.median(v) for k, v in times.items()}
+def paired_latency(models: dict[str, bytes], shape: tuple, runs: int, repeats: int = 1) -> dict[str, float]:
+    """Per model, the median latency (ms) in paired rounds, timed by the product's own timer
+    (runtime/bench.paired_benchmark: every model in each round, blocks of runs, ORT's default spinning, as
+    deployed), the original first. With `repeats` > 1 the whole timing is repeated and each model gets the
+    original's median over the repeats divided by its median speed-up (each speed-up from one repeat)."""
+    name = onnx.load_from_string(next(iter(models.values()))).graph.input[0].name
+    speedups, originals = {k: [] for k in models}, []
+    for _ in range(repeats):
+        timed = paired_benchmark(list(models.values()), provider="cpu", input_shapes={name: list(shape)}, threads=2,
+                                 runs=runs, warmup=5)
+        medians = [t["latency_ms"]["median"] for t in timed]
+        originals.append(medians[0])
+        for key, median in zip(models, medians):
+            speedups[key].append(medians[0] / median)
+    original = statistics.median(originals)
+    return {k: original / statistics.median(v) for k, v in speedups.items()}
 
 
 def networks():
@@ -162,7 +166,8 @@ def networks():
 
 
 def bench_network(name, source, shape, kind, module, targets, rounds, latency_target=None,
-                  failures: list | None = None, normalise: str = "imagenet", calibrate_samples: int = 0) -> list[dict]:
+                  failures: list | None = None, normalise: str = "imagenet", calibrate_samples: int = 0,
+                  repeats: int = 1) -> list[dict]:
     from bench_budget_torch import export_bytes, torch_pruning_at
 
     model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
@@ -226,7 +231,9 @@ def bench_network(name, source, shape, kind, module, targets, rounds, latency_ta
         rows.append({"network": name, "target": f"latency {latency_target:g}", "pruner": key, "key": key,
                      "macs_ratio": result.report["flops"]["after"] / macs_before,
                      "seconds": time.perf_counter() - start, "search": info["search"]})
-    latency = paired_latency(variants, shape, rounds)
+    variants[CONTROL] = original
+    rows.append({"network": name, "target": "-", "pruner": CONTROL, "key": CONTROL, "macs_ratio": 1.0, "seconds": None})
+    latency = paired_latency(variants, shape, rounds, repeats)
     for key, (model, timed_as) in calibrated_models.items():  # same shapes as the uncalibrated model: not timed
         variants[key], latency[key] = model, latency[timed_as]
     for row in rows:
@@ -274,8 +281,10 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def render(rows: list[dict], args, timing: dict | None = None) -> str:
-    lines = [HEADING, "", f"`python tools/bench_budget.py --targets {args.targets} --rounds {args.rounds}` "
-             f"(this 2-core machine, shared; batch 1, 2 threads, ORT CPU, paired rounds; fidelity on "
+    command = f"python tools/bench_budget.py --targets {args.targets} --rounds {args.rounds} --repeats {args.repeats}"
+    lines = [HEADING, "", f"`{command}` "
+             f"(this 2-core machine, shared; batch 1, 2 threads, ORT CPU with its default spinning threads, paired "
+             f"rounds of blocks; latency: the original's median over the repeats / the median speed-up; fidelity on "
              f"24 photo crops). *speed-up / MACs* = measured speed-up x MACs ratio: 1.0 means the model got "
              "as much faster as it got smaller.", "",
              "| network | target | pruner | MACs ratio | latency ms (original) | speed-up | speed-up / MACs | "
@@ -303,7 +312,8 @@ def render(rows: list[dict], args, timing: dict | None = None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="0.75,0.5,0.25")
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=30, help="timed runs per model in one paired timing")
+    parser.add_argument("--repeats", type=int, default=1, help="paired timings per network (median speed-up)")
     parser.add_argument("--only", help="comma-separated substrings of network names")
     parser.add_argument("--write", help="markdown file whose section to replace")
     parser.add_argument("--target-latency", type=float, default=0.6,
@@ -327,7 +337,7 @@ def main() -> None:
             log(f"{name}: not available offline, skipped")
             continue
         rows += bench_network(name, source, shape, kind, module, targets, args.rounds, args.target_latency, failures,
-                              normalise, args.calibrate)
+                              normalise, args.calibrate, args.repeats)
         if name.startswith("ResNet-50"):
             timing = selection_seconds(source, shape)
             log(f"{name}: end-to-end seconds {timing}")

@@ -22,6 +22,11 @@ SCHEMA_VERSION = 1
 DEFAULT_THREADS = 2
 DEFAULT_RUNS = 50
 DEFAULT_WARMUP = 10
+#: paired_benchmark: rounds of blocks; before each block a pause (the other sessions' threads park) and
+#: untimed runs (this session's threads wake up)
+PAIRED_ROUNDS = 10
+PAUSE_S = 0.05
+UNTIMED_RUNS = 3
 FEED_SEED = 0
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -78,8 +83,7 @@ def open_session(source: ModelSource, provider: str = "auto", threads: int = DEF
     """Create the session; inter-op threads are 1 and intra-op `threads` (0 = ORT's own choice) so that
     runs are comparable. A requested GPU provider that is missing or that ORT dropped gives a warning
     (CPU figures follow) or, with `strict`, a LeanOnnxError. `spinning=False` stops the intra-op threads
-    from busy-waiting after a run (ORT's `session.intra_op.allow_spinning`): sessions that take turns need
-    it, or each one's idle threads spin on the cores the next one runs on."""
+    from busy-waiting after a run (ORT's `session.intra_op.allow_spinning`; on by default, as deployed)."""
     import onnxruntime as ort
 
     if provider not in ("auto", *PROVIDERS):
@@ -218,7 +222,7 @@ def time_on_device(sess, feeds: dict, runs: int, warmup: int, device: str = "cud
 def latency_summary(times_ms: list[float]) -> dict:
     t = np.asarray(times_ms, dtype=np.float64)
     return {"median": float(np.median(t)), "p90": float(np.percentile(t, 90)), "min": float(t.min()),
-            "mean": float(t.mean())}
+            "mean": float(t.mean()), "runs": int(t.size)}
 
 
 def benchmark(model: str | os.PathLike | onnx.ModelProto | bytes, *, provider: str = "auto",
@@ -252,33 +256,41 @@ def benchmark(model: str | os.PathLike | onnx.ModelProto | bytes, *, provider: s
 
 def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict | None = None,
                      threads: int = DEFAULT_THREADS, runs: int = DEFAULT_RUNS,
-                     warmup: int = DEFAULT_WARMUP) -> list[dict]:
-    """Time several models in paired rounds: every model warmed up, then `runs` rounds of one run of each,
-    the order reversed every other round, so that what a shared, noisy machine does to one model's timings
-    it does to the others' too (a drifting load moves all medians alike and their ratio stays). The sessions
-    do not spin: with ORT's default busy-wait, the idle sessions' threads took the cores from the one
-    running (on 2 cores, MobileNetV2 and PP-LCNet taking turns measured 4.4x and 4.0x slower than alone, with
-    spinning off within 10 %). Returns per model `{"provider", "latency_ms": latency_summary}`, in order."""
-    if runs < 1 or warmup < 0 or threads < 0:
+                     warmup: int = DEFAULT_WARMUP, rounds: int = PAIRED_ROUNDS) -> list[dict]:
+    """Time several models in paired rounds: every model warmed up, then `rounds` rounds (the order reversed
+    every other round) in which each model runs a block of `runs / rounds` timed runs, so that what a shared,
+    noisy machine does to one model's timings it does to the others' too (a drifting load moves all medians
+    alike and their ratio stays). The sessions run as deployed, with ORT's default spinning threads; before
+    its block a model pauses `PAUSE_S` and runs `UNTIMED_RUNS` times untimed, so the threads of the session
+    before it have parked and its own are awake (with a 20 ms pause and one untimed run, the same model
+    listed twice measured 0.90-0.94 of itself; with these, 0.97-1.00). Taking turns run by run, the idle
+    sessions' spinning threads took the cores from the one running (4x slower on 2 cores); with spinning
+    off instead, every op pays a thread wake-up that a deployment does not (PP-LCNet alone: 3.0-3.7 ms
+    against 2.4-3.2 ms with spinning), a fixed cost that understates what pruning gains.
+    Returns per model `{"provider", "latency_ms": latency_summary}`, in order."""
+    if runs < 1 or warmup < 0 or threads < 0 or rounds < 1:
         raise LeanOnnxError(f"--runs {runs} / --warmup {warmup} / --threads {threads}: expected runs >= 1, "
                             "warmup >= 0, threads >= 0")
     opened = []
     for model in models:
         source = read_source(model)
         shapes, _ = input_shapes_for(source.proto, input_shapes, None, source.label)
-        session = open_session(source, provider, threads, spinning=False)
+        session = open_session(source, provider, threads)
         timer = time_on_device if session.on_device else time_on_cpu
         opened.append((source.label, session, random_inputs(source.proto, shapes), timer))
     times: list[list[float]] = [[] for _ in opened]
+    rounds = min(rounds, runs)
     try:
         for label, session, feeds, timer in opened:
             label_now = label
             timer(session.ort_session, feeds, 0, warmup)
-        for r in range(runs):
+        for r in range(rounds):
+            block = (runs * (r + 1)) // rounds - (runs * r) // rounds
             order = range(len(opened)) if r % 2 == 0 else reversed(range(len(opened)))
             for k in order:
                 label_now, session, feeds, timer = opened[k]
-                times[k] += timer(session.ort_session, feeds, 1, 0)
+                time.sleep(PAUSE_S)
+                times[k] += timer(session.ort_session, feeds, block, UNTIMED_RUNS)
     except Exception as exc:
         raise LeanOnnxError(f"{label_now}: inference failed ({_first_line(exc)})") from None
     return [{"provider": session.provider, "latency_ms": latency_summary(t)}

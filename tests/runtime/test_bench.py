@@ -191,6 +191,13 @@ def test_paired_rounds_time_every_model_in_order(models):
     assert tiny["provider"] == big["provider"] == "CPUExecutionProvider"
     assert 0 < tiny["latency_ms"]["min"] <= tiny["latency_ms"]["median"]
     assert big["latency_ms"]["median"] > 5 * tiny["latency_ms"]["median"]
+    assert tiny["latency_ms"]["runs"] == big["latency_ms"]["runs"] == 7  # 7 rounds of one run each
+
+
+def test_paired_rounds_split_the_runs_into_blocks(models):
+    """23 timed runs per model in 10 rounds: blocks of 2 or 3, every run timed once."""
+    timed = paired_benchmark([models["chain"], models["chain"]], provider="cpu", runs=23, warmup=0, threads=1)
+    assert [t["latency_ms"]["runs"] for t in timed] == [23, 23]
 
 
 def test_paired_rounds_bad_runs_is_an_error(models):
