@@ -120,7 +120,8 @@ def fidelity(reference: list[np.ndarray], other: list[np.ndarray], kind: str) ->
     return result
 
 
-def paired_latency(models: dict[str, bytes], shape: tuple, runs: int, repeats: int = 1) -> dict[str, float]:
+def paired_latency(models: dict[str, bytes], shape: tuple, runs: int, repeats: int = 1,
+                   spinning: bool = True) -> dict[str, float]:
     """Per model, the median latency (ms) in paired rounds, timed by the product's own timer
     (runtime/bench.paired_benchmark: every model in each round, blocks of runs, ORT's default spinning, as
     deployed), the original first. With `repeats` > 1 the whole timing is repeated and each model gets the
@@ -129,7 +130,7 @@ def paired_latency(models: dict[str, bytes], shape: tuple, runs: int, repeats: i
     speedups, originals = {k: [] for k in models}, []
     for _ in range(repeats):
         timed = paired_benchmark(list(models.values()), provider="cpu", input_shapes={name: list(shape)}, threads=2,
-                                 runs=runs, warmup=5)
+                                 runs=runs, warmup=5, spinning=spinning)
         medians = [t["latency_ms"]["median"] for t in timed]
         originals.append(medians[0])
         for key, median in zip(models, medians):
@@ -167,7 +168,7 @@ def networks():
 
 def bench_network(name, source, shape, kind, module, targets, rounds, latency_target=None,
                   failures: list | None = None, normalise: str = "imagenet", calibrate_samples: int = 0,
-                  repeats: int = 1) -> list[dict]:
+                  repeats: int = 1, spinning: bool = True) -> list[dict]:
     from bench_budget_torch import export_bytes, torch_pruning_at
 
     model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
@@ -233,7 +234,7 @@ def bench_network(name, source, shape, kind, module, targets, rounds, latency_ta
                      "seconds": time.perf_counter() - start, "search": info["search"]})
     variants[CONTROL] = original
     rows.append({"network": name, "target": "-", "pruner": CONTROL, "key": CONTROL, "macs_ratio": 1.0, "seconds": None})
-    latency = paired_latency(variants, shape, rounds, repeats)
+    latency = paired_latency(variants, shape, rounds, repeats, spinning)
     for key, (model, timed_as) in calibrated_models.items():  # same shapes as the uncalibrated model: not timed
         variants[key], latency[key] = model, latency[timed_as]
     for row in rows:
@@ -281,9 +282,11 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def render(rows: list[dict], args, timing: dict | None = None) -> str:
-    command = f"python tools/bench_budget.py --targets {args.targets} --rounds {args.rounds} --repeats {args.repeats}"
+    command = (f"python tools/bench_budget.py --targets {args.targets} --rounds {args.rounds} --repeats {args.repeats}"
+               + (" --spinning off" if args.spinning == "off" else ""))
     lines = [HEADING, "", f"`{command}` "
-             f"(this 2-core machine, shared; batch 1, 2 threads, ORT CPU with its default spinning threads, paired "
+             f"(this 2-core machine, shared; batch 1, 2 threads, ORT CPU with "
+             f"{'its default spinning threads' if args.spinning == 'on' else 'thread spinning off'}, paired "
              f"rounds of blocks; latency: the original's median over the repeats / the median speed-up; fidelity on "
              f"24 photo crops). *speed-up / MACs* = measured speed-up x MACs ratio: 1.0 means the model got "
              "as much faster as it got smaller.", "",
@@ -314,6 +317,8 @@ def main() -> None:
     parser.add_argument("--targets", default="0.75,0.5,0.25")
     parser.add_argument("--rounds", type=int, default=30, help="timed runs per model in one paired timing")
     parser.add_argument("--repeats", type=int, default=1, help="paired timings per network (median speed-up)")
+    parser.add_argument("--spinning", choices=("on", "off"), default="on",
+                        help="ORT's intra-op thread spinning while timing (on: its default, as deployed)")
     parser.add_argument("--only", help="comma-separated substrings of network names")
     parser.add_argument("--write", help="markdown file whose section to replace")
     parser.add_argument("--target-latency", type=float, default=0.6,
@@ -337,7 +342,7 @@ def main() -> None:
             log(f"{name}: not available offline, skipped")
             continue
         rows += bench_network(name, source, shape, kind, module, targets, args.rounds, args.target_latency, failures,
-                              normalise, args.calibrate, args.repeats)
+                              normalise, args.calibrate, args.repeats, args.spinning == "on")
         if name.startswith("ResNet-50"):
             timing = selection_seconds(source, shape)
             log(f"{name}: end-to-end seconds {timing}")

@@ -256,7 +256,7 @@ def benchmark(model: str | os.PathLike | onnx.ModelProto | bytes, *, provider: s
 
 def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict | None = None,
                      threads: int = DEFAULT_THREADS, runs: int = DEFAULT_RUNS,
-                     warmup: int = DEFAULT_WARMUP, rounds: int = PAIRED_ROUNDS) -> list[dict]:
+                     warmup: int = DEFAULT_WARMUP, rounds: int = PAIRED_ROUNDS, spinning: bool = True) -> list[dict]:
     """Time several models in paired rounds: every model warmed up, then `rounds` rounds (the order reversed
     every other round) in which each model runs a block of `runs / rounds` timed runs, so that what a shared,
     noisy machine does to one model's timings it does to the others' too (a drifting load moves all medians
@@ -266,7 +266,8 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
     listed twice measured 0.90-0.94 of itself; with these, 0.97-1.00). Taking turns run by run, the idle
     sessions' spinning threads took the cores from the one running (4x slower on 2 cores); with spinning
     off instead, every op pays a thread wake-up that a deployment does not (PP-LCNet alone: 3.0-3.7 ms
-    against 2.4-3.2 ms with spinning), a fixed cost that understates what pruning gains.
+    against 2.4-3.2 ms with spinning), a fixed cost that understates what pruning gains. `spinning=False`
+    times that configuration instead.
     Returns per model `{"provider", "latency_ms": latency_summary}`, in order."""
     if runs < 1 or warmup < 0 or threads < 0 or rounds < 1:
         raise LeanOnnxError(f"--runs {runs} / --warmup {warmup} / --threads {threads}: expected runs >= 1, "
@@ -275,7 +276,7 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
     for model in models:
         source = read_source(model)
         shapes, _ = input_shapes_for(source.proto, input_shapes, None, source.label)
-        session = open_session(source, provider, threads)
+        session = open_session(source, provider, threads, spinning=spinning)
         timer = time_on_device if session.on_device else time_on_cpu
         opened.append((source.label, session, random_inputs(source.proto, shapes), timer))
     times: list[list[float]] = [[] for _ in opened]

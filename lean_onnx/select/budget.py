@@ -229,8 +229,8 @@ class ChannelBudget:
             for k in short:  # counted again: an earlier tensor of this pass may share its units
                 units = flat[starts[k]:starts[k] + lengths[k]]
                 count = int(keep_unit[units].sum())
-                want = min(int(lengths[k]), -(-count // block) * block)
-                keep_unit[units[~keep_unit[units]][:want - count]] = True
+                need = min(int(lengths[k]), -(-count // block) * block) - count
+                keep_unit[units[~keep_unit[units]][:need]] = True
         return keep_unit
 
     # -- the MACs model ----------------------------------------------------------------------
