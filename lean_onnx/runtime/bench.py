@@ -262,8 +262,9 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
     noisy machine does to one model's timings it does to the others' too (a drifting load moves all medians
     alike and their ratio stays). The sessions run as deployed, with ORT's default spinning threads; before
     its block a model pauses `PAUSE_S` and runs `UNTIMED_RUNS` times untimed, so the threads of the session
-    before it have parked and its own are awake (with a 20 ms pause and one untimed run, the same model
-    listed twice measured 0.90-0.94 of itself; with these, 0.97-1.00). Taking turns run by run, the idle
+    before it have parked and its own are awake (with a 20 ms pause and one untimed run, a model listed
+    second measured 0.90 and 0.94 of itself, always slower; with these, 0.91-1.02 either way on a busy
+    machine, and 0.98-1.07 in tools/bench_budget.py's controls). Taking turns run by run, the idle
     sessions' spinning threads took the cores from the one running (4x slower on 2 cores); with spinning
     off instead, every op pays a thread wake-up that a deployment does not (PP-LCNet alone: 3.0-3.7 ms
     against 2.4-3.2 ms with spinning), a fixed cost that understates what pruning gains. `spinning=False`
