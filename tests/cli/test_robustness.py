@@ -662,3 +662,16 @@ def test_fuzz_200_cases():
     counts, by_kind = fuzz.fuzz(200, seed=600000, method=None)
     assert sum(counts[k] for k in fuzz.FAILURES) == 0, counts
     assert counts["pruned-and-equal"] > 100 and set(by_kind) == set(fuzz.MUTATIONS), (counts, by_kind)
+
+
+def test_fuzz_case_with_a_concat_input_of_unknown_channels():
+    """Fuzz seed 5144 (a com.microsoft Gelu and a conv whose weight does not fit its input): a channel Concat
+    whose one input has no known channel count, read by one conv, crashed the per-consumer Concat plan with a
+    KeyError (a traceback); the Concat is frozen and the case prunes with the contract holding."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lean_onnx_fuzz", ROOT / "tools" / "fuzz.py")
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    counts, _ = fuzz.fuzz(1, seed=5144, method=None)
+    assert sum(counts[k] for k in fuzz.FAILURES) == 0, counts
