@@ -159,6 +159,13 @@ class ChannelGraph:
         adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
         return connected_components(adj, directed=False)[1]
 
+    def is_channel_concat(self, node) -> bool:
+        """A Concat whose output's channels are its inputs' channels, one after the other (every input and the
+        output tracked; an input of unknown channel count freezes the Concat and is not tracked)."""
+        tracked = self.tensor_nodes
+        return (node.op_type == "Concat" and node.output[0] in tracked and all(t in tracked for t in node.input)
+                and len(tracked[node.output[0]]) == sum(len(tracked[t]) for t in node.input))
+
     @cached_property
     def blocked_tensors(self) -> dict[str, np.ndarray]:
         """Tensor -> channel nodes, for every tensor whose channel count a blocked kernel sees: the input and
@@ -171,9 +178,8 @@ class ChannelGraph:
         for node in self.loaded.graph.node:
             if node.op_type == "Concat":
                 names += node.input
-                nodes = self.tensor_nodes.get(node.output[0])
-                if nodes is not None and len(nodes) == sum(len(self.tensor_nodes.get(t, ())) for t in node.input):
-                    concats.add(nodes.tobytes())
+                if self.is_channel_concat(node):
+                    concats.add(self.tensor_nodes[node.output[0]].tobytes())
             elif node.op_type == "Split":
                 names += node.output
         return {t: self.tensor_nodes[t] for t in dict.fromkeys(names)

@@ -174,11 +174,8 @@ def _private_concats(graph: ChannelGraph, selection: Selection, plan: Plan) -> N
             layer_of_input.setdefault(layer.input, []).append(layer)
     outputs = {o.name for o in loaded.graph.output}
     for node in loaded.graph.node:
-        if node.op_type != "Concat" or node.output[0] not in graph.tensor_nodes:
+        if not graph.is_channel_concat(node):
             continue
-        if any(t not in graph.tensor_nodes for t in node.input) or \
-                len(graph.tensor_nodes[node.output[0]]) != sum(len(graph.tensor_nodes[t]) for t in node.input):
-            continue  # not a channel-axis concat of tracked inputs (an input of unknown channels: frozen)
         region, conv_index = _region(loaded, node.output[0], layer_of_input, outputs, graph.tensor_nodes)
         if conv_index is None:
             continue

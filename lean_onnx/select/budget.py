@@ -199,17 +199,13 @@ class ChannelBudget:
     def _segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The channel tensors a blocked kernel sees (`graph.blocked_tensors`) with a removable unit, as one
         flat array of their channels' units, each tensor's best first, with each tensor's start and length."""
-        flat, starts, lengths = [], [], []
-        for nodes in self.graph.blocked_tensors.values():
-            units = self.unit[nodes]
-            if not self.removable[units].any():
-                continue
-            starts.append(sum(lengths))
-            lengths.append(len(units))
-            flat.append(units[np.argsort(-self.unit_score[units], kind="stable")])
+        flat = [units[np.argsort(-self.unit_score[units], kind="stable")]
+                for units in (self.unit[nodes] for nodes in self.graph.blocked_tensors.values())
+                if self.removable[units].any()]
         if not flat:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.concatenate(flat), np.array(starts), np.array(lengths)
+        lengths = np.array([len(units) for units in flat])
+        return np.concatenate(flat), np.cumsum(lengths) - lengths, lengths
 
     def _fill_blocks(self, keep_unit: np.ndarray) -> np.ndarray:
         """Round the kept count of every channel tensor a blocked kernel sees (conv inputs and outputs,
