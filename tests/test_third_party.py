@@ -273,6 +273,28 @@ def _cli(*args) -> str:
     return done.stderr
 
 
+def _prune_then_distil(tmp_path, original, name: str, shape: tuple, epochs: int, normalise: str = "imagenet"):
+    """Issue 18's command lines: `lean-onnx ORIGINAL P --target-macs 0.5`, then `finetune P OUT --teacher
+    ORIGINAL --data train.npz` (512 unlabelled photo crops, seed 0). Returns (P, OUT, finetune's stderr)."""
+    from tools.bench_budget import photo_inputs
+
+    np.savez(tmp_path / "train.npz", inputs=photo_inputs(shape, 512, seed=0, normalise=normalise))
+    pruned, out = tmp_path / "p.onnx", tmp_path / "out.onnx"
+    _cli(original, pruned, "--target-macs", "0.5", "--input-shape", f"{name}={'x'.join(map(str, shape))}", "-q")
+    err = _cli("finetune", pruned, out, "--teacher", original, "--data", tmp_path / "train.npz", "--epochs", epochs,
+               "--threads", 2)
+    return pruned, out, err
+
+
+def _assert_macs_kept(original, pruned, out, name: str, shape: tuple) -> None:
+    """OUT has P's MACs, and P at most 0.55 of ORIGINAL's."""
+    from lean_onnx.graph.cost import model_cost
+    from lean_onnx.graph.load import load_model
+
+    macs = [model_cost(load_model(onnx.load(str(p)), {name: shape}))["macs"] for p in (original, pruned, out)]
+    assert macs[1] == macs[2] <= 0.55 * macs[0], macs
+
+
 @pytest.mark.slow
 def test_label_free_recovery_of_the_trained_mobilenet_v2(tmp_path, request):
     """Issue 18's acceptance through the command line, as written: the trained MobileNetV2 pruned with
@@ -280,20 +302,13 @@ def test_label_free_recovery_of_the_trained_mobilenet_v2(tmp_path, request):
     crops of the 8 photos; finetune reconstructs P to the teacher first, from P's kept-channel record): top-1
     agreement with IN on 192 new crops of the same photos >= 0.70 and at least 0.30 above P's; OUT keeps P's
     MACs. About 3 minutes on 2 cores (measured: 0.000 -> 0.766)."""
-    from lean_onnx.graph.cost import model_cost
-    from lean_onnx.graph.load import load_model
     from tools.bench_budget import photo_inputs
 
     request.getfixturevalue("images")  # skips without scikit-image's photos
     original = tmp_path / "mnv2.onnx"
     onnx.save(_fetch(tp.mobilenet_v2, tp.MOBILENET_WHEEL), str(original))
-    np.savez(tmp_path / "train.npz", inputs=photo_inputs(MNV2_PRUNE_SHAPE, 512, seed=0))
     new = photo_inputs(MNV2_PRUNE_SHAPE, 192, seed=1)
-
-    pruned, out = tmp_path / "p.onnx", tmp_path / "out.onnx"
-    _cli(original, pruned, "--target-macs", "0.5", "--input-shape", "input=1x3x224x224", "-q")
-    err = _cli("finetune", pruned, out, "--teacher", original, "--data", tmp_path / "train.npz", "--epochs", 3,
-              "--threads", 2)
+    pruned, out, err = _prune_then_distil(tmp_path, original, "input", MNV2_PRUNE_SHAPE, epochs=3)
     assert "reconstructed 53 convs/Gemms to the teacher's outputs on 64 training inputs" in err
 
     def top1(path):
@@ -304,9 +319,7 @@ def test_label_free_recovery_of_the_trained_mobilenet_v2(tmp_path, request):
     before, after = (float((top1(p) == reference).mean()) for p in (pruned, out))
     print(f"top-1 agreement on 192 new crops: pruned {before:.3f}, distilled {after:.3f}")
     assert after >= 0.70 and after >= before + 0.30, (before, after)
-    macs = [model_cost(load_model(onnx.load(str(p)), {"input": MNV2_PRUNE_SHAPE}))["macs"] for p in (pruned, out)]
-    assert macs[0] == macs[1] <= 0.55 * model_cost(load_model(onnx.load(str(original)),
-                                                              {"input": MNV2_PRUNE_SHAPE}))["macs"]
+    _assert_macs_kept(original, pruned, out, "input", MNV2_PRUNE_SHAPE)
 
 
 @pytest.mark.slow
@@ -316,21 +329,14 @@ def test_label_free_recovery_of_the_trained_yolov8n(tmp_path, request):
     RGB in [0, 1]): on 96 new crops the output's mean relative error to IN is at most half of P's, and OUT finds
     at least 0.3 of IN's detections (best class score >= 0.25, that class) that P lost; OUT keeps P's MACs.
     About 4 minutes on 2 cores (measured: error 0.137 -> 0.065, recall 0 -> 0.52, precision 0.74)."""
-    from lean_onnx.graph.cost import model_cost
-    from lean_onnx.graph.load import load_model
     from lean_onnx.train.score_parts import DETECTION_SCORE
     from tools.bench_budget import photo_inputs
 
     request.getfixturevalue("images")  # skips without scikit-image's photos
     original = tmp_path / "yolo.onnx"
     onnx.save(_fetch(tp.yolov8n, tp.YOLO_WHEEL), str(original))
-    np.savez(tmp_path / "train.npz", inputs=photo_inputs(tp.YOLO_SHAPE, 512, seed=0, normalise="unit"))
     new = photo_inputs(tp.YOLO_SHAPE, 96, seed=1, normalise="unit")
-
-    pruned, out = tmp_path / "p.onnx", tmp_path / "out.onnx"
-    _cli(original, pruned, "--target-macs", "0.5", "--input-shape", "images=1x3x320x320", "-q")
-    err = _cli("finetune", pruned, out, "--teacher", original, "--data", tmp_path / "train.npz", "--epochs", 2,
-              "--threads", 2)
+    pruned, out, err = _prune_then_distil(tmp_path, original, "images", tp.YOLO_SHAPE, epochs=2, normalise="unit")
     assert "to the teacher's outputs on 64 training inputs" in err
 
     def outputs(path):
@@ -346,6 +352,4 @@ def test_label_free_recovery_of_the_trained_yolov8n(tmp_path, request):
     print(f"mean relative error {error[0]:.3f} -> {error[1]:.3f}; recall of {int(theirs.sum())} detections "
           f"{recall[0]:.3f} -> {recall[1]:.3f}")
     assert theirs.sum() >= 50 and error[1] <= 0.5 * error[0] and recall[1] >= recall[0] + 0.3, (error, recall)
-    shape = {"images": tp.YOLO_SHAPE}
-    macs = [model_cost(load_model(onnx.load(str(p)), shape))["macs"] for p in (pruned, out)]
-    assert macs[0] == macs[1] <= 0.55 * model_cost(load_model(onnx.load(str(original)), shape))["macs"]
+    _assert_macs_kept(original, pruned, out, "images", tp.YOLO_SHAPE)
