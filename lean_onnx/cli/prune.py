@@ -27,7 +27,8 @@ def register(sub) -> None:
     g.add_argument("--emit-masked", metavar="PATH",
                    help="also write the masked model (same shapes, pruned kernels zeroed): pruned(x) == masked(x)")
     g.add_argument("--round-channels", type=int, default=16, metavar="N",
-                   help="keep conv output channel counts at multiples of N or unchanged (default 16: ONNX "
+                   help="keep every channel count a conv sees (its input and output, and the Concat inputs and "
+                        "Split outputs around it) at multiples of N or unchanged (default 16: ONNX "
                         "Runtime's blocked CPU kernels and TensorRT want such counts); 1 removes every channel "
                         "that can go")
     g.add_argument("--plot", metavar="DIR", help="write PNG pictures: channels per layer before/after and the kept "

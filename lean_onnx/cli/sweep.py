@@ -30,7 +30,7 @@ def register(sub) -> None:
     g.add_argument("--out-dir", required=True, metavar="D", help="folder for the pruned models (created if missing)")
     g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"), help="selection method (default lean)")
     g.add_argument("--round-channels", type=int, default=16, metavar="N",
-                   help="conv output channel counts stay multiples of N or unchanged (default 16, as `prune`)")
+                   help="channel counts a conv sees stay multiples of N or unchanged (default 16, as `prune`)")
     g.add_argument("--gather-below", type=float, default=0.75, metavar="F",
                    help="convs reading at most F of a shared input's channels read them through a Gather "
                         "(default 0.75, as `prune`; 0 never)")

@@ -33,7 +33,7 @@ from .plan import Plan, make_plan
 from .prune_report import build_report
 from .rewriter import rewrite
 
-#: conv output channel counts stay multiples of 16 (or unchanged): measured in docs/benchmarks.md, odd
+#: channel counts a conv sees stay multiples of 16 (or unchanged): measured in docs/benchmarks.md, odd
 #: counts push ONNX Runtime's convs off its blocked (NCHWc, AVX-512 block 16) kernels, and a pruned
 #: MobileNetV2 ran at 0.76x the original's speed; 16 also covers AVX2's 8 and TensorRT's multiples of 8
 DEFAULT_ROUND_CHANNELS = 16
@@ -120,7 +120,7 @@ class Pruner:
               keep_connected: bool = False, *, target_macs: float | None = None, granularity: str | None = None,
               min_channels: float = DEFAULT_MIN_CHANNELS, allocate: str = DEFAULT_ALLOCATE) -> PruneResult:
         """Prune to `keep`; `masked=False` skips building (and checking) the masked model;
-        `round_channels` N keeps conv output channel counts at multiples of N (see plan.make_plan);
+        `round_channels` N keeps the channel counts convs see at multiples of N (see plan.make_plan);
         `fold_constants`: dead channels keep their constant act(bias) (the masked model keeps biases, as
         the reference's does) and constants that reach a Gemm head move into its bias; `gather_below` F: a
         conv reading at most F of its shared input's channels reads them through a Gather (0: never);
