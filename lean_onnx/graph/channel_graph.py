@@ -150,14 +150,7 @@ class ChannelGraph:
     def coupling_components(self) -> np.ndarray:
         """Component id per channel node: the connected components of the coupling pairs (channels that
         leave together); computed once per graph."""
-        from scipy.sparse import coo_matrix  # lazily: `bench`/`eval` need no channel graph
-        from scipy.sparse.csgraph import connected_components
-
-        n, pairs = self.num_nodes, self.coupling_pairs
-        if not len(pairs):
-            return np.arange(n)
-        adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-        return connected_components(adj, directed=False)[1]
+        return pair_components(self.num_nodes, self.coupling_pairs)
 
     def is_channel_concat(self, node) -> bool:
         """A Concat whose output's channels are its inputs' channels, one after the other (every input and the
@@ -187,6 +180,17 @@ class ChannelGraph:
 
     def layer_by_name(self, name: str) -> ConvLayer:
         return next(layer for layer in self.layers if layer.name == name)
+
+
+def pair_components(num_nodes: int, pairs: np.ndarray) -> np.ndarray:
+    """Component id per node of the undirected graph whose edges are `pairs` (k x 2)."""
+    from scipy.sparse import coo_matrix  # lazily: `bench`/`eval` need no channel graph
+    from scipy.sparse.csgraph import connected_components
+
+    if not len(pairs):
+        return np.arange(num_nodes)
+    adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(num_nodes, num_nodes))
+    return connected_components(adj, directed=False)[1]
 
 
 def node_name(node) -> str:

@@ -57,14 +57,17 @@ def required(model: onnx.ModelProto, path: str) -> dict[str, tuple[int, np.ndarr
 
 
 def kept_channels(graph: ChannelGraph, plan: Plan, base: onnx.GraphProto) -> dict[str, tuple[int, np.ndarray]]:
-    """{tensor: (channel count in the pruned run's input, kept indices)} for every prunable conv's output and
-    the output of a BatchNormalization that follows it unfolded (`base`: the graph the rewrite started from)."""
+    """{tensor: (channel count in the pruned run's input, kept indices)} for every prunable conv's output that
+    stays in the pruned model and the output of a BatchNormalization that follows it unfolded (`base`: the
+    graph the rewrite started from)."""
     bn_output = {(n.name or n.output[0]): n.output[0] for n in base.node if n.op_type == "BatchNormalization"}
     found = {}
     for layer in graph.layers:
         if not layer.prunable:
             continue
         keep = plan.keep(layer.output)
+        if keep is not None and not keep.any():
+            continue  # the conv left the model (a residual branch removed whole, rewrite/bypass.py)
         entry = (layer.c_out, np.arange(layer.c_out) if keep is None else np.flatnonzero(keep))
         found[layer.output] = entry
         if layer.bn_name is not None and layer.bn_name in bn_output:

@@ -23,6 +23,7 @@ from ..graph.channel_graph import ChannelGraph, HeadRead
 from ..graph.heads import head_layout
 from ..select.redundancy import backward_used
 from ..select.selection import Selection
+from .bypass import bypassed_sums, components_without, cut_sums, used_without
 from .constant_channels import channel_constants
 
 #: ops whose output channel c depends only on input channel c at the same position (for Concat regions)
@@ -59,6 +60,7 @@ class Plan:
     zero_dead: bool = True  # False with --fold-constants: dead channels keep their bias (a constant)
     heads: list[HeadSlice] = field(default_factory=list)  # linear heads that can lose input columns
     gathers: dict[str, np.ndarray] = field(default_factory=dict)  # conv output -> input channels it reads
+    bypass: dict[str, tuple[str, str]] = field(default_factory=dict)  # sum output -> (operand kept, zero operand)
 
     def keep(self, tensor: str) -> np.ndarray | None:
         return self.tensor_keep.get(tensor)
@@ -76,17 +78,24 @@ def make_plan(graph: ChannelGraph, selection: Selection, round_channels: int = 1
     keeps reads them through a channel Gather and gets a narrower weight (see `_gathers`).
     """
     heads = _linear_heads(graph, selection, fold_constants)
-    used = selection.used
+    used, terminal = selection.used, graph.is_terminal
     if any(h.droppable.any() for h in heads):  # constant channels read only by linear heads are unused
         terminal = graph.is_hard_terminal.copy()
         for h in heads:
             terminal[graph.tensor_nodes[h.read.tensor][~h.droppable]] = True
         used, _ = backward_used(graph.src, graph.indptr, selection.edge_keep, ~graph.prunable_edges, terminal)
+    bypass = bypassed_sums(graph, selection, fold_constants)
+    components = graph.coupling_components
+    if bypass:  # a sum with a zero operand no longer reads it (bypass.py)
+        cut, pairs_cut = cut_sums(graph, bypass)
+        used = used_without(graph, selection, terminal, cut)
+        components = components_without(graph, pairs_cut)
     must_stay = graph.is_frozen | used
     while True:  # every round keeps at least one more channel, so this ends
-        node_keep = _couple(graph, must_stay)
+        node_keep = _couple(components, must_stay)
         tensor_keep = {t: node_keep[nodes] for t, nodes in graph.tensor_nodes.items()}
-        plan = Plan(node_keep, ~selection.alive, tensor_keep, zero_dead=not fold_constants, heads=heads)
+        plan = Plan(node_keep, ~selection.alive, tensor_keep, zero_dead=not fold_constants, heads=heads,
+                    bypass=bypass)
         _private_concats(graph, selection, plan)
         more = _starved_inputs(graph, plan) or (_round_up(graph, plan, round_channels) if round_channels > 1 else [])
         if not more:
@@ -144,8 +153,8 @@ def _starved_inputs(graph: ChannelGraph, plan: Plan) -> list[int]:
 
     for node in graph.loaded.graph.node:
         outs = [plan.keep(t) for t in node.output if t]
-        if outs and all(k is not None and not k.any() for k in outs):
-            continue  # the node goes
+        if outs and all(k is not None and not k.any() for k in outs) or node.output[0] in plan.bypass:
+            continue  # the node goes, or becomes an Identity of its other operand
         ins = [t for t in node.input if plan.keep(t) is not None]
         empty = [t for t in ins if not plan.keep(t).any()]
         if node.op_type == "Concat":
@@ -156,11 +165,10 @@ def _starved_inputs(graph: ChannelGraph, plan: Plan) -> list[int]:
     return starved
 
 
-def _couple(graph: ChannelGraph, node_keep: np.ndarray) -> np.ndarray:
-    """A coupled group of channels stays if any one of them has to stay."""
-    if not len(graph.coupling_pairs):
+def _couple(label: np.ndarray, node_keep: np.ndarray) -> np.ndarray:
+    """A coupled group of channels (component `label`) stays if any one of them has to stay."""
+    if label.max(initial=-1) + 1 == len(label):
         return node_keep
-    label = graph.coupling_components
     group_keep = np.zeros(label.max() + 1, dtype=bool)
     np.logical_or.at(group_keep, label, node_keep)
     return group_keep[label]

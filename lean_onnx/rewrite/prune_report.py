@@ -67,6 +67,7 @@ def build_report(graph: ChannelGraph, sel: Selection, plan: Plan, pruned, before
         "head_channels_dropped": sum(int((~plan.keep(h.read.tensor)).sum()) for h in plan.heads),
         "fold_constants": not plan.zero_dead,
         "gathers_inserted": len(plan.gathers),
+        "residual_sums_bypassed": sorted(plan.bypass),  # their branch was removed whole (rewrite/bypass.py)
         "inputs_reach_outputs": inputs_reach_outputs(graph, sel.edge_keep),
         "layers": layers,
         "frozen": [{"node": f.node, "op": f.op, "reason": f.reason, "channels": f.channels} for f in graph.frozen],

@@ -138,6 +138,9 @@ def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channel
         if slice_channels and _all_removed(node, plan):
             removed.append(node)
             continue
+        if slice_channels and node.output and node.output[0] in plan.bypass:
+            _to_identity(node, plan.bypass[node.output[0]][0])
+            continue
         if node.output and node.output[0] in head_of_gemm:
             _gemm_columns(node, head_of_gemm[node.output[0]], plan, inits)
             continue
@@ -245,6 +248,14 @@ def _insert_gathers(model, plan: Plan, inits: Initializers) -> None:
             node.input[0] = gather.output[0]
             model.graph.node.append(gather)
         model.graph.node.append(node)
+
+
+def _to_identity(node, operand: str) -> None:
+    """A sum whose other operand is zero in the masked model (rewrite/bypass.py) passes `operand` on."""
+    node.op_type = "Identity"
+    del node.input[:]
+    node.input.append(operand)
+    del node.attribute[:]
 
 
 def _nontrivial(mask):

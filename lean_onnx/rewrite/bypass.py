@@ -1,0 +1,75 @@
+"""Residual sums with an operand that is exactly zero in the masked model: `y = x + 0` becomes `y = x`.
+
+When the selection removes every channel inside a residual branch (graph/branches.py; `--drop-blocks`
+chooses such branches, and `--keep` can empty one too), the branch's operand of the sum is 0 in the masked
+model (DESIGN.md section 2: channels with no kept kernel are zero). The sum then equals its other operand
+exactly, so the pruned model replaces it by an Identity of that operand, and nothing reads the branch any
+more: its channels are unused and every op of the branch leaves the model, where without the bypass a
+one-channel stub of each op would stay to feed zeros into the sum.
+
+For the plan (plan.py) a bypassed sum no longer reads the zero operand: the operand's channels are
+uncoupled from the sum and the other operand, and the sum's conducting edges from them no longer make
+them used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph.channel_graph import ChannelGraph, pair_components
+from ..select.redundancy import backward_used
+from ..select.selection import Selection
+from .constant_channels import channel_constants
+
+
+def bypassed_sums(graph: ChannelGraph, selection: Selection, fold_constants: bool) -> dict[str, tuple[str, str]]:
+    """{sum output: (operand that stays, zero operand)} for every two-operand Add/Sum whose operands and
+    output have one shape and one of whose operands is exactly zero in every channel (the other not)."""
+    loaded, tracked, alive = graph.loaded, graph.tensor_nodes, selection.alive
+    candidates = []
+    for node in loaded.graph.node:
+        if node.op_type not in ("Add", "Sum") or len(node.input) != 2 or node.output[0] not in tracked:
+            continue
+        shape = loaded.shape(node.output[0])
+        if not shape or None in shape or any(t not in tracked or loaded.shape(t) != shape for t in node.input):
+            continue
+        for zero, other in ((node.input[1], node.input[0]), (node.input[0], node.input[1])):
+            if not alive[tracked[zero]].any():  # cheap first test: a zero operand has no live channel
+                candidates.append((node.output[0], other, zero))
+                break
+    if not candidates:
+        return {}
+    values = channel_constants(graph, selection, zero_dead=not fold_constants)
+    return {out: (other, zero) for out, other, zero in candidates
+            if (values[zero] == 0).all() and not (values[other] == 0).all()}
+
+
+def cut_sums(graph: ChannelGraph, bypass: dict[str, tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """(edge mask, coupling-pair mask) of what the bypassed sums no longer do: the edges from each zero
+    operand's channels into the sum's, and the coupling pairs between the zero operand and the sum or the
+    other operand. Only the edges into the sums' channels are looked at (a few per channel)."""
+    tracked, indptr = graph.tensor_nodes, graph.indptr
+    edges = np.zeros(graph.num_edges, dtype=bool)
+    pairs_cut = np.zeros(len(graph.coupling_pairs), dtype=bool)
+    for out, (other, operand) in bypass.items():
+        zero, sums = tracked[operand], tracked[out]
+        into = np.concatenate([np.arange(indptr[v], indptr[v + 1]) for v in sums])
+        edges[into[np.isin(graph.src[into], zero)]] = True
+        if len(graph.coupling_pairs):
+            near = np.concatenate([sums, tracked[other]])
+            a, b = graph.coupling_pairs[:, 0], graph.coupling_pairs[:, 1]
+            pairs_cut |= (np.isin(a, zero) & np.isin(b, near)) | (np.isin(b, zero) & np.isin(a, near))
+    return edges, pairs_cut
+
+
+def used_without(graph: ChannelGraph, selection: Selection, terminal: np.ndarray, cut: np.ndarray) -> np.ndarray:
+    """Channels used (read by a kept kernel, or through conducting edges by something used) once the
+    edges `cut` conduct no more."""
+    used, _ = backward_used(graph.src, graph.indptr, selection.edge_keep & ~cut, ~graph.prunable_edges & ~cut,
+                            terminal)
+    return used
+
+
+def components_without(graph: ChannelGraph, pairs_cut: np.ndarray) -> np.ndarray:
+    """Coupling components (channels that leave together) without the pairs `pairs_cut`."""
+    return pair_components(graph.num_nodes, graph.coupling_pairs[~pairs_cut])
