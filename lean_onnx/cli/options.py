@@ -53,6 +53,7 @@ def selection_args(p: argparse.ArgumentParser, model: bool = True, budgets: bool
                        help="with a --target-*: every prunable layer keeps at least F of its channels and one "
                             "rounding block, so the network never collapses (default 0.1)")
         allocate_arg(g, "a --target-*")
+        drop_blocks_arg(g)
     g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"),
                    help="lean: longest chains (default); sv / l1: individual operator-norm / L1 ranking")
     g.add_argument("--keep-connected", action="store_true",
@@ -70,6 +71,14 @@ def allocate_arg(g, given: str) -> None:
                    help=f"with {given}: rank channel units by value per estimated time per MAC (time, the default: "
                         "the budget is taken where ONNX Runtime spends its time, e.g. depthwise convs on large "
                         "maps) or by value alone (macs)")
+
+
+def drop_blocks_arg(g) -> None:
+    """`--drop-blocks` (select/blocks.py), for `prune` and `sweep`."""
+    g.add_argument("--drop-blocks", type=float, metavar="F",
+                   help="with a --target-*: up to F of the residual branches (y = x + f(x)) may be removed whole, "
+                        "lowest gain first, while the channels left can carry the budget; the rest of the budget "
+                        "is met with channels (default 1; 0: channels only)")
 
 
 def norm_grid(value: str) -> int | None:
@@ -116,7 +125,7 @@ def check_selection(args) -> None:
                             + (f" (got {' and '.join(flag for flag, _ in given)})" if given else ""))
     flag, value = given[0]
     check_budget(value if flag == "--keep" else None, None if flag == "--keep" else value, args.granularity,
-                 args.min_channels, target_flag=flag)
+                 args.min_channels, target_flag=flag, drop_blocks=getattr(args, "drop_blocks", None))
 
 
 def check_prune_options(args) -> None:

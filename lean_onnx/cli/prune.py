@@ -106,6 +106,7 @@ def cmd_prune(args) -> int:
 
         result, budget = prune_to_latency(pruner, args.target_latency, method=args.method,
                                           min_channels=args.min_channels, allocate=args.allocate,
+                                          drop_blocks=args.drop_blocks,
                                           provider=args.provider,
                                           threads=args.threads, runs=args.runs, warmup=args.warmup, log=info, **options)
         if not budget["met"]:
@@ -113,7 +114,8 @@ def cmd_prune(args) -> int:
                  f"{budget['latency_ratio']:.3f} of the original's latency (MACs {budget['achieved_macs_ratio']:.3f})")
     elif args.target_macs is not None:
         result = pruner.prune(target_macs=args.target_macs, method=args.method, min_channels=args.min_channels,
-                              granularity=args.granularity, allocate=args.allocate, **options)
+                              granularity=args.granularity, allocate=args.allocate, drop_blocks=args.drop_blocks,
+                              **options)
     else:
         result = pruner.prune(args.keep, args.method, keep_connected=args.keep_connected, **options)
     if args.calibrate_data:

@@ -84,6 +84,7 @@ def cmd_schedule(args, info, warn) -> int:
         shapes = {name: (1,) + tuple(train["inputs"].shape[1:])}
     config = ScheduleConfig(keep=args.keep, target_macs=args.target_macs, min_channels=args.min_channels,
                             allocate=args.allocate if args.target_macs is not None else None,
+                            drop_blocks=args.drop_blocks if args.target_macs is not None else None,
                             teacher=teacher_digest, temperature=args.temperature, alpha=args.alpha or 0.0,
                             steps=args.steps, method=args.method,
                             epochs_per_step=args.epochs_per_step if train is not None else 0, lr=args.lr,

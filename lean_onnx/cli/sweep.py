@@ -8,8 +8,9 @@ import os
 import sys
 
 from ..errors import LeanOnnxError
+from ..select.budget import check_drop_blocks
 from ..runtime.sweep import DEFAULT_KEEPS
-from .options import allocate_arg, check_prune_options, common_args, make_pruner, model_args
+from .options import allocate_arg, check_prune_options, common_args, drop_blocks_arg, make_pruner, model_args
 
 
 def register(sub) -> None:
@@ -27,6 +28,7 @@ def register(sub) -> None:
     g.add_argument("--min-channels", type=float, default=0.1, metavar="F",
                    help="with --target-macs: every prunable layer keeps at least F of its channels (default 0.1)")
     allocate_arg(g, "--target-macs")
+    drop_blocks_arg(g)
     g.add_argument("--out-dir", required=True, metavar="D", help="folder for the pruned models (created if missing)")
     g.add_argument("--method", default="lean", choices=("lean", "sv", "l1"), help="selection method (default lean)")
     g.add_argument("--round-channels", type=int, default=16, metavar="N",
@@ -74,6 +76,10 @@ def cmd_sweep(args) -> int:
     if args.keep is not None and args.target_macs is not None:
         raise LeanOnnxError("sweep: give --keep or --target-macs, not both")
     budget = args.target_macs is not None
+    if args.drop_blocks is not None:
+        if not budget:
+            raise LeanOnnxError("sweep: --drop-blocks goes with --target-macs, not --keep")
+        check_drop_blocks(args.drop_blocks)
     keeps = parse_keeps(args.target_macs, "--target-macs") if budget else parse_keeps(DEFAULT_KEEPS if args.keep is None else args.keep)
     _check_options(args)
     output_paths(args.model, keeps, args.out_dir, "macs" if budget else "keep")  # refuse before any work
@@ -92,6 +98,7 @@ def cmd_sweep(args) -> int:
     timing = None if args.no_bench else TimingOptions(args.provider, args.threads, args.runs, args.warmup)
     report = run_sweep(pruner, keeps, args.out_dir, method=args.method, round_channels=args.round_channels,
                        target_macs=budget, min_channels=args.min_channels, allocate=args.allocate,
+                       drop_blocks=args.drop_blocks,
                        fold_constants=args.fold_constants, gather_below=args.gather_below, timing=timing,
                        samples=args.samples, data=args.validate_data, plot_dir=args.plot, log=log).report
     report["command"] = " ".join(["lean-onnx"] + sys.argv[1:])

@@ -27,9 +27,11 @@ def plan_for_macs(graph: ChannelGraph, budget: ChannelBudget, target: float, rou
     check_fraction(target, "--target-macs")
     smallest = budget.smallest_ratio
     if target < smallest - REFUSE_BELOW:
+        n = min(budget.blocks.limit, len(budget.blocks.branches))
+        branches = f", but in the {n} residual branches that may go whole" if n else ""
         raise LeanOnnxError(f"{graph.loaded.path}: --target-macs {target:g} cannot be reached: the smallest reachable "
                             f"MACs ratio is {smallest:.3f} (frozen channels, and every prunable layer keeps at least "
-                            f"--min-channels {budget.min_channels:g} of its channels and one rounding block)")
+                            f"--min-channels {budget.min_channels:g} of its channels and one rounding block{branches})")
     requested, steps, best = target, [], None
     for _ in range(MAX_STEPS):
         selection = select_channels(budget, budget.node_keep_for(requested))
@@ -44,5 +46,6 @@ def plan_for_macs(graph: ChannelGraph, budget: ChannelBudget, target: float, rou
     selection, plan, planned = best
     info = {"kind": "macs", "target": target, "granularity": "channel", "method": budget.method,
             "min_channels": budget.min_channels, "allocate": budget.allocate, "smallest_ratio": round(smallest, 6),
-            "planned_ratio": round(planned, 6), "steps": steps}
+            "planned_ratio": round(planned, 6), "steps": steps, "drop_blocks": budget.blocks.fraction,
+            "branches": len(budget.blocks.branches)}
     return selection, plan, info

@@ -23,7 +23,7 @@ from ..graph.normalise import structural_copy
 from ..io.external_data import checker_view, data_bytes, external_data_threshold, fill_stubs
 from ..io.ondisk import write_streamed
 from ..io.save import STREAM_BYTES
-from ..select.budget import DEFAULT_ALLOCATE, DEFAULT_MIN_CHANNELS, ChannelBudget, check_budget
+from ..select.budget import DEFAULT_ALLOCATE, DEFAULT_DROP_BLOCKS, DEFAULT_MIN_CHANNELS, ChannelBudget, check_budget
 from ..select.selection import METHODS, Selection, select_kernels
 from ..select.weights import compute_edge_weights
 from .budget_plan import plan_for_macs
@@ -118,7 +118,8 @@ class Pruner:
               round_channels: int = DEFAULT_ROUND_CHANNELS, fold_constants: bool = False,
               gather_below: float = DEFAULT_GATHER_BELOW, zeros_are_pruned: bool = False,
               keep_connected: bool = False, *, target_macs: float | None = None, granularity: str | None = None,
-              min_channels: float = DEFAULT_MIN_CHANNELS, allocate: str = DEFAULT_ALLOCATE) -> PruneResult:
+              min_channels: float = DEFAULT_MIN_CHANNELS, allocate: str = DEFAULT_ALLOCATE,
+              drop_blocks: float | None = None) -> PruneResult:
         """Prune to `keep`; `masked=False` skips building (and checking) the masked model;
         `round_channels` N keeps the channel counts convs see at multiples of N (see plan.make_plan);
         `fold_constants`: dead channels keep their constant act(bias) (the masked model keeps biases, as
@@ -129,13 +130,15 @@ class Pruner:
         `target_macs` F (instead of `keep`): channel granularity, the pruned model's MACs F of the original's
         (select/budget.py, docs/budgets.md), every prunable layer keeping at least `min_channels` of its
         channels, the units ranked by value per estimated time per MAC (`allocate="time"`) or by value
-        alone (`"macs"`); the report's `budget` section says how it went."""
-        check_budget(keep, target_macs, granularity, min_channels)
+        alone (`"macs"`); `drop_blocks` F: up to F of the residual branches may go whole, lowest gain first
+        (select/blocks.py; None: DEFAULT_DROP_BLOCKS with a target); the report's `budget` section says how it went."""
+        check_budget(keep, target_macs, granularity, min_channels, drop_blocks=drop_blocks)
         timings = dict(self.timings)
         start = time.perf_counter()
         budget_info = None
         if target_macs is not None:
-            budget = self.channel_budget(method, min_channels, round_channels, allocate)
+            budget = self.channel_budget(method, min_channels, round_channels, allocate,
+                                         DEFAULT_DROP_BLOCKS if drop_blocks is None else drop_blocks)
             selection, plan, budget_info = plan_for_macs(self.graph, budget, target_macs, round_channels,
                                                          fold_constants, gather_below)
             timings["select"] = time.perf_counter() - start
@@ -177,15 +180,15 @@ class Pruner:
 
     def channel_budget(self, method: str = "lean", min_channels: float = DEFAULT_MIN_CHANNELS,
                        round_channels: int = DEFAULT_ROUND_CHANNELS,
-                       allocate: str = DEFAULT_ALLOCATE) -> ChannelBudget:
+                       allocate: str = DEFAULT_ALLOCATE, drop_blocks: float = DEFAULT_DROP_BLOCKS) -> ChannelBudget:
         """The channel units and scores of this model for `method` (made once, then reused: a sweep or a
         latency search prunes at many budgets)."""
-        key = (method, min_channels, round_channels, allocate)
+        key = (method, min_channels, round_channels, allocate, drop_blocks)
         if key not in self._budgets:
             if method not in METHODS:
                 raise LeanOnnxError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
             self._budgets[key] = self._timed("channel scores", ChannelBudget, self.graph, method, min_channels,
-                                             round_channels, allocate)
+                                             round_channels, allocate, drop_blocks=drop_blocks)
         return self._budgets[key]
 
     def slice_like(self, result: PruneResult, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

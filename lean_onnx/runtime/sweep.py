@@ -163,7 +163,8 @@ def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean",
               fold_constants: bool = False, gather_below: float = 0.75, timing: TimingOptions | None = None,
               samples: int = 4, data: str | None = None, plot_dir: str | None = None,
               keep_results: bool = False, log=None, target_macs: bool = False,
-              min_channels: float = 0.1, allocate: str = DEFAULT_ALLOCATE) -> SweepResult:
+              min_channels: float = 0.1, allocate: str = DEFAULT_ALLOCATE,
+              drop_blocks: float | None = None) -> SweepResult:
     """Prune `pruner`'s model to every keep (graph and norms are already built: never rebuilt here),
     write the models, measure them and return the report; `log(level, message)` receives progress.
     `target_macs`: the values of `keeps` are MACs budgets (`--target-macs`, channel granularity)."""
@@ -192,7 +193,7 @@ def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean",
                        gather_below=gather_below)
         if target_macs:
             result = pruner.prune(target_macs=keep, method=method, min_channels=min_channels, allocate=allocate,
-                                  **options)
+                                  drop_blocks=drop_blocks, **options)
         else:
             result = pruner.prune(keep, method, **options)
         save_model_atomic(result.model_bytes, path)

@@ -24,6 +24,7 @@ from ..errors import LeanOnnxError
 from ..graph.channel_graph import ChannelGraph
 from ..graph.cost import layer_macs, model_cost
 from ..graph.heads import head_layout
+from .blocks import BlockDrops
 from .chain_values import chain_values, magnitude_scores
 from .selection import Selection, check_keep, prune_redundancy
 from .unit_cost import unit_costs
@@ -36,6 +37,9 @@ DEFAULT_MIN_CHANNELS = 0.1
 #: `macs` by value alone
 ALLOCATIONS = ("time", "macs")
 DEFAULT_ALLOCATE = "time"
+#: with a budget, at most this fraction of the residual branches may be removed whole (select/blocks.py);
+#: 1: any of them, lowest gain first, while the channels left can still carry the target's MACs
+DEFAULT_DROP_BLOCKS = 1.0
 #: weight of log(time / MACs) against a unit's log-value in the `time` allocation
 TIME_WEIGHT = 2.0
 #: units tried one by one after a rounding block jumped past the target
@@ -49,6 +53,12 @@ def check_fraction(value: float, flag: str) -> float:
     return value
 
 
+def check_drop_blocks(value: float) -> float:
+    if not 0 <= value <= 1:
+        raise LeanOnnxError(f"--drop-blocks {value:g}: expected a fraction of the residual branches, in [0, 1]")
+    return value
+
+
 def check_min_channels(value: float) -> float:
     if not 0 <= value <= 1:
         raise LeanOnnxError(f"--min-channels {value:g}: expected a fraction in [0, 1]")
@@ -56,7 +66,8 @@ def check_min_channels(value: float) -> float:
 
 
 def check_budget(keep: float | None, target: float | None, granularity: str | None = None,
-                 min_channels: float = DEFAULT_MIN_CHANNELS, target_flag: str = "--target-macs") -> str:
+                 min_channels: float = DEFAULT_MIN_CHANNELS, target_flag: str = "--target-macs",
+                 drop_blocks: float | None = None) -> str:
     """Exactly one of `keep` (a kernel fraction) / `target` (a fraction of the original's MACs or latency,
     given as `target_flag`); returns the granularity that goes with it (channel for a budget)."""
     if (keep is None) == (target is None):
@@ -66,6 +77,8 @@ def check_budget(keep: float | None, target: float | None, granularity: str | No
         raise LeanOnnxError(f"--granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
     if keep is not None:
         check_keep(keep)
+        if drop_blocks is not None:
+            raise LeanOnnxError("--drop-blocks goes with a budget (--target-macs / --target-latency), not --keep")
         if granularity == "channel":
             raise LeanOnnxError("--granularity channel goes with a budget (--target-macs / --target-latency); "
                                 "--keep counts kernels (the reference's mode)")
@@ -75,6 +88,8 @@ def check_budget(keep: float | None, target: float | None, granularity: str | No
         raise LeanOnnxError(f"--granularity kernel cannot meet {target_flag} (kernels leave the dense model only "
                             "with their whole channel); use the default, channel")
     check_min_channels(min_channels)
+    if drop_blocks is not None:
+        check_drop_blocks(drop_blocks)
     return "channel"
 
 
@@ -107,7 +122,8 @@ class ChannelBudget:
     """Units, their scores and the MACs model of one channel graph (see the module docstring)."""
 
     def __init__(self, graph: ChannelGraph, method: str = "lean", min_channels: float = DEFAULT_MIN_CHANNELS,
-                 round_channels: int = 16, allocate: str = DEFAULT_ALLOCATE, time_weight: float = TIME_WEIGHT):
+                 round_channels: int = 16, allocate: str = DEFAULT_ALLOCATE, time_weight: float = TIME_WEIGHT,
+                 drop_blocks: float = DEFAULT_DROP_BLOCKS):
         if not graph.weights_ready:
             compute_edge_weights(graph)
         check_min_channels(min_channels)
@@ -134,6 +150,11 @@ class ChannelBudget:
             conv_macs += macs or 0
         self.macs_before = model_cost(graph.loaded)["macs"]
         self.other_macs = self.macs_before - conv_macs
+        check_drop_blocks(drop_blocks)
+        per_layer = np.array([layer.macs_per_kernel * layer.out_nodes.size * layer.in_nodes.size / layer.group
+                              for layer in self.layers])
+        self.blocks = BlockDrops(graph, self.unit, self.removable, per_layer, drop_blocks)
+        self.dropped = np.zeros_like(self.removable)  # units of the branches dropped at the current target
         self.round_channels = round_channels
         self.ranked = self._rank_layers()
         self.forced = self._floor(round_channels)
@@ -247,11 +268,26 @@ class ChannelBudget:
     def _with_fill(self, units: np.ndarray) -> np.ndarray:
         keep_unit = ~self.removable | self.forced
         keep_unit[units] = True
+        keep_unit[self.dropped] = False
         return self._fill_blocks(keep_unit)[self.unit]
+
+    def drop_for(self, ratio: float) -> list[int]:
+        """Choose the residual branches dropped at `ratio` of the original's MACs (`--drop-blocks`,
+        blocks.py); returns their indices in `self.blocks.branches`."""
+        full = self.macs(np.ones(self.graph.num_nodes, dtype=bool))
+        chosen = self.blocks.for_target(full, ratio * self.macs_before)
+        self.dropped = self.blocks.unit_mask(chosen, self.removable.size)
+        return chosen
 
     @property
     def smallest_ratio(self) -> float:
-        return self.macs(self.node_keep(0)) / self.macs_before if self.macs_before else 1.0
+        """The smallest MACs ratio a target can reach: every floor, and the branches dropped at 0."""
+        saved = self.dropped
+        self.drop_for(0.0)
+        try:
+            return self.macs(self.node_keep(0)) / self.macs_before if self.macs_before else 1.0
+        finally:
+            self.dropped = saved
 
     def node_keep_for(self, ratio: float, tolerance: float = 0.01) -> np.ndarray:
         """The fewest best-scored units whose estimated MACs reach `ratio` of the original's (bisection on
@@ -260,6 +296,7 @@ class ChannelBudget:
         next `WINDOW` units in score order are added one by one where they keep the estimate within
         `tolerance` of the target (units of cheaper layers fill the gap); the closer of the two wins."""
         target, slack = ratio * self.macs_before, tolerance * self.macs_before
+        self.drop_for(ratio)
         lo, hi = 0, len(self.order)
         while lo < hi:
             mid = (lo + hi) // 2

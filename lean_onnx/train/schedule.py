@@ -58,6 +58,7 @@ class ScheduleConfig:
     target_macs: float | None = None  # a MACs budget instead of keep: step t prunes to target^(t/steps) of the MACs
     min_channels: float = 0.1
     allocate: str | None = None  # with target_macs: "time" or "macs" (select/budget.py); None: a --keep run
+    drop_blocks: float | None = None  # with target_macs: residual branches that may go whole (None: the default)
     teacher: str | None = None  # sha256 of the teacher model (distillation after every step)
     temperature: float = 1.0
     alpha: float = 0.0
@@ -203,7 +204,8 @@ def _step(model, t: int, target: float, state: dict, config: ScheduleConfig, tra
     if config.target_macs is not None:  # the step's MACs target, as a fraction of this step's input
         in_step = min(1.0, target * state["original_macs"] / pruner.cost_before["macs"])
         result = pruner.prune(target_macs=in_step, min_channels=config.min_channels,
-                              allocate=config.allocate or DEFAULT_ALLOCATE, **options)
+                              allocate=config.allocate or DEFAULT_ALLOCATE, drop_blocks=config.drop_blocks,
+                              **options)
     else:
         in_step = min(1.0, target * state["original_kernels"] / prunable)
         result = pruner.prune(in_step, zeros_are_pruned=True, **options)

@@ -26,7 +26,9 @@ def resnet(zoo_cache):
     (["--target-macs", "0.5", "--granularity", "kernel"], "--granularity kernel cannot meet"),
     (["--keep", "0.5", "--granularity", "channel"], "--granularity channel goes with"),
     (["--target-macs", "0.5", "--min-channels", "2"], "--min-channels"),
-    (["--target-macs", "0.01"], "smallest reachable MACs ratio is"),
+    (["--target-macs", "0.01", "--drop-blocks", "0"], "smallest reachable MACs ratio is"),
+    (["--keep", "0.5", "--drop-blocks", "0.5"], "--drop-blocks goes with a budget"),
+    (["--target-macs", "0.5", "--drop-blocks", "2"], "--drop-blocks 2: expected a fraction"),
 ])
 def test_bad_budgets_are_one_line_errors(resnet, tmp_path, args, needle):
     out = tmp_path / "out.onnx"
