@@ -10,7 +10,8 @@ detector (Split/Concat necks) and a trained PP-LCNet classifier (wheels, tools/t
 ResNet-50 (random weights) and a YOLO-like detector with CSP Split/Concat blocks and an FPN neck
 (tools/bench_budget_torch.py, random weights).
 For each network and target: lean-onnx `--target-macs` with `--method lean` and `--method l1` (channel
-granularity, `--allocate time`, the default), `--method lean --allocate macs` (value alone) and, on the trained
+granularity, `--allocate time` and `--drop-blocks 1`, the defaults), `--method lean --allocate macs` (value
+alone), `--method lean --drop-blocks 0` (channels only: no residual branch removed whole) and, on the trained
 networks, `--method lean --calibrate-data` (`--calibrate` crops; fidelity only, its shapes are the uncalibrated
 model's), with `--calibrate-method statistics` and with the default, reconstruction, and on the
 torch-exportable ones Torch-Pruning's `MagnitudePruner` (L1, uniform per-layer
@@ -187,21 +188,25 @@ def bench_network(name, source, shape, kind, module, targets, rounds, latency_ta
         calibration = photo_inputs(shape, calibrate_samples, seed=5, normalise=normalise)
     failures = [] if failures is None else failures
     for target in targets:
-        for method, allocate in (("lean", "time"), ("lean", "macs"), ("l1", "time")):
-            label = f"lean-onnx --method {method}" + (" --allocate macs" if allocate == "macs" else "")
+        for method, allocate, drop in (("lean", "time", None), ("lean", "macs", None), ("l1", "time", None),
+                                       ("lean", "time", 0.0)):
+            label = (f"lean-onnx --method {method}" + (" --allocate macs" if allocate == "macs" else "")
+                     + (" --drop-blocks 0" if drop == 0 else ""))
             start = time.perf_counter()
             try:
-                result = pruner.prune(target_macs=target, method=method, allocate=allocate, masked=False)
+                result = pruner.prune(target_macs=target, method=method, allocate=allocate, masked=False,
+                                      drop_blocks=drop)
             except LeanOnnxError as exc:  # below the floor: refused, as the CLI refuses it
                 failures.append(f"{name} at {target:g}: {label} refused ({exc})")
                 log(failures[-1])
                 continue
             seconds = time.perf_counter() - start
-            key = f"lean-onnx {method} {allocate} @ {target:g}"
+            key = f"lean-onnx {method} {allocate}{'' if drop is None else ' channels only'} @ {target:g}"
             variants[key] = result.model_bytes
             rows.append({"network": name, "target": target, "pruner": label, "key": key,
-                         "macs_ratio": result.report["flops"]["after"] / macs_before, "seconds": seconds})
-            if calibration is not None and allocate == "time":  # the same model, calibrated both ways
+                         "macs_ratio": result.report["flops"]["after"] / macs_before, "seconds": seconds,
+                         "branches_removed": len(result.report["residual_sums_bypassed"])})
+            if calibration is not None and allocate == "time" and drop is None:  # the same model, calibrated both ways
                 timed = rows[-1]["macs_ratio"]
                 for how, fn, suffix in (("statistics", calibrate, " --calibrate-method statistics"),
                                         ("reconstruct", reconstruct, "")):  # reconstruct: the default
@@ -262,22 +267,26 @@ def selection_seconds(source: bytes, shape: tuple, repeats: int = 3) -> dict[str
 def summary(rows: list[dict]) -> list[str]:
     """The issue's targets, read off the rows: lean-onnx's speed-up / MACs at 0.5 and 0.25 per network
     (`--allocate time`, the default, beside `--allocate macs` from the same paired rounds)."""
-    lines, ratios, by_macs = [], [], {}
+    lines, ratios = [], []
+    variants = {"--allocate macs": {}, "--drop-blocks 0": {}}
     for row in rows:
-        if row["pruner"] == "lean-onnx --method lean --allocate macs":
-            by_macs[(row["network"], row["target"])] = row["speedup_over_macs"]
+        for flag, found in variants.items():
+            if row["pruner"] == f"lean-onnx --method lean {flag}":
+                found[(row["network"], row["target"])] = row["speedup_over_macs"]
     for row in rows:
         if row["pruner"] == "lean-onnx --method lean" and row["target"] in (0.5, 0.25):
             ratios.append(row["speedup_over_macs"])
-            other = by_macs.get((row["network"], row["target"]))
+            key = (row["network"], row["target"])
+            others = "; ".join(f"{flag}: {found[key]:.2f}" for flag, found in variants.items() if key in found)
             lines.append(f"- {row['network']} at {row['target']:g}: speed-up / MACs {row['speedup_over_macs']:.2f}"
-                         + (f" (--allocate macs: {other:.2f})" if other is not None else ""))
+                         + (f" ({others})" if others else ""))
     if ratios:
         lines.append(f"- mean over these: {statistics.mean(ratios):.2f}; smallest {min(ratios):.2f}")
-    others = [by_macs[(r["network"], r["target"])] for r in rows if r["pruner"] == "lean-onnx --method lean"
-              and r["target"] in (0.5, 0.25) and (r["network"], r["target"]) in by_macs]
-    if others:
-        lines.append(f"- with --allocate macs: mean {statistics.mean(others):.2f}; smallest {min(others):.2f}")
+    for flag, found in variants.items():
+        others = [found[(r["network"], r["target"])] for r in rows if r["pruner"] == "lean-onnx --method lean"
+                  and r["target"] in (0.5, 0.25) and (r["network"], r["target"]) in found]
+        if others:
+            lines.append(f"- with {flag}: mean {statistics.mean(others):.2f}; smallest {min(others):.2f}")
     return lines
 
 
@@ -295,7 +304,8 @@ def render(rows: list[dict], args, timing: dict | None = None) -> str:
     for r in rows:
         fid = ", ".join(f"{k.replace('_', ' ')} {r[k]:.3f}" for k in ("top1_agreement", "cosine", "max_rel_err",
                                                                         "mean_rel_err", "map_agreement") if k in r)
-        lines.append(f"| {r['network']} | {r['target']} | {r['pruner']} | {r['macs_ratio']:.3f} | "
+        removed = f" ({r['branches_removed']} branches removed whole)" if r.get("branches_removed") else ""
+        lines.append(f"| {r['network']} | {r['target']} | {r['pruner']}{removed} | {r['macs_ratio']:.3f} | "
                      f"{r['latency_ms']:.2f} ({r['original_ms']:.2f}){' (same shapes)' if r.get('timed_as') else ''} | "
                      f"{r['speedup']:.2f}x | "
                      f"{r['speedup_over_macs']:.2f} | {fid} |")
