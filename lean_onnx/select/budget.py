@@ -11,6 +11,8 @@ the unit, chain_values.py; `l1` / `sv`: the per-layer-normalised norm of the uni
 best-scored units until the estimated MACs reach `ratio` of the original's. The estimate counts every
 conv's kernels between kept channels times the conv's MACs per kernel, plus everything that is not a
 conv as it is; the rewrite stage measures the real model and corrects the ratio (rewrite/pruner.py).
+Before that, at each target, `--drop-blocks` may remove whole residual branches (blocks.py): their units
+are left out, floors included, and the skip carries the input past them.
 """
 
 from __future__ import annotations
