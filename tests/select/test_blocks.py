@@ -114,3 +114,14 @@ def test_branches_go_only_while_the_channels_left_carry_the_target():
     result = pruner.prune(target_macs=0.95, round_channels=1)
     assert result.report["residual_sums_bypassed"] == []
     assert abs(result.report["budget"]["achieved_macs_ratio"] - 0.95) <= 0.03
+
+
+def test_a_keep_selection_that_empties_a_branch_removes_it_too():
+    """`--keep` (the reference mode, kernel granularity) with a second branch 1000x weaker than the first: LEAN's
+    paths leave it no kernel, and the rewrite takes its sum out as under a budget (before: one-channel stubs of
+    a2 and b2 fed zeros into s2)."""
+    pruner = Pruner(two_blocks(scale2=1e-3))
+    for keep in (0.5, 0.1):
+        result = pruner.prune(keep, round_channels=1)
+        assert result.report["residual_sums_bypassed"] == ["s2"] and _convs(result.model) == ["a1", "b1", "y"]
+        check_contract(pruner.loaded.original, result, pruner.loaded.input_shapes, np.random.default_rng(0))
