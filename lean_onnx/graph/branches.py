@@ -41,6 +41,18 @@ class ResidualBranch:
     tensors: tuple[str, ...]
 
 
+def same_shape_sum(graph: ChannelGraph, node) -> tuple[str, str] | None:
+    """The two operands of `node` when it is an Add/Sum of two channel tensors whose (known) shape is its
+    output's, so that one operand being zero makes the sum the other operand exactly; else None."""
+    if node.op_type not in ("Add", "Sum") or len(node.input) != 2 or node.output[0] not in graph.tensor_nodes:
+        return None
+    shape = graph.loaded.shape(node.output[0])
+    if not shape or None in shape or any(t not in graph.tensor_nodes or graph.loaded.shape(t) != shape
+                                         for t in node.input):
+        return None
+    return node.input[0], node.input[1]
+
+
 def residual_branches(graph: ChannelGraph) -> list[ResidualBranch]:
     """Every residual branch of the graph (see the module docstring), in node order."""
     loaded = graph.loaded
@@ -69,12 +81,10 @@ def residual_branches(graph: ChannelGraph) -> list[ResidualBranch]:
 
     found = []
     for k, node in enumerate(nodes):
-        if node.op_type not in ("Add", "Sum") or len(node.input) != 2 or node.output[0] not in graph.tensor_nodes:
+        operands = same_shape_sum(graph, node)
+        if operands is None:
             continue
-        a, b = node.input
-        shape = loaded.shape(node.output[0])
-        if not shape or any(t not in graph.tensor_nodes or loaded.shape(t) != shape for t in (a, b)):
-            continue
+        a, b = operands
         for skip, branch in ((a, b), (b, a)):
             own = ancestors(branch) - ancestors(skip)
             if any(nodes[j].op_type in _WEIGHTED for j in ancestors(skip) - ancestors(branch)):

@@ -27,7 +27,7 @@ def plan_for_macs(graph: ChannelGraph, budget: ChannelBudget, target: float, rou
     check_fraction(target, "--target-macs")
     smallest = budget.smallest_ratio
     if target < smallest - REFUSE_BELOW:
-        n = min(budget.blocks.limit, len(budget.blocks.branches))
+        n = budget.blocks.limit
         branches = f", but in the {n} residual branches that may go whole" if n else ""
         raise LeanOnnxError(f"{graph.loaded.path}: --target-macs {target:g} cannot be reached: the smallest reachable "
                             f"MACs ratio is {smallest:.3f} (frozen channels, and every prunable layer keeps at least "

@@ -16,30 +16,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..graph.branches import same_shape_sum
 from ..graph.channel_graph import ChannelGraph, pair_components
 from ..select.redundancy import backward_used
 from ..select.selection import Selection
-from .constant_channels import channel_constants
 
 
-def bypassed_sums(graph: ChannelGraph, selection: Selection, fold_constants: bool) -> dict[str, tuple[str, str]]:
+def bypassed_sums(graph: ChannelGraph, selection: Selection, constants) -> dict[str, tuple[str, str]]:
     """{sum output: (operand that stays, zero operand)} for every two-operand Add/Sum whose operands and
-    output have one shape and one of whose operands is exactly zero in every channel (the other not)."""
-    loaded, tracked, alive = graph.loaded, graph.tensor_nodes, selection.alive
+    output have one shape (`graph.branches.same_shape_sum`) and one of whose operands is exactly zero in
+    every channel (the other not); `constants()` gives the masked model's channel constants
+    (constant_channels.py), asked for only when an operand has no live channel."""
+    tracked, alive = graph.tensor_nodes, selection.alive
     candidates = []
-    for node in loaded.graph.node:
-        if node.op_type not in ("Add", "Sum") or len(node.input) != 2 or node.output[0] not in tracked:
+    for node in graph.loaded.graph.node:
+        operands = same_shape_sum(graph, node)
+        if operands is None:
             continue
-        shape = loaded.shape(node.output[0])
-        if not shape or None in shape or any(t not in tracked or loaded.shape(t) != shape for t in node.input):
-            continue
-        for zero, other in ((node.input[1], node.input[0]), (node.input[0], node.input[1])):
+        for zero, other in ((operands[1], operands[0]), operands):
             if not alive[tracked[zero]].any():  # cheap first test: a zero operand has no live channel
                 candidates.append((node.output[0], other, zero))
                 break
     if not candidates:
         return {}
-    values = channel_constants(graph, selection, zero_dead=not fold_constants)
+    values = constants()
     return {out: (other, zero) for out, other, zero in candidates
             if (values[zero] == 0).all() and not (values[other] == 0).all()}
 
@@ -62,11 +62,14 @@ def cut_sums(graph: ChannelGraph, bypass: dict[str, tuple[str, str]]) -> tuple[n
     return edges, pairs_cut
 
 
-def used_without(graph: ChannelGraph, selection: Selection, terminal: np.ndarray, cut: np.ndarray) -> np.ndarray:
-    """Channels used (read by a kept kernel, or through conducting edges by something used) once the
-    edges `cut` conduct no more."""
-    used, _ = backward_used(graph.src, graph.indptr, selection.edge_keep & ~cut, ~graph.prunable_edges & ~cut,
-                            terminal)
+def used_without(graph: ChannelGraph, selection: Selection, terminal: np.ndarray,
+                 cut: np.ndarray | None = None) -> np.ndarray:
+    """Channels used (read by a kept kernel, or through conducting edges by something used, up to
+    `terminal`) once the edges `cut` (if any) conduct no more."""
+    keep, conducting = selection.edge_keep, ~graph.prunable_edges
+    if cut is not None:
+        keep, conducting = keep & ~cut, conducting & ~cut
+    used, _ = backward_used(graph.src, graph.indptr, keep, conducting, terminal)
     return used
 
 

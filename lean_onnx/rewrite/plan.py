@@ -16,12 +16,12 @@ makes the pruned model small.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 
 from ..graph.channel_graph import ChannelGraph, HeadRead
 from ..graph.heads import head_layout
-from ..select.redundancy import backward_used
 from ..select.selection import Selection
 from .bypass import bypassed_sums, components_without, cut_sums, used_without
 from .constant_channels import channel_constants
@@ -77,19 +77,19 @@ def make_plan(graph: ChannelGraph, selection: Selection, round_channels: int = 1
     `gather_below` F > 0: a conv whose kept kernels read at most F of the channels its (shared) input
     keeps reads them through a channel Gather and gets a narrower weight (see `_gathers`).
     """
-    heads = _linear_heads(graph, selection, fold_constants)
-    used, terminal = selection.used, graph.is_terminal
+    constants = cache(lambda: channel_constants(graph, selection, zero_dead=not fold_constants))
+    heads = _linear_heads(graph, selection, fold_constants, constants)
+    terminal, cut, components = graph.is_terminal, None, graph.coupling_components
     if any(h.droppable.any() for h in heads):  # constant channels read only by linear heads are unused
         terminal = graph.is_hard_terminal.copy()
         for h in heads:
             terminal[graph.tensor_nodes[h.read.tensor][~h.droppable]] = True
-        used, _ = backward_used(graph.src, graph.indptr, selection.edge_keep, ~graph.prunable_edges, terminal)
-    bypass = bypassed_sums(graph, selection, fold_constants)
-    components = graph.coupling_components
+    bypass = bypassed_sums(graph, selection, constants)
     if bypass:  # a sum with a zero operand no longer reads it (bypass.py)
         cut, pairs_cut = cut_sums(graph, bypass)
-        used = used_without(graph, selection, terminal, cut)
         components = components_without(graph, pairs_cut)
+    used = selection.used if terminal is graph.is_terminal and cut is None else \
+        used_without(graph, selection, terminal, cut)
     must_stay = graph.is_frozen | used
     while True:  # every round keeps at least one more channel, so this ends
         node_keep = _couple(components, must_stay)
@@ -242,13 +242,14 @@ def _spatial_only(loaded, node) -> bool:
     return True
 
 
-def _linear_heads(graph: ChannelGraph, selection: Selection, fold_constants: bool) -> list[HeadSlice]:
+def _linear_heads(graph: ChannelGraph, selection: Selection, fold_constants: bool, constants) -> list[HeadSlice]:
     """Linear heads (Flatten/Reshape -> Gemm/MatMul with constant weights) and the channels whose columns
     can go: dead channels that are a known constant there (0, or any constant a Gemm bias can absorb
-    with --fold-constants). A channel that is not constant at the head stays (DESIGN.md section 2)."""
+    with --fold-constants). A channel that is not constant at the head stays (DESIGN.md section 2).
+    `constants()`: the masked model's channel constants (constant_channels.py), computed once per plan."""
     if not graph.head_reads:
         return []
-    values = channel_constants(graph, selection, zero_dead=not fold_constants)
+    values = constants()
     dead = ~selection.alive
     heads = []
     for read in graph.head_reads:

@@ -137,8 +137,7 @@ class Pruner:
         start = time.perf_counter()
         budget_info = None
         if target_macs is not None:
-            budget = self.channel_budget(method, min_channels, round_channels, allocate,
-                                         DEFAULT_DROP_BLOCKS if drop_blocks is None else drop_blocks)
+            budget = self.channel_budget(method, min_channels, round_channels, allocate, drop_blocks)
             selection, plan, budget_info = plan_for_macs(self.graph, budget, target_macs, round_channels,
                                                          fold_constants, gather_below)
             timings["select"] = time.perf_counter() - start
@@ -180,9 +179,10 @@ class Pruner:
 
     def channel_budget(self, method: str = "lean", min_channels: float = DEFAULT_MIN_CHANNELS,
                        round_channels: int = DEFAULT_ROUND_CHANNELS,
-                       allocate: str = DEFAULT_ALLOCATE, drop_blocks: float = DEFAULT_DROP_BLOCKS) -> ChannelBudget:
+                       allocate: str = DEFAULT_ALLOCATE, drop_blocks: float | None = None) -> ChannelBudget:
         """The channel units and scores of this model for `method` (made once, then reused: a sweep or a
-        latency search prunes at many budgets)."""
+        latency search prunes at many budgets); `drop_blocks` None: DEFAULT_DROP_BLOCKS."""
+        drop_blocks = DEFAULT_DROP_BLOCKS if drop_blocks is None else drop_blocks
         key = (method, min_channels, round_channels, allocate, drop_blocks)
         if key not in self._budgets:
             if method not in METHODS:

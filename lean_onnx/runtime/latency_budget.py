@@ -13,7 +13,7 @@ report (`budget.search`).
 from __future__ import annotations
 
 from ..rewrite.pruner import DEFAULT_ROUND_CHANNELS
-from ..select.budget import DEFAULT_ALLOCATE, DEFAULT_DROP_BLOCKS, check_fraction
+from ..select.budget import DEFAULT_ALLOCATE, check_fraction
 from .bench import paired_benchmark
 
 MAX_STEPS = 6
@@ -28,10 +28,8 @@ def prune_to_latency(pruner, target: float, *, method: str = "lean", min_channel
     check_fraction(target, "--target-latency")
     masked = prune_options.pop("masked", True)
     round_channels = prune_options.get("round_channels", DEFAULT_ROUND_CHANNELS)
-    drop_blocks = prune_options.get("drop_blocks")
-    allocate = prune_options.get("allocate", DEFAULT_ALLOCATE)
-    budget = pruner.channel_budget(method, min_channels, round_channels, allocate,
-                                   DEFAULT_DROP_BLOCKS if drop_blocks is None else drop_blocks)
+    budget = pruner.channel_budget(method, min_channels, round_channels,
+                                   prune_options.get("allocate", DEFAULT_ALLOCATE), prune_options.get("drop_blocks"))
     shapes = pruner.loaded.input_shapes
     timing = {"provider": provider, "input_shapes": shapes, "threads": threads, "runs": runs, "warmup": warmup}
     low, high = min(max(budget.smallest_ratio, 0.01), 1.0), 1.0

@@ -144,19 +144,15 @@ class ChannelBudget:
         has_conv[self.unit[conv_out]] = True
         self.removable = removable & has_conv  # a unit without a conv output removes no MACs
         self.unit_score = self._unit_scores(conv_out)
-        self.layers, conv_macs = [], 0
+        self.layers, per_layer = [], []
         for layer in graph.layers:
-            macs = layer_macs(layer, graph.loaded)
-            per_kernel = (macs or 0) / layer.num_kernels
-            self.layers.append(_Layer(layer.out_nodes, layer.in_nodes, layer.group, per_kernel))
-            conv_macs += macs or 0
+            macs = layer_macs(layer, graph.loaded) or 0
+            self.layers.append(_Layer(layer.out_nodes, layer.in_nodes, layer.group, macs / layer.num_kernels))
+            per_layer.append(macs)
         self.macs_before = model_cost(graph.loaded)["macs"]
-        self.other_macs = self.macs_before - conv_macs
+        self.other_macs = self.macs_before - sum(per_layer)
         check_drop_blocks(drop_blocks)
-        per_layer = np.array([layer.macs_per_kernel * layer.out_nodes.size * layer.in_nodes.size / layer.group
-                              for layer in self.layers])
-        self.blocks = BlockDrops(graph, self.unit, self.removable, per_layer, drop_blocks)
-        self.dropped = np.zeros_like(self.removable)  # units of the branches dropped at the current target
+        self.blocks = BlockDrops(graph, self.unit, self.removable, np.array(per_layer, dtype=float), drop_blocks)
         self.round_channels = round_channels
         self.ranked = self._rank_layers()
         self.forced = self._floor(round_channels)
@@ -262,34 +258,31 @@ class ChannelBudget:
             total += layer.macs_per_kernel * float(np.dot(out_g, in_g))
         return total
 
-    def node_keep(self, num_units: int) -> np.ndarray:
+    def node_keep(self, num_units: int, dropped: np.ndarray | None = None) -> np.ndarray:
         """Channels kept with the floor, the fixed units and the `num_units` best-scored others, each layer
-        filled up to a whole rounding block."""
-        return self._with_fill(self.order[:num_units])
+        filled up to a whole rounding block (less the branches of `dropped`, see `_with_fill`)."""
+        return self._with_fill(self.order[:num_units], dropped)
 
-    def _with_fill(self, units: np.ndarray) -> np.ndarray:
+    def _with_fill(self, units: np.ndarray, dropped: np.ndarray | None = None) -> np.ndarray:
+        """Channels kept with `units` (and the floors and fixed units), less the units of the dropped
+        branches (`dropped`, a unit mask: `drops_at`), each tensor filled to whole blocks."""
         keep_unit = ~self.removable | self.forced
         keep_unit[units] = True
-        keep_unit[self.dropped] = False
+        if dropped is not None:
+            keep_unit[dropped] = False
         return self._fill_blocks(keep_unit)[self.unit]
 
-    def drop_for(self, ratio: float) -> list[int]:
-        """Choose the residual branches dropped at `ratio` of the original's MACs (`--drop-blocks`,
-        blocks.py); returns their indices in `self.blocks.branches`."""
-        full = self.macs(np.ones(self.graph.num_nodes, dtype=bool))
-        chosen = self.blocks.for_target(full, ratio * self.macs_before)
-        self.dropped = self.blocks.unit_mask(chosen, self.removable.size)
-        return chosen
+    def drops_at(self, ratio: float) -> np.ndarray:
+        """Units of the residual branches dropped at `ratio` of the original's MACs (`--drop-blocks`,
+        blocks.py; with every channel kept the estimate is the original's MACs)."""
+        chosen = self.blocks.for_target(self.macs_before, ratio * self.macs_before)
+        return self.blocks.unit_mask(chosen, self.removable.size)
 
     @property
     def smallest_ratio(self) -> float:
         """The smallest MACs ratio a target can reach: every floor, and the branches dropped at 0."""
-        saved = self.dropped
-        self.drop_for(0.0)
-        try:
-            return self.macs(self.node_keep(0)) / self.macs_before if self.macs_before else 1.0
-        finally:
-            self.dropped = saved
+        keep = self.node_keep(0, self.drops_at(0.0))
+        return self.macs(keep) / self.macs_before if self.macs_before else 1.0
 
     def node_keep_for(self, ratio: float, tolerance: float = 0.01) -> np.ndarray:
         """The fewest best-scored units whose estimated MACs reach `ratio` of the original's (bisection on
@@ -298,22 +291,22 @@ class ChannelBudget:
         next `WINDOW` units in score order are added one by one where they keep the estimate within
         `tolerance` of the target (units of cheaper layers fill the gap); the closer of the two wins."""
         target, slack = ratio * self.macs_before, tolerance * self.macs_before
-        self.drop_for(ratio)
+        dropped = self.drops_at(ratio)
         lo, hi = 0, len(self.order)
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.macs(self.node_keep(mid)) >= target:
+            if self.macs(self.node_keep(mid, dropped)) >= target:
                 hi = mid
             else:
                 lo = mid + 1
-        keep = self.node_keep(lo)
+        keep = self.node_keep(lo, dropped)
         over = self.macs(keep) - target
         if lo == 0 or over <= slack:
             return keep
         chosen = list(self.order[:lo - 1])
-        best = self.node_keep(lo - 1)
+        best = self.node_keep(lo - 1, dropped)
         for unit in self.order[lo:lo + WINDOW]:
-            trial = self._with_fill(np.array(chosen + [unit], dtype=np.int64))
+            trial = self._with_fill(np.array(chosen + [unit], dtype=np.int64), dropped)
             macs = self.macs(trial)
             if macs <= target + slack:
                 chosen.append(unit)
