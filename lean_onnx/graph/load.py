@@ -76,6 +76,7 @@ class LoadedModel:
     warnings: list[str] = field(default_factory=list)
     initializers: Mapping = field(default_factory=dict)
     shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
+    elem_types: dict[str, int] = field(default_factory=dict)  # tensor -> onnx.TensorProto data type
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     shape_reads: dict[str, str] = field(default_factory=dict)  # tensor -> Shape node folded on it
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
@@ -103,6 +104,10 @@ class LoadedModel:
 
     def shape(self, name: str) -> tuple[int | None, ...] | None:
         return self.shapes.get(name)
+
+    def elem_type(self, name: str) -> int:
+        """The data type of tensor `name` where shape inference gave it, else FLOAT."""
+        return self.elem_types.get(name) or onnx.TensorProto.FLOAT
 
 
 class TensorArrays(Mapping):
@@ -374,6 +379,8 @@ def _index(loaded: LoadedModel) -> None:
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         if vi.name in loaded.initializers:
             continue
+        if vi.type.HasField("tensor_type"):
+            loaded.elem_types[vi.name] = vi.type.tensor_type.elem_type
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
             loaded.shapes[vi.name] = tuple(
                 d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim

@@ -1,4 +1,5 @@
-"""Residual sums with an operand that is exactly zero in the masked model: `y = x + 0` becomes `y = x`.
+"""Residual sums with an operand that is a known constant in the masked model: `y = x + 0` becomes `y = x`,
+and `y = x + c` (with `--fold-constants`) becomes `y = x + c` with `c` an initializer.
 
 When the selection removes every channel inside a residual branch (graph/branches.py; `--drop-blocks`
 chooses such branches, and `--keep` can empty one too), the branch's operand of the sum is 0 in the masked
@@ -7,12 +8,19 @@ exactly, so the pruned model replaces it by an Identity of that operand, and not
 more: its channels are unused and every op of the branch leaves the model, where without the bypass a
 one-channel stub of each op would stay to feed zeros into the sum.
 
-For the plan (plan.py) a bypassed sum no longer reads the zero operand: the operand's channels are
+With `--fold-constants` the masked model keeps the biases of dead channels, so the emptied branch's
+operand is not zero but its last layer's constant act(bias), channel by channel (constant_channels.py):
+then the sum adds that constant, as an initializer, to the other operand, and the branch goes just the
+same (before, one-channel stubs of the branch's ops stayed to compute the constant).
+
+For the plan (plan.py) a bypassed sum no longer reads the constant operand: the operand's channels are
 uncoupled from the sum and the other operand, and the sum's conducting edges from them no longer make
 them used.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,10 +30,20 @@ from ..select.redundancy import backward_used
 from ..select.selection import Selection
 
 
-def bypassed_sums(graph: ChannelGraph, selection: Selection, constants) -> dict[str, tuple[str, str]]:
-    """{sum output: (operand that stays, zero operand)} for every two-operand Add/Sum whose operands and
-    output have one shape (`graph.branches.same_shape_sum`) and one of whose operands is exactly zero in
-    every channel (the other not); `constants()` gives the masked model's channel constants
+class Bypass(NamedTuple):
+    """A bypassed sum: `other` stays, `operand` (a constant) is no longer read; `bias` is None when the
+    constant is 0 in every channel (the sum becomes an Identity), else its value per channel of the sum."""
+
+    other: str
+    operand: str
+    bias: np.ndarray | None = None
+
+
+def bypassed_sums(graph: ChannelGraph, selection: Selection, constants) -> dict[str, Bypass]:
+    """{sum output: Bypass} for every two-operand Add/Sum whose operands and output have one shape
+    (`graph.branches.same_shape_sum`) and one of whose operands has no live channel and is a known constant
+    in every channel of the masked model: exactly zero (the other operand not), or with `--fold-constants`
+    a constant (the other operand not); `constants()` gives the masked model's channel constants
     (constant_channels.py), asked for only when an operand has no live channel."""
     tracked, alive = graph.tensor_nodes, selection.alive
     candidates = []
@@ -39,19 +57,25 @@ def bypassed_sums(graph: ChannelGraph, selection: Selection, constants) -> dict[
                 break
     if not candidates:
         return {}
-    values = constants()
-    return {out: (other, zero) for out, other, zero in candidates
-            if (values[zero] == 0).all() and not (values[other] == 0).all()}
+    values, found = constants(), {}
+    for out, other, operand in candidates:
+        value = values[operand]
+        if (value == 0).all():
+            if not (values[other] == 0).all():
+                found[out] = Bypass(other, operand)
+        elif np.isfinite(value).all() and not np.isfinite(values[other]).all():
+            found[out] = Bypass(other, operand, value)
+    return found
 
 
-def cut_sums(graph: ChannelGraph, bypass: dict[str, tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+def cut_sums(graph: ChannelGraph, bypass: dict[str, Bypass]) -> tuple[np.ndarray, np.ndarray]:
     """(edge mask, coupling-pair mask) of what the bypassed sums no longer do: the edges from each zero
     operand's channels into the sum's, and the coupling pairs between the zero operand and the sum or the
     other operand. Only the edges into the sums' channels are looked at (a few per channel)."""
     tracked, indptr = graph.tensor_nodes, graph.indptr
     edges = np.zeros(graph.num_edges, dtype=bool)
     pairs_cut = np.zeros(len(graph.coupling_pairs), dtype=bool)
-    for out, (other, operand) in bypass.items():
+    for out, (other, operand, _) in bypass.items():
         zero, sums = tracked[operand], tracked[out]
         into = np.concatenate([np.arange(indptr[v], indptr[v + 1]) for v in sums])
         edges[into[np.isin(graph.src[into], zero)]] = True

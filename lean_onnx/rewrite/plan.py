@@ -23,7 +23,7 @@ import numpy as np
 from ..graph.channel_graph import ChannelGraph, HeadRead
 from ..graph.heads import head_layout
 from ..select.selection import Selection
-from .bypass import bypassed_sums, components_without, cut_sums, used_without
+from .bypass import Bypass, bypassed_sums, components_without, cut_sums, used_without
 from .constant_channels import channel_constants
 
 #: ops whose output channel c depends only on input channel c at the same position (for Concat regions)
@@ -60,7 +60,7 @@ class Plan:
     zero_dead: bool = True  # False with --fold-constants: dead channels keep their bias (a constant)
     heads: list[HeadSlice] = field(default_factory=list)  # linear heads that can lose input columns
     gathers: dict[str, np.ndarray] = field(default_factory=dict)  # conv output -> input channels it reads
-    bypass: dict[str, tuple[str, str]] = field(default_factory=dict)  # sum output -> (operand kept, zero operand)
+    bypass: dict[str, Bypass] = field(default_factory=dict)  # sum output -> (operand kept, constant operand, bias)
 
     def keep(self, tensor: str) -> np.ndarray | None:
         return self.tensor_keep.get(tensor)
@@ -85,7 +85,7 @@ def make_plan(graph: ChannelGraph, selection: Selection, round_channels: int = 1
         for h in heads:
             terminal[graph.tensor_nodes[h.read.tensor][~h.droppable]] = True
     bypass = bypassed_sums(graph, selection, constants)
-    if bypass:  # a sum with a zero operand no longer reads it (bypass.py)
+    if bypass:  # a sum with a constant operand no longer reads it (bypass.py)
         cut, pairs_cut = cut_sums(graph, bypass)
         components = components_without(graph, pairs_cut)
     used = selection.used if terminal is graph.is_terminal and cut is None else \

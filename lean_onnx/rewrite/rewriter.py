@@ -139,7 +139,7 @@ def rewrite(graph: ChannelGraph, selection: Selection, plan: Plan, slice_channel
             removed.append(node)
             continue
         if slice_channels and node.output and node.output[0] in plan.bypass:
-            _to_identity(node, plan.bypass[node.output[0]][0])
+            _bypass(node, plan.bypass[node.output[0]], keep(node.output[0]), graph, inits)
             continue
         if node.output and node.output[0] in head_of_gemm:
             _gemm_columns(node, head_of_gemm[node.output[0]], plan, inits)
@@ -250,12 +250,21 @@ def _insert_gathers(model, plan: Plan, inits: Initializers) -> None:
         model.graph.node.append(node)
 
 
-def _to_identity(node, operand: str) -> None:
-    """A sum whose other operand is zero in the masked model (rewrite/bypass.py) passes `operand` on."""
-    node.op_type = "Identity"
+def _bypass(node, bypass, out_keep, graph: ChannelGraph, inits: Initializers) -> None:
+    """A sum whose other operand is a constant in the masked model (rewrite/bypass.py): an Identity of the
+    operand that stays when the constant is 0, else that operand plus the constant (kept channels, on the
+    channel axis) as an initializer."""
     del node.input[:]
-    node.input.append(operand)
+    node.input.append(bypass.other)
     del node.attribute[:]
+    if bypass.bias is None:
+        node.op_type = "Identity"
+        return
+    node.op_type = "Add"
+    bias = bypass.bias if out_keep is None else bypass.bias[out_keep]
+    rank = len(graph.loaded.shape(node.output[0]))
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.loaded.elem_type(node.output[0]))
+    inits.set_new(node, 1, bias.reshape((-1,) + (1,) * max(rank - 2, 0)).astype(dtype))
 
 
 def _nontrivial(mask):

@@ -3,6 +3,7 @@
 (rewrite/bypass.py): the branch's ops leave the model, pruned == masked holds."""
 
 import numpy as np
+import onnx
 import pytest
 
 from lean_onnx.graph.branches import residual_branches
@@ -124,4 +125,28 @@ def test_a_keep_selection_that_empties_a_branch_removes_it_too():
     for keep in (0.5, 0.1):
         result = pruner.prune(keep, round_channels=1)
         assert result.report["residual_sums_bypassed"] == ["s2"] and _convs(result.model) == ["a1", "b1", "y"]
+        check_contract(pruner.loaded.original, result, pruner.loaded.input_shapes, np.random.default_rng(0))
+
+
+def test_with_fold_constants_a_removed_branch_leaves_its_constant_as_a_bias():
+    """`--fold-constants` keeps the biases of dead channels, so an emptied branch adds its last conv's bias, not
+    zero: the sum becomes `x + bias` with the bias an initializer, the branch's convs still leave the model, and
+    pruned == masked (before: one-channel stubs of a2 and b2 stayed to compute the constant)."""
+    model = two_blocks(scale2=1e-2)
+    bias = np.linspace(-1.0, 1.0, 8).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(bias, "bb2"))
+    conv = next(n for n in model.graph.node if n.output[0] == "b2")
+    conv.input.append("bb2")
+    pruner = Pruner(model)
+    for fold in (False, True):
+        result = pruner.prune(target_macs=0.5, drop_blocks=0.5, round_channels=1, fold_constants=fold)
+        assert result.report["residual_sums_bypassed"] == ["s2"]
+        assert set(_convs(result.model)) == {"a1", "b1", "y"}
+        s2 = next(n for n in result.model.graph.node if n.output[0] == "s2")
+        if fold:
+            assert s2.op_type == "Add" and s2.input[0] == "s1"
+            added = next(t for t in result.model.graph.initializer if t.name == s2.input[1])
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(added), bias.reshape(8, 1, 1))
+        else:
+            assert s2.op_type == "Identity" and list(s2.input) == ["s1"]
         check_contract(pruner.loaded.original, result, pruner.loaded.input_shapes, np.random.default_rng(0))
