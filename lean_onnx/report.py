@@ -144,8 +144,8 @@ def print_prune(r: dict, verbose: bool = False) -> None:
               f"paths (longest {k['paths']['longest_edges']}), {k['from_fallback']:,} from the fallback; "
               f"{sum(k['removed_by_redundancy'].values()):,} removed as redundant")
     if r.get("residual_sums_bypassed"):
-        print(f"{len(r['residual_sums_bypassed'])} residual branches removed whole (y = x + f(x) became y = x"
-              + (", or x + its constant with --fold-constants)" if r.get("fold_constants") else ")")
+        print(f"{len(r['residual_sums_bypassed'])} residual branches removed whole (y = x + f(x) became y = x, "
+              "or y = x + c where f left a constant c)"
               + (f" of the {r['budget']['branches']} that --drop-blocks {r['budget']['drop_blocks']:g} could remove"
                  if budget and "branches" in budget else ""))
     print(f"MACs at {shapes}; time " + ", ".join(f"{n} {t:.2f} s" for n, t in r["timings_s"].items()))

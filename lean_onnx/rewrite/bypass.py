@@ -1,5 +1,5 @@
 """Residual sums with an operand that is a known constant in the masked model: `y = x + 0` becomes `y = x`,
-and `y = x + c` (with `--fold-constants`) becomes `y = x + c` with `c` an initializer.
+and `y = x + c` (c not zero, e.g. with `--fold-constants`) becomes `y = x + c` with `c` an initializer.
 
 When the selection removes every channel inside a residual branch (graph/branches.py; `--drop-blocks`
 chooses such branches, and `--keep` can empty one too), the branch's operand of the sum is 0 in the masked
@@ -11,7 +11,8 @@ one-channel stub of each op would stay to feed zeros into the sum.
 With `--fold-constants` the masked model keeps the biases of dead channels, so the emptied branch's
 operand is not zero but its last layer's constant act(bias), channel by channel (constant_channels.py):
 then the sum adds that constant, as an initializer, to the other operand, and the branch goes just the
-same (before, one-channel stubs of the branch's ops stayed to compute the constant).
+same (before, one-channel stubs of the branch's ops stayed to compute the constant). The same holds for any
+other non-zero constant an emptied operand can be (a dead channel through a Sigmoid is 0.5).
 
 For the plan (plan.py) a bypassed sum no longer reads the constant operand: the operand's channels are
 uncoupled from the sum and the other operand, and the sum's conducting edges from them no longer make
@@ -42,18 +43,19 @@ class Bypass(NamedTuple):
 def bypassed_sums(graph: ChannelGraph, selection: Selection, constants) -> dict[str, Bypass]:
     """{sum output: Bypass} for every two-operand Add/Sum whose operands and output have one shape
     (`graph.branches.same_shape_sum`) and one of whose operands has no live channel and is a known constant
-    in every channel of the masked model: exactly zero (the other operand not), or with `--fold-constants`
-    a constant (the other operand not); `constants()` gives the masked model's channel constants
-    (constant_channels.py), asked for only when an operand has no live channel."""
+    in every channel of the masked model: exactly zero (the other operand not), or a non-zero constant
+    (act(bias) with `--fold-constants`; the other operand not wholly constant); `constants()` gives the
+    masked model's channel constants (constant_channels.py), asked for only when an operand has no live
+    channel."""
     tracked, alive = graph.tensor_nodes, selection.alive
     candidates = []
     for node in graph.loaded.graph.node:
         operands = same_shape_sum(graph, node)
         if operands is None:
             continue
-        for zero, other in ((operands[1], operands[0]), operands):
-            if not alive[tracked[zero]].any():  # cheap first test: a zero operand has no live channel
-                candidates.append((node.output[0], other, zero))
+        for operand, other in ((operands[1], operands[0]), operands):
+            if not alive[tracked[operand]].any():  # cheap first test: a constant operand has no live channel
+                candidates.append((node.output[0], other, operand))
                 break
     if not candidates:
         return {}
@@ -69,20 +71,20 @@ def bypassed_sums(graph: ChannelGraph, selection: Selection, constants) -> dict[
 
 
 def cut_sums(graph: ChannelGraph, bypass: dict[str, Bypass]) -> tuple[np.ndarray, np.ndarray]:
-    """(edge mask, coupling-pair mask) of what the bypassed sums no longer do: the edges from each zero
-    operand's channels into the sum's, and the coupling pairs between the zero operand and the sum or the
+    """(edge mask, coupling-pair mask) of what the bypassed sums no longer do: the edges from each constant
+    operand's channels into the sum's, and the coupling pairs between that operand and the sum or the
     other operand. Only the edges into the sums' channels are looked at (a few per channel)."""
     tracked, indptr = graph.tensor_nodes, graph.indptr
     edges = np.zeros(graph.num_edges, dtype=bool)
     pairs_cut = np.zeros(len(graph.coupling_pairs), dtype=bool)
     for out, (other, operand, _) in bypass.items():
-        zero, sums = tracked[operand], tracked[out]
+        gone, sums = tracked[operand], tracked[out]
         into = np.concatenate([np.arange(indptr[v], indptr[v + 1]) for v in sums])
-        edges[into[np.isin(graph.src[into], zero)]] = True
+        edges[into[np.isin(graph.src[into], gone)]] = True
         if len(graph.coupling_pairs):
             near = np.concatenate([sums, tracked[other]])
             a, b = graph.coupling_pairs[:, 0], graph.coupling_pairs[:, 1]
-            pairs_cut |= (np.isin(a, zero) & np.isin(b, near)) | (np.isin(b, zero) & np.isin(a, near))
+            pairs_cut |= (np.isin(a, gone) & np.isin(b, near)) | (np.isin(b, gone) & np.isin(a, near))
     return edges, pairs_cut
 
 

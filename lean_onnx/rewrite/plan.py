@@ -154,7 +154,7 @@ def _starved_inputs(graph: ChannelGraph, plan: Plan) -> list[int]:
     for node in graph.loaded.graph.node:
         outs = [plan.keep(t) for t in node.output if t]
         if outs and all(k is not None and not k.any() for k in outs) or node.output[0] in plan.bypass:
-            continue  # the node goes, or becomes an Identity of its other operand
+            continue  # the node goes, or passes its other operand on (plus a constant: bypass.py)
         ins = [t for t in node.input if plan.keep(t) is not None]
         empty = [t for t in ins if not plan.keep(t).any()]
         if node.op_type == "Concat":
