@@ -6,7 +6,8 @@ the graph, joined into connected components). A unit can go only when none of it
 Every kernel between kept channels stays, so what is selected is what the dense model keeps.
 
 `ChannelBudget(graph, method)` scores the units once (`lean`: the best scale-invariant chain through
-the unit, chain_values.py; `l1` / `sv`: the per-layer-normalised norm of the unit's filters), then
+the unit, less its layer's median, chain_values.py; `l1` / `sv`: the per-layer-normalised norm of the
+unit's filters), then
 `node_keep_for(ratio)` keeps, on top of a per-layer floor (`min_channels`: never collapse), the
 best-scored units until the estimated MACs reach `ratio` of the original's. The estimate counts every
 conv's kernels between kept channels times the conv's MACs per kernel, plus everything that is not a
@@ -27,7 +28,7 @@ from ..graph.channel_graph import ChannelGraph
 from ..graph.cost import layer_macs, model_cost
 from ..graph.heads import head_layout
 from .blocks import BlockDrops
-from .chain_values import chain_values, magnitude_scores
+from .chain_values import centred_chain_values, magnitude_scores
 from .selection import Selection, check_keep, prune_redundancy
 from .unit_cost import unit_costs
 from .weights import compute_edge_weights, l1_scores
@@ -169,7 +170,7 @@ class ChannelBudget:
     def _unit_scores(self, conv_out: np.ndarray) -> np.ndarray:
         graph, n_units = self.graph, int(self.unit.max()) + 1
         if self.method == "lean":
-            values = chain_values(graph)
+            values = centred_chain_values(graph)
             score = np.full(n_units, -np.inf)
             np.maximum.at(score, self.unit, values)
             return score

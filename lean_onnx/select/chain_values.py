@@ -17,6 +17,13 @@ F(v) + B(v) is the log-product of the best input-to-output chain through v. Ever
 chain has the maximum value, so sorting channels by it keeps whole chains, best first; a channel shared by
 chains counts with the best of them. Zero kernels (log -inf) carry nothing; a channel on no complete chain
 gets -inf.
+
+What the budget ranks is the chain value less the median chain value of the channel's layer
+(`centred_chain_values`): how much better the best chain through a channel is than the typical channel's
+of the same layer. Without it a chain gains about one log unit per layer it crosses (a layer's best kernel
+is well above its median), so the layers on the longest routes outrank the rest whole (YOLOv8n: the best
+chain through the P3 head is 66.7, through P5 86.6, and lean left the P3/P4 heads at their floor;
+docs/budgets.md). The l1/sv baselines are centred the same way (their log score is 0 at the layer's median).
 """
 
 from __future__ import annotations
@@ -91,6 +98,20 @@ def chain_values(graph: ChannelGraph, logw: np.ndarray | None = None) -> np.ndar
     forward = _forward(graph.src, graph.indptr, logw, graph.is_source)
     backward = _backward(graph.src, graph.indptr, logw, graph.is_terminal)
     return forward + backward
+
+
+def centred_chain_values(graph: ChannelGraph, values: np.ndarray | None = None) -> np.ndarray:
+    """The chain value of every conv output channel less the median of its layer's finite chain values
+    (module docstring); -inf for channels that are no conv output and for those on no complete chain."""
+    if values is None:
+        values = chain_values(graph)
+    centred = np.full(graph.num_nodes, -np.inf)
+    for layer in graph.layers:
+        own = values[layer.out_nodes]
+        finite = np.isfinite(own)
+        if finite.any():
+            centred[layer.out_nodes] = own - np.median(own[finite])
+    return centred
 
 
 def magnitude_scores(graph: ChannelGraph, kernel_scores: np.ndarray, squared: bool) -> np.ndarray:

@@ -29,7 +29,8 @@ def _stats(model, tensors, inputs):
 def pruned(zoo_cache):
     pruner = Pruner(zoo_path("mobilenet_v2", True, zoo_cache))
     inputs = np.random.default_rng(3).standard_normal((12, 3, 64, 64)).astype(np.float32)
-    return pruner, pruner.prune(target_macs=0.5), inputs
+    # 0.4: at 0.5 removing all ten residual branches meets the budget (0.508) and no kept layer is thinned
+    return pruner, pruner.prune(target_macs=0.4), inputs
 
 
 def test_kept_channels_get_the_originals_statistics(pruned):

@@ -20,7 +20,8 @@ def pruned(zoo_cache):
     pruner = Pruner(zoo_path("mobilenet_v2", True, zoo_cache))
     rng = np.random.default_rng(3)
     fit, held_out = (rng.standard_normal((n, 3, 64, 64)).astype(np.float32) for n in (16, 8))
-    return pruner, pruner.prune(target_macs=0.5), fit, held_out
+    # 0.4: at 0.5 removing all ten residual branches meets the budget (0.508) and no kept layer is thinned
+    return pruner, pruner.prune(target_macs=0.4), fit, held_out
 
 
 def _ort(model, inputs):
