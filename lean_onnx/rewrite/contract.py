@@ -1,7 +1,13 @@
 """The contract of DESIGN.md section 2, checked with ONNX Runtime: pruned(x) == masked(x).
 
-Used by the tests, `tools/fuzz.py` and (later) `--validate`. `check_contract` raises AssertionError
+Used by the tests, `tools/fuzz.py`, `--validate` and `sweep`. `check_contract` raises AssertionError
 with a one-line reason on any violation and returns the measured errors.
+
+An output that a Sigmoid makes (through ops that only move values: `with_logits`) is compared on the
+Sigmoid's input. ONNX Runtime's float32 Sigmoid is exact to about 1e-7 absolute, so on a score map near 0
+(a one-shot pruned text detector's saturated map, a detector's class scores on noise: PicoDet's are at most
+1e-3) its last bits are noise that "1e-5 of the output's max magnitude" would count (measured: logits equal
+to 3e-7 of their magnitude, the scores after the Sigmoid differing by 1.8e-7 = 1.9e-4 of their max).
 """
 
 from __future__ import annotations
@@ -26,6 +32,43 @@ def session(model: onnx.ModelProto, threads: int = 2):
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session(model).run(None, feeds)
+
+
+#: ops that move values without changing them
+_MOVES = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+def with_logits(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, int]]:
+    """`model` with the input of every Sigmoid that makes one of its outputs (through `_MOVES` only)
+    appended as an output, and {output index: index of its Sigmoid's input among the outputs}; the model
+    itself and {} when no output is a Sigmoid's."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    names = [o.name for o in model.graph.output]
+    logits = {}
+    for k, name in enumerate(names):
+        node = producer.get(name)
+        while node is not None and node.op_type in _MOVES:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Sigmoid" and node.input[0] in producer:
+            logits[k] = node.input[0]
+    if not logits:
+        return model, {}
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    index = {}
+    for k, name in logits.items():
+        if name not in names:
+            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            names.append(name)
+        index[k] = names.index(name)
+    return exposed, index
+
+
+def masked_error(masked: list[np.ndarray], pruned: list[np.ndarray], logits: dict[int, int], count: int) -> float:
+    """The contract's error over a model's `count` outputs (runs of `with_logits` views): max relative error,
+    an output made by a Sigmoid measured on the Sigmoid's input."""
+    return max((max_rel_error([masked[logits.get(k, k)]], [pruned[logits.get(k, k)]]) for k in range(count)),
+               default=0.0)
 
 
 def random_feeds(model: onnx.ModelProto, input_shapes: dict, rng: np.random.Generator) -> dict:
@@ -71,14 +114,16 @@ def check_contract(original: onnx.ModelProto, result, input_shapes: dict, rng: n
         assert model.ir_version == original.ir_version, f"{name}: IR version changed"
         assert list(model.opset_import) == list(original.opset_import), f"{name}: opsets changed"
         assert _interface(model) == _interface(original), f"{name}: inputs/outputs changed"
-    sessions = {"original": original_session or session(original), "masked": session(masked),
-                "pruned": session(pruned)}
+    (masked_view, logits), (pruned_view, _) = with_logits(masked), with_logits(pruned)
+    sessions = {"original": original_session or session(original), "masked": session(masked_view),
+                "pruned": session(pruned_view)}
+    count = len(original.graph.output)
     err_masked = err_original = 0.0
     for _ in range(samples):
         feeds = random_feeds(original, input_shapes, rng)
         outs = {name: s.run(None, feeds) for name, s in sessions.items()}
-        err_masked = max(err_masked, max_rel_error(outs["masked"], outs["pruned"]))
-        err_original = max(err_original, max_rel_error(outs["original"], outs["masked"]))
+        err_masked = max(err_masked, masked_error(outs["masked"], outs["pruned"], logits, count))
+        err_original = max(err_original, max_rel_error(outs["original"], outs["masked"][:count]))
     assert err_masked <= RTOL, f"pruned != masked: max relative error {err_masked:.3g} > {RTOL}"
     if report["keep_requested"] >= 1.0:
         assert err_original <= RTOL, f"keep 1.0 changed the outputs: max relative error {err_original:.3g}"

@@ -119,13 +119,15 @@ class Fidelity:
     def measure(self, pruned_bytes: bytes, masked) -> dict:
         import onnx
 
-        from ..rewrite.contract import session
+        from ..rewrite.contract import masked_error, session, with_logits
         from .validate import argmax_agreement, output_errors, task_of
 
-        pruned = self._run(session(onnx.load_from_string(pruned_bytes), self.threads))
-        masked_out = self._run(session(masked, self.threads))
+        pruned_view, logits = with_logits(onnx.load_from_string(pruned_bytes))
+        pruned = self._run(session(pruned_view, self.threads))
+        masked_out = self._run(session(with_logits(masked)[0], self.threads))
+        count = len(self.reference)
         result = {"max_rel_err_vs_original": max(output_errors(a, b)["max_rel"] for a, b in zip(self.reference, pruned)),
-                  "max_rel_err_vs_masked": max(output_errors(a, b)["max_rel"] for a, b in zip(masked_out, pruned))}
+                  "max_rel_err_vs_masked": masked_error(masked_out, pruned, logits, count)}
         for ref, out in zip(self.reference, pruned):
             task = task_of(ref)
             if task:

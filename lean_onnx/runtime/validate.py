@@ -2,7 +2,8 @@
 
 Fidelity is measured with ONNX Runtime on the same inputs (random normal, or `inputs` of an `.npz`):
 per output the max absolute, max relative (to the reference's max |value|) and mean absolute error of
-the pruned model against the masked model (the contract of DESIGN.md section 2: must be <= 1e-5) and
+the pruned model against the masked model (the contract of DESIGN.md section 2: must be <= 1e-5; an output
+a Sigmoid makes is measured on the Sigmoid's input, rewrite/contract.py) and
 against the original (what pruning cost); for classifier outputs (N, classes) the top-1 agreement, for
 segmentation outputs (N, classes, H, W) the pixel agreement of the argmax. Latency of original and
 pruned comes from `bench.benchmark` (same provider, same threads, fixed inputs). Gates follow
@@ -79,20 +80,27 @@ def validation_inputs(model: onnx.ModelProto, input_shapes: dict, samples: int, 
 
 def fidelity(original, pruned, masked, feeds: list[dict], threads: int = 2) -> dict:
     """Per-output errors of pruned vs masked and vs original, and the argmax agreement with the original."""
-    from ..rewrite.contract import session
+    from ..rewrite.contract import session, with_logits
 
-    sessions = {"original": session(original, threads), "pruned": session(pruned, threads)}
+    (pruned_view, logits), names = with_logits(pruned), [o.name for o in pruned.graph.output]
+    sessions = {"original": session(original, threads), "pruned": session(pruned_view, threads)}
     if masked is not None:
-        sessions["masked"] = session(masked, threads)
-    names = [o.name for o in sessions["pruned"].get_outputs()]
+        sessions["masked"] = session(with_logits(masked)[0], threads)
     outs = {k: [s.run(None, f) for f in feeds] for k, s in sessions.items()}
+
+    def stacked(k: str, i: int) -> np.ndarray:
+        v = outs[k]
+        return np.concatenate([run[i] for run in v]) if v[0][i].ndim else np.stack([run[i] for run in v])
+
     per_output = []
     for i, name in enumerate(names):
-        stack = {k: np.concatenate([run[i] for run in v]) if v[0][i].ndim else np.stack([run[i] for run in v])
-                 for k, v in outs.items()}
+        stack = {k: stacked(k, i) for k in outs}
         entry = {"name": name, "vs_original": output_errors(stack["original"], stack["pruned"])}
-        if "masked" in stack:
-            entry["vs_masked"] = output_errors(stack["masked"], stack["pruned"])
+        if "masked" in stack:  # an output a Sigmoid makes: on the Sigmoid's input (rewrite/contract.py)
+            j = logits.get(i, i)
+            entry["vs_masked"] = output_errors(stacked("masked", j), stacked("pruned", j))
+            if j != i:
+                entry["vs_masked"]["measured_on"] = sessions["pruned"].get_outputs()[j].name
         task = task_of(stack["original"])
         if task:
             key = "top1_agreement" if task == "classification" else "pixel_agreement"
