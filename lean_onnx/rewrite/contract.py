@@ -57,8 +57,9 @@ def with_logits(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[int, int]
     exposed.CopyFrom(model)
     index = {}
     for k, name in logits.items():
-        if name not in names:
-            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        if name not in names:  # the Sigmoid and the moves keep the output's element type
+            elem_type = model.graph.output[k].type.tensor_type.elem_type or onnx.TensorProto.FLOAT
+            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
             names.append(name)
         index[k] = names.index(name)
     return exposed, index

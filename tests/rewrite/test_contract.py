@@ -46,3 +46,19 @@ def test_scores_near_zero_are_compared_on_their_logits(shift, holds):
     report = fidelity(scores_model(-9.0), scores_model(-9.0 + shift), scores_model(-9.0), [feeds], threads=1)
     first = report["outputs"][0]["vs_masked"]
     assert first["measured_on"] == "a" and (report["max_rel_err_vs_masked"] <= RTOL) == holds
+
+
+def test_with_logits_keeps_the_element_type():
+    """A float16 score output: its logits are exposed as float16, and the view runs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["a"]), helper.make_node("Sigmoid", ["a"], ["s"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT16, [1, 2, 4, 4])],
+        [numpy_helper.from_array(np.full((2, 2, 1, 1), 0.1, np.float16), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    view, logits = with_logits(model)
+    assert logits == {0: 1} and view.graph.output[1].type.tensor_type.elem_type == TensorProto.FLOAT16
+    out = run(view, {"x": np.ones((1, 2, 4, 4), np.float16)})
+    assert out[1].dtype == np.float16 and np.allclose(out[1], 0.2, atol=1e-3)
