@@ -94,17 +94,17 @@ def fidelity(original, pruned, masked, feeds: list[dict], threads: int = 2) -> d
 
     per_output = []
     for i, name in enumerate(names):
-        stack = {k: stacked(k, i) for k in outs}
-        entry = {"name": name, "vs_original": output_errors(stack["original"], stack["pruned"])}
-        if "masked" in stack:  # an output a Sigmoid makes: on the Sigmoid's input (rewrite/contract.py)
+        reference, out = stacked("original", i), stacked("pruned", i)
+        entry = {"name": name, "vs_original": output_errors(reference, out)}
+        if "masked" in outs:  # an output a Sigmoid makes: on the Sigmoid's input (rewrite/contract.py)
             j = logits.get(i, i)
-            entry["vs_masked"] = output_errors(stacked("masked", j), stacked("pruned", j))
+            entry["vs_masked"] = output_errors(stacked("masked", j), out if j == i else stacked("pruned", j))
             if j != i:
                 entry["vs_masked"]["measured_on"] = sessions["pruned"].get_outputs()[j].name
-        task = task_of(stack["original"])
+        task = task_of(reference)
         if task:
             key = "top1_agreement" if task == "classification" else "pixel_agreement"
-            entry["task"], entry[key] = task, argmax_agreement(stack["original"], stack["pruned"])
+            entry["task"], entry[key] = task, argmax_agreement(reference, out)
         per_output.append(entry)
     result = {"outputs": per_output,
               "max_rel_err_vs_original": max(o["vs_original"]["max_rel"] for o in per_output)}
