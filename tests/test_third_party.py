@@ -202,14 +202,15 @@ def test_target_macs_on_trained_networks(name, target, subjects, request):
 
 @pytest.mark.parametrize("name", ["yolov8n", "mobilenet_v2"])
 def test_calibration_on_trained_networks(name, subjects, request):
-    """`--calibrate-data` on trained networks pruned to half their MACs: pruned == masked still holds (the
-    masked model is the calibrated original with the pruned kernels zeroed), dead channels (YOLOv8n's C2f
-    blocks have some) are left as they are, and on the calibration inputs the output gets closer to the
-    original's."""
+    """`--calibrate-data` on trained networks: pruned == masked still holds (the masked model is the
+    calibrated original with the pruned kernels zeroed), dead channels are left as they are, and on the
+    calibration inputs the output gets closer to the original's. MobileNetV2 is pruned to half its MACs;
+    YOLOv8n at --keep 0.3, which leaves dead channels (under a budget it has none since the unread Split
+    outputs of its C2f blocks leave whole, tests/rewrite/test_merge_reads.py)."""
     from lean_onnx.train.calibrate import _targets, calibrate
 
     s = subject(name, subjects, request)
-    result = s.pruner.prune(target_macs=0.5, method="lean")
+    result = s.pruner.prune(0.3) if name == "yolov8n" else s.pruner.prune(target_macs=0.5, method="lean")
     shape = next(iter(s.random_shapes.values()))
     inputs = np.random.default_rng(4).uniform(0, 1, (8,) + tuple(shape[1:])).astype(np.float32)
     calibrated, info = calibrate(s.pruner, result, inputs)

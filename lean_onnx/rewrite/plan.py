@@ -144,7 +144,9 @@ def _round_up(graph: ChannelGraph, plan: Plan, multiple: int) -> list[int]:
 
 def _starved_inputs(graph: ChannelGraph, plan: Plan) -> list[int]:
     """A node that stays needs at least one channel in every channel input (Concat: in one of them);
-    for each that has none, the first channel allowed there is kept (it reads zeros)."""
+    for each that has none, the first channel allowed there is kept (it reads zeros). A Split's output
+    with no channel is dropped from the Split (rewriter.py `_split`): it needs one only where a reader that
+    stays has to read it, and that reader asks for it here."""
     starved = []
 
     def first_node(tensor):
@@ -159,8 +161,6 @@ def _starved_inputs(graph: ChannelGraph, plan: Plan) -> list[int]:
         empty = [t for t in ins if not plan.keep(t).any()]
         if node.op_type == "Concat":
             empty = empty[:1] if len(empty) == len(ins) else []
-        elif node.op_type == "Split":
-            empty += [t for t in node.output if plan.keep(t) is not None and not plan.keep(t).any()]
         starved += [first_node(t) for t in empty]
     return starved
 

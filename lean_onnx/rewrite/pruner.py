@@ -29,6 +29,7 @@ from ..select.weights import compute_edge_weights
 from .budget_plan import plan_for_macs
 from .channel_map import compose, kept_channels, record
 from .masked import on_original
+from .merge_reads import merge_repeated_reads
 from .plan import Plan, make_plan
 from .prune_report import build_report
 from .rewriter import rewrite
@@ -108,6 +109,28 @@ class Pruner:
         source = self.loaded.skeleton if self.loaded.skeleton is not None else self.loaded.model
         record(pruned, compose(kept_channels(self.graph, plan, pruned.graph), source))
 
+    def write_pruned(self, selection: Selection, plan: Plan, base: onnx.ModelProto,
+                     first_copy: bool = False) -> tuple[onnx.ModelProto, int]:
+        """(the pruned model written into `base`, Concat inputs merged): the rewrite, then a Concat's repeated
+        reads merged into the convs after it (merge_reads.py; `first_copy`: the first copy's kernels, not
+        the sum)."""
+        pruned = rewrite(self.graph, selection, plan, True, base)
+        return pruned, merge_repeated_reads(pruned, self._channel_count(plan), self._rank, first_copy)
+
+    def _channel_count(self, plan: Plan):
+        """tensor -> its channel count in the pruned model of `plan` (None when unknown)."""
+        def count(tensor: str) -> int | None:
+            keep = plan.keep(tensor)
+            if keep is not None:
+                return int(keep.sum())
+            shape = self.loaded.shape(tensor)
+            return shape[1] if shape and len(shape) > 1 and isinstance(shape[1], int) else None
+        return count
+
+    def _rank(self, tensor: str) -> int | None:
+        shape = self.loaded.shape(tensor)
+        return len(shape) if shape else None
+
     def _timed(self, stage, fn, *args, **kwargs):
         start = time.perf_counter()
         value = fn(*args, **kwargs)
@@ -147,7 +170,7 @@ class Pruner:
             timings["select"] = time.perf_counter() - start
             start = time.perf_counter()
             plan = make_plan(self.graph, selection, round_channels, fold_constants, gather_below)
-        pruned = rewrite(self.graph, selection, plan, True, self._base())
+        pruned, merged = self.write_pruned(selection, plan, self._base())
         self.record_channels(pruned, plan)
         masked_model, masked_graph = self._masked(selection, plan, self._base()) if masked else (None, None)
         timings["rewrite"] = time.perf_counter() - start
@@ -158,6 +181,7 @@ class Pruner:
         cost_after = {"params": float_params(pruned), "macs": pruned_macs(pruned, self.loaded)}
         timings["check"] = time.perf_counter() - start
         report = build_report(self.graph, selection, plan, pruned, self.cost_before, cost_after, timings)
+        report["concat_reads_merged"] = merged
         if masked_graph is not None:
             report["masked_graph"] = masked_graph
         if budget_info is not None:
@@ -195,7 +219,8 @@ class Pruner:
         """`arrays` ({initializer name: array of its shape}, e.g. Adam's moments of the weights) cut the
         way `prune` cut the weights into `result.model`, by the same rewrite run on a copy whose
         initializers are these arrays; returns {name in the pruned model: array} (a copy made for one reader
-        of a shared initializer, "name__node", included). Zero kernels come out
+        of a shared initializer, "name__node", included; a conv kernel merged from the copies of a tensor
+        a Concat read twice (merge_reads.py) holds the first copy's values). Zero kernels come out
         as zeros; constants folded into a Gemm bias (--fold-constants) are left out of the arrays."""
         from dataclasses import replace
 
@@ -211,7 +236,7 @@ class Pruner:
                 tensor.CopyFrom(numpy_helper.from_array(value.astype(
                     onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)), tensor.name))
         plan = replace(result.plan, heads=[replace(h, values=np.zeros_like(h.values)) for h in result.plan.heads])
-        moved = rewrite(self.graph, result.selection, plan, True, base)
+        moved = self.write_pruned(result.selection, plan, base, first_copy=True)[0]
         names = {t.name for t in result.model.graph.initializer}
         return {t.name: numpy_helper.to_array(t) for t in moved.graph.initializer
                 if t.name in names and (t.name in arrays or t.name.partition("__")[0] in arrays)}
@@ -234,7 +259,7 @@ def replace_initializers(pruner: Pruner, result: PruneResult, arrays: dict[str, 
             raise LeanOnnxError(f"{pruner.loaded.path}: no initializer {sorted(set(arrays) - found)[0]!r} to replace")
         return model
 
-    pruned = rewrite(result.graph, result.selection, result.plan, True, base())
+    pruned = pruner.write_pruned(result.selection, result.plan, base())[0]
     pruner.record_channels(pruned, result.plan)
     masked = pruner._masked(result.selection, result.plan, base(), arrays)[0] if result.masked is not None else None
     _check(pruned, "pruned", pruner.loaded.path)

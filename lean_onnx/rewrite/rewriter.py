@@ -380,11 +380,23 @@ def _concat(node, plan: Plan, keep) -> None:
 
 
 def _split(node, graph: ChannelGraph, inits: Initializers, in_keep) -> None:
+    """New split sizes from the kept channels. An output that keeps no channel leaves the Split (nothing
+    that stays reads it: plan.py `_starved_inputs`); a Split left with one output becomes an Identity."""
     if in_keep is None:
         return
     sizes = [len(graph.tensor_nodes[t]) for t in node.output]
     offsets = np.cumsum([0] + sizes)
     new = np.array([int(in_keep[a:b].sum()) for a, b in zip(offsets[:-1], offsets[1:])], np.int64)
+    if (new == 0).any():
+        outputs = [t for t, n in zip(node.output, new) if n > 0]
+        new = new[new > 0]
+        del node.output[:]
+        node.output.extend(outputs)
+        if len(outputs) == 1:
+            del node.input[1:]
+            del node.attribute[:]
+            node.op_type = "Identity"
+            return
     if any(a.name == "split" for a in node.attribute):  # opset < 13
         next(a for a in node.attribute if a.name == "split").ints[:] = new.tolist()
         return

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LeanOnnxError
+from ..graph.branches import residual_branches
 from ..graph.channel_graph import ChannelGraph
 from ..graph.cost import layer_macs, model_cost
 from ..graph.heads import head_layout
@@ -113,6 +114,27 @@ def _kept_for_outputs(graph: ChannelGraph) -> np.ndarray:
         fixed[src[more]] = True
 
 
+def _repeatable_reads(graph: ChannelGraph) -> dict[int, tuple[list[tuple[int, int, str]], dict]]:
+    """Convs whose input is a channel Concat of which some input is a residual sum: {layer index: (the
+    Concat's inputs as (start, end, tensor) in the layer's input channels, {sum output: (skip, branch)})}.
+    When a branch goes whole its sum is its skip, the Concat may read one tensor twice, and the rewrite
+    merges the copies (rewrite/merge_reads.py): `ChannelBudget.macs` counts such a conv's inputs once."""
+    sums = {b.output: (b.skip, b.branch) for b in residual_branches(graph)}
+    if not sums:
+        return {}
+    loaded, found = graph.loaded, {}
+    for layer in graph.layers:
+        concat = loaded.producer.get(layer.input)
+        readers = loaded.consumers.get(layer.input, [])
+        if (layer.group != 1 or layer.op != "Conv" or concat is None or not graph.is_channel_concat(concat)
+                or not any(t in sums for t in concat.input) or any(r.op_type != "Conv" for r in readers)):
+            continue
+        sizes = [len(graph.tensor_nodes[t]) for t in concat.input]
+        starts = np.cumsum([0] + sizes)
+        found[layer.index] = ([(int(a), int(b), t) for a, b, t in zip(starts[:-1], starts[1:], concat.input)], sums)
+    return found
+
+
 @dataclass
 class _Layer:
     out_nodes: np.ndarray
@@ -150,6 +172,7 @@ class ChannelBudget:
             macs = layer_macs(layer, graph.loaded) or 0
             self.layers.append(_Layer(layer.out_nodes, layer.in_nodes, layer.group, macs / layer.num_kernels))
             per_layer.append(macs)
+        self.repeats = _repeatable_reads(graph)
         self.macs_before = model_cost(graph.loaded)["macs"]
         self.other_macs = self.macs_before - sum(per_layer)
         check_drop_blocks(drop_blocks)
@@ -253,11 +276,27 @@ class ChannelBudget:
     def macs(self, node_keep: np.ndarray) -> float:
         """Estimated MACs of the dense model that keeps the channels `node_keep`."""
         total = float(self.other_macs)
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             out_g = node_keep[layer.out_nodes].reshape(layer.group, -1).sum(1)
-            in_g = node_keep[layer.in_nodes].reshape(layer.group, -1).sum(1)
+            if index in self.repeats:
+                in_g = np.array([self._distinct_inputs(index, node_keep[layer.in_nodes], node_keep)])
+            else:
+                in_g = node_keep[layer.in_nodes].reshape(layer.group, -1).sum(1)
             total += layer.macs_per_kernel * float(np.dot(out_g, in_g))
         return total
+
+    def _distinct_inputs(self, index: int, kept: np.ndarray, node_keep: np.ndarray) -> int:
+        """Kept input channels of a conv reading a Concat of residual sums, a tensor read twice counted once
+        (a sum whose branch keeps no channel is its skip: `_repeatable_reads`)."""
+        segments, sums = self.repeats[index]
+        nodes, seen, count = self.graph.tensor_nodes, set(), 0
+        for start, end, tensor in segments:
+            while tensor in sums and not node_keep[nodes[sums[tensor][1]]].any():
+                tensor = sums[tensor][0]
+            if tensor not in seen:
+                seen.add(tensor)
+                count += int(kept[start:end].sum())
+        return count
 
     def node_keep(self, num_units: int, dropped: np.ndarray | None = None) -> np.ndarray:
         """Channels kept with the floor, the fixed units and the `num_units` best-scored others, each layer
