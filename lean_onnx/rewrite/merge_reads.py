@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..graph.normalise import all_inputs
+
 REMOVABLE = ("Identity", "Split", "Concat")  # ops with no side effect that may go once nothing reads them
 
 
@@ -106,12 +108,20 @@ def _weight(conv, inits: dict) -> np.ndarray:
 
 def _remove_unread(graph: onnx.GraphProto) -> None:
     """Drop Identity / Split / Concat nodes none of whose outputs is read or a graph output, until none is
-    left (a Split whose halves were all merged away, the Identities a bypass left)."""
+    left (a Split whose halves were all merged away, the Identities a bypass left), and the initializers
+    only they read (a Split's sizes)."""
     outputs = {o.name for o in graph.output}
+    dropped = set()
     while True:
-        read = {name for node in graph.node for name in node.input} | outputs
+        read = {name for node in graph.node for name in all_inputs(node)} | outputs
         unread = [n for n in graph.node if n.op_type in REMOVABLE and not any(o in read for o in n.output)]
         if not unread:
-            return
+            break
         for node in unread:
+            dropped.update(node.input)
             graph.node.remove(node)
+    orphans = dropped - read
+    if orphans & {t.name for t in graph.initializer}:
+        kept = [t for t in graph.initializer if t.name not in orphans]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)

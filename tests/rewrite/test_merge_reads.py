@@ -49,6 +49,7 @@ def test_a_concat_reading_a_skip_twice_is_merged_into_the_conv(target):
     assert result.report["concat_reads_merged"] == 1
     assert ops(result.model) == ["Conv", "Conv"], ops(result.model)
     weights = {i.name: i for i in result.model.graph.initializer}
+    assert sorted(weights) == ["w1", "w2"]  # the Split's sizes left with it
     assert weights["w2"].dims[1] == weights["w1"].dims[0]  # one copy of each kept channel of `a`
     # the estimate the budget met is the written model's MACs, merge included
     assert budget["achieved_macs_ratio"] == pytest.approx(budget["planned_ratio"], abs=1e-6)
@@ -102,4 +103,5 @@ def test_a_split_output_nothing_reads_keeps_no_channel():
     weights = {i.name: i for i in result.model.graph.initializer}
     assert weights["w1"].dims[0] == 16 and weights["w3"].dims[1] == 32
     assert "Split" not in ops(result.model) and result.report["concat_reads_merged"] == 0
+    assert "halves" not in weights  # the Split, now an Identity, reads no sizes
     check_contract(model, result, pruner.loaded.input_shapes, np.random.default_rng(0))
