@@ -31,7 +31,7 @@ MAX_SPATIAL = 16
 KERNEL_BUDGET = 2200  # no new block once this many kernels exist; a block adds < 800
 
 BLOCKS = ("chain", "residual", "concat", "split", "depthwise", "grouped", "convtranspose",
-          "pool", "resize", "se")
+          "pool", "resize", "se", "c2f")
 ACTIVATIONS = (None, "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSwish", "Tanh")
 HEADS = ("feature", "gemm")
 
@@ -364,6 +364,27 @@ def _se(b: _Builder, x: Feature) -> Feature:
     out = b.node("Mul", [x.name, g.name] if c.coin(0.7) else [g.name, x.name])[0]
     return Feature(out, x.channels, x.size)
 
+
+
+def _c2f(b: _Builder, x: Feature) -> Feature:
+    """YOLOv8's C2f: a 1x1 unit split in halves, the second half through one or two residual bottlenecks,
+    both halves and every bottleneck's sum concatenated into a 1x1 unit. A bottleneck's last conv is weak
+    (x 1e-3) at times, so that a selection empties it: its sum passes the skip on, the Concat reads a tensor
+    twice, and the rewrite merges the two reads (rewrite/merge_reads.py)."""
+    c = b.choose
+    half = c.integer(1, MAX_CONCAT_CHANNELS // 4)  # (2 + bottlenecks) x half <= 16
+    y = b.unit(x, 2 * half, k=1)
+    names = b.node("Split", [y.name, b.init(np.array([half, half], np.int64), "split")], n_out=2, axis=1)
+    parts = [Feature(names[0], half, y.size), Feature(names[1], half, y.size)]
+    for _ in range(c.integer(1, 2)):
+        m = b.unit(parts[-1], b.channels(1, 8), k=c.choice((1, 3)))
+        start = len(b.inits)
+        m = b.unit(m, half, k=c.choice((1, 3)))
+        if c.coin(0.5):
+            weight = next(t for t in b.inits[start:] if "/W_" in t.name)
+            weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1e-3), weight.name))
+        parts.append(Feature(b.node("Add", [parts[-1].name, m.name])[0], half, y.size))
+    return b.unit(b.concat(parts), b.channels(), k=1)
 
 _BLOCK_FUNCS = {name: globals()[f"_{name}"] for name in BLOCKS}
 

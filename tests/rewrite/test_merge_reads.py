@@ -105,3 +105,23 @@ def test_a_split_output_nothing_reads_keeps_no_channel():
     assert "Split" not in ops(result.model) and result.report["concat_reads_merged"] == 0
     assert "halves" not in weights  # the Split, now an Identity, reads no sizes
     check_contract(model, result, pruner.loaded.input_shapes, np.random.default_rng(0))
+
+
+def test_random_c2f_blocks_merge_and_keep_the_contract():
+    """The random CNNs of tests/graphgen.py that have a C2f block (a weak bottleneck at times), pruned at
+    several keeps: pruned == masked on every one, and some of them had repeated reads merged."""
+    from tests.graphgen import build_random_cnn
+
+    merged = pruned = 0
+    for seed in range(80):
+        model, shape = build_random_cnn(seed)
+        if "c2f" not in {p.key: p.value for p in model.metadata_props}["graphgen_blocks"].split(","):
+            continue
+        shapes = {"input": tuple(shape)}
+        for keep, method in ((0.5, "sv"), (0.2, "lean")):
+            pruner = Pruner(model, input_shapes=shapes)
+            result = pruner.prune(keep, method, round_channels=1)
+            check_contract(model, result, shapes, np.random.default_rng(seed))
+            merged += result.report["concat_reads_merged"] > 0
+            pruned += 1
+    assert pruned >= 20 and merged >= 3, (pruned, merged)

@@ -46,5 +46,7 @@ def test_pruned_equals_masked(case, keep, method, fold, rounding):
     channels = result.report["channels"]
     event("outcome: pruned, channels removed" if channels["after"] < channels["before"]
           else "outcome: pruned, no channel removed")
+    if result.report["concat_reads_merged"]:
+        event("repeated Concat reads merged")
     if result.report["head_channels_dropped"]:
         event("head columns dropped" + (" (constants folded)" if fold else ""))
