@@ -121,23 +121,39 @@ def fidelity(reference: list[np.ndarray], other: list[np.ndarray], kind: str) ->
     return result
 
 
+def timed_medians(models: list[bytes], input_name: str, shape: tuple, runs: int, spinning: bool) -> list[float]:
+    """One paired timing (runtime/bench.paired_benchmark): each model's median latency (ms), in order."""
+    timed = paired_benchmark(models, provider="cpu", input_shapes={input_name: list(shape)}, threads=2, runs=runs,
+                             warmup=5, spinning=spinning)
+    return [t["latency_ms"]["median"] for t in timed]
+
+
 def paired_latency(models: dict[str, bytes], shape: tuple, runs: int, repeats: int = 1,
-                   spinning: bool = True) -> dict[str, float]:
-    """Per model, the median latency (ms) in paired rounds, timed by the product's own timer
-    (runtime/bench.paired_benchmark: every model in each round, blocks of runs, ORT's default spinning, as
-    deployed), the original first. With `repeats` > 1 the whole timing is repeated and each model gets the
-    original's median over the repeats divided by its median speed-up (each speed-up from one repeat)."""
+                   spinning: bool = True, fresh: bool = True) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(per model the median latency in ms, per model its speed-up in each repeat): paired rounds timed by the
+    product's own timer (runtime/bench.paired_benchmark: every model in each round, blocks of runs, ORT's
+    default spinning, as deployed), the original first. With `repeats` > 1 the whole timing is repeated and
+    each model gets the original's median over the repeats divided by its median speed-up (each speed-up from
+    one repeat). `fresh`: each repeat in a new Python process (spawned): on this shared machine a process
+    runs every model either in a fast or in a slow memory mode (the same files: YOLOv8n 5.7 / 2.2 ms or 7.8 /
+    3.6 ms, original / pruned at 0.25, docs/benchmarks.md session 20), so repeats inside one process sample
+    one mode only."""
+    import multiprocessing
+
     name = onnx.load_from_string(next(iter(models.values()))).graph.input[0].name
     speedups, originals = {k: [] for k in models}, []
     for _ in range(repeats):
-        timed = paired_benchmark(list(models.values()), provider="cpu", input_shapes={name: list(shape)}, threads=2,
-                                 runs=runs, warmup=5, spinning=spinning)
-        medians = [t["latency_ms"]["median"] for t in timed]
+        arguments = (list(models.values()), name, shape, runs, spinning)
+        if fresh:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                medians = pool.apply(timed_medians, arguments)
+        else:
+            medians = timed_medians(*arguments)
         originals.append(medians[0])
         for key, median in zip(models, medians):
             speedups[key].append(medians[0] / median)
     original = statistics.median(originals)
-    return {k: original / statistics.median(v) for k, v in speedups.items()}
+    return {k: original / statistics.median(v) for k, v in speedups.items()}, speedups
 
 
 def networks():
@@ -169,7 +185,7 @@ def networks():
 
 def bench_network(name, source, shape, kind, module, targets, rounds, latency_target=None,
                   failures: list | None = None, normalise: str = "imagenet", calibrate_samples: int = 0,
-                  repeats: int = 1, spinning: bool = True) -> list[dict]:
+                  repeats: int = 1, spinning: bool = True, fresh: bool = True) -> list[dict]:
     from bench_budget_torch import export_bytes, torch_pruning_at
 
     model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
@@ -239,11 +255,12 @@ def bench_network(name, source, shape, kind, module, targets, rounds, latency_ta
                      "seconds": time.perf_counter() - start, "search": info["search"]})
     variants[CONTROL] = original
     rows.append({"network": name, "target": "-", "pruner": CONTROL, "key": CONTROL, "macs_ratio": 1.0, "seconds": None})
-    latency = paired_latency(variants, shape, rounds, repeats, spinning)
+    latency, per_repeat = paired_latency(variants, shape, rounds, repeats, spinning, fresh)
     for key, (model, timed_as) in calibrated_models.items():  # same shapes as the uncalibrated model: not timed
-        variants[key], latency[key] = model, latency[timed_as]
+        variants[key], latency[key], per_repeat[key] = model, latency[timed_as], per_repeat[timed_as]
     for row in rows:
         row["latency_ms"], row["original_ms"] = latency[row["key"]], latency["original"]
+        row["speedup_per_repeat"] = per_repeat[row["key"]]
         row["speedup"] = latency["original"] / latency[row["key"]]
         row["speedup_over_macs"] = row["speedup"] * row["macs_ratio"]
         row.update(fidelity(reference, outputs(session(variants[row["key"]]), inputs), kind))
@@ -292,11 +309,13 @@ def summary(rows: list[dict]) -> list[str]:
 
 def render(rows: list[dict], args, timing: dict | None = None) -> str:
     command = (f"python tools/bench_budget.py --targets {args.targets} --rounds {args.rounds} --repeats {args.repeats}"
-               + (" --spinning off" if args.spinning == "off" else ""))
+               + (" --spinning off" if args.spinning == "off" else "")
+               + (" --same-process" if args.same_process else ""))
     lines = [HEADING, "", f"`{command}` "
              f"(this 2-core machine, shared; batch 1, 2 threads, ORT CPU with "
              f"{'its default spinning threads' if args.spinning == 'on' else 'thread spinning off'}, paired "
-             f"rounds of blocks; latency: the original's median over the repeats / the median speed-up; fidelity on "
+             f"rounds of blocks{'' if args.same_process else ', each repeat in a fresh process'}; latency: the "
+             f"original's median over the repeats / the median speed-up; fidelity on "
              f"24 photo crops). *speed-up / MACs* = measured speed-up x MACs ratio: 1.0 means the model got "
              "as much faster as it got smaller.", "",
              "| network | target | pruner | MACs ratio | latency ms (original) | speed-up | speed-up / MACs | "
@@ -329,6 +348,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="paired timings per network (median speed-up)")
     parser.add_argument("--spinning", choices=("on", "off"), default="on",
                         help="ORT's intra-op thread spinning while timing (on: its default, as deployed)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="time every repeat in this process (before session 20) instead of a fresh one each")
     parser.add_argument("--only", help="comma-separated substrings of network names")
     parser.add_argument("--write", help="markdown file whose section to replace")
     parser.add_argument("--target-latency", type=float, default=0.6,
@@ -352,7 +373,7 @@ def main() -> None:
             log(f"{name}: not available offline, skipped")
             continue
         rows += bench_network(name, source, shape, kind, module, targets, args.rounds, args.target_latency, failures,
-                              normalise, args.calibrate, args.repeats, args.spinning == "on")
+                              normalise, args.calibrate, args.repeats, args.spinning == "on", not args.same_process)
         if name.startswith("ResNet-50"):
             timing = selection_seconds(source, shape)
             log(f"{name}: end-to-end seconds {timing}")

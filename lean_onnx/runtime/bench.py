@@ -9,6 +9,7 @@ shared with `lean-onnx eval`.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ DEFAULT_WARMUP = 10
 PAIRED_ROUNDS = 10
 PAUSE_S = 0.05
 UNTIMED_RUNS = 3
+#: paired_benchmark: a model whose runs are short runs more per block, so that a block is timed for at least
+#: this long, after untimed runs of at least a third of it
+MIN_BLOCK_S = 0.03
 FEED_SEED = 0
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -256,7 +260,8 @@ def benchmark(model: str | os.PathLike | onnx.ModelProto | bytes, *, provider: s
 
 def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict | None = None,
                      threads: int = DEFAULT_THREADS, runs: int = DEFAULT_RUNS,
-                     warmup: int = DEFAULT_WARMUP, rounds: int = PAIRED_ROUNDS, spinning: bool = True) -> list[dict]:
+                     warmup: int = DEFAULT_WARMUP, rounds: int = PAIRED_ROUNDS, spinning: bool = True,
+                     min_block_s: float = MIN_BLOCK_S) -> list[dict]:
     """Time several models in paired rounds: every model warmed up, then `rounds` rounds (the order reversed
     every other round) in which each model runs a block of `runs / rounds` timed runs, so that what a shared,
     noisy machine does to one model's timings it does to the others' too (a drifting load moves all medians
@@ -269,6 +274,11 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
     off instead, every op pays a thread wake-up that a deployment does not (PP-LCNet alone: 3.0-3.7 ms
     against 2.4-3.2 ms with spinning), a fixed cost that understates what pruning gains. `spinning=False`
     times that configuration instead.
+    A block lasts at least `min_block_s`: a model whose runs are shorter (its median warm-up run) runs more
+    in each block, and more untimed before it (a third of that time), so `runs` is a least number. Blocks of
+    3 runs of a 1 ms model timed the wake-up after the pause, not the model: PP-LCNet at a quarter of its
+    MACs measured 0.37-0.64 of the MACs speed-up from one process to the next (and two identical models in
+    one process 0.46 and 0.64), against 0.64-0.66 in every process with 30-run blocks (session 20).
     Returns per model `{"provider", "latency_ms": latency_summary}`, in order."""
     if runs < 1 or warmup < 0 or threads < 0 or rounds < 1:
         raise LeanOnnxError(f"--runs {runs} / --warmup {warmup} / --threads {threads}: expected runs >= 1, "
@@ -283,16 +293,22 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
     times: list[list[float]] = [[] for _ in opened]
     rounds = min(rounds, runs)
     try:
+        per_run_s = []
         for label, session, feeds, timer in opened:
             label_now = label
-            timer(session.ort_session, feeds, 0, warmup)
+            warm = timer(session.ort_session, feeds, max(warmup, 1 if min_block_s > 0 else 0), 0)
+            per_run_s.append(float(np.median(warm)) / 1e3 if warm else 0.0)
         for r in range(rounds):
             block = (runs * (r + 1)) // rounds - (runs * r) // rounds
             order = range(len(opened)) if r % 2 == 0 else reversed(range(len(opened)))
             for k in order:
                 label_now, session, feeds, timer = opened[k]
+                short = min_block_s > 0 and block > 0 and per_run_s[k] * block < min_block_s
+                timed = math.ceil(min_block_s / max(per_run_s[k], 1e-6)) if short else block
+                untimed = max(UNTIMED_RUNS, math.ceil(min_block_s / 3 / max(per_run_s[k], 1e-6))) if short \
+                    else UNTIMED_RUNS
                 time.sleep(PAUSE_S)
-                times[k] += timer(session.ort_session, feeds, block, UNTIMED_RUNS)
+                times[k] += timer(session.ort_session, feeds, timed, untimed)
     except Exception as exc:
         raise LeanOnnxError(f"{label_now}: inference failed ({_first_line(exc)})") from None
     return [{"provider": session.provider, "latency_ms": latency_summary(t)}

@@ -187,16 +187,26 @@ def test_paired_rounds_time_every_model_in_order(models):
     conv of 37,748,736 MACs is slower than the 2-conv chain of 4,224, however busy the machine."""
     heavy = text_model(HEAVY, {"w": rand(32, 32, 3, 3)})
     tiny, big = paired_benchmark([models["chain"], heavy.SerializeToString()], provider="cpu", runs=7, warmup=1,
-                                 threads=1)
+                                 threads=1, min_block_s=0)
     assert tiny["provider"] == big["provider"] == "CPUExecutionProvider"
     assert 0 < tiny["latency_ms"]["min"] <= tiny["latency_ms"]["median"]
     assert big["latency_ms"]["median"] > 5 * tiny["latency_ms"]["median"]
     assert tiny["latency_ms"]["runs"] == big["latency_ms"]["runs"] == 7  # 7 rounds of one run each
 
 
+def test_paired_rounds_time_a_short_model_for_a_minimum_block(models):
+    """A model whose run is far shorter than min_block_s runs more in each block (blocks of 3 runs of a 1 ms
+    model timed the wake-up after the pause): 7 rounds of at least about 20 ms each, where 7 runs were asked."""
+    (tiny,) = paired_benchmark([models["chain"]], provider="cpu", runs=7, warmup=3, threads=1, min_block_s=0.02)
+    latency = tiny["latency_ms"]
+    assert latency["runs"] > 7
+    assert latency["runs"] * latency["mean"] >= 7 * 20 * 0.5, latency  # ms: each block near 20 ms of runs
+
+
 def test_paired_rounds_split_the_runs_into_blocks(models):
     """23 timed runs per model in 10 rounds: blocks of 2 or 3, every run timed once."""
-    timed = paired_benchmark([models["chain"], models["chain"]], provider="cpu", runs=23, warmup=0, threads=1)
+    timed = paired_benchmark([models["chain"], models["chain"]], provider="cpu", runs=23, warmup=0, threads=1,
+                             min_block_s=0)
     assert [t["latency_ms"]["runs"] for t in timed] == [23, 23]
 
 
