@@ -2,7 +2,7 @@
 
     pip install --no-deps torch-pruning      # the peer, for this benchmark only
     python tools/bench_budget.py [--targets 0.75,0.5,0.25] [--rounds 30] [--repeats 3] [--target-latency 0.6]
-        [--json R.json] [--write docs/benchmarks.md]
+        [--same-process] [--json R.json] [--write docs/benchmarks.md]
 
 Networks: torchvision's trained ImageNet MobileNetV2 (tools/third_party.py), the PP-OCRv4 text detector and
 the PP-OCR direction classifier (Paddle exports, trained), a trained YOLOv8n and a trained PP-PicoDet layout
@@ -18,7 +18,8 @@ torch-exportable ones Torch-Pruning's `MagnitudePruner` (L1, uniform per-layer
 ratio) searched to the same MACs and exported to ONNX. Per pruned model: MACs ratio (lean-onnx's count on
 the ONNX model for every row), median latency at batch 1, 2 threads, CPU, timed in paired rounds by the
 product's timer (runtime/bench.paired_benchmark: every model of a network in each round, a block of runs
-each, ORT's default spinning threads as deployed; `--repeats` times, the median speed-up), speed-up =
+each, at least 30 ms each, ORT's default spinning threads as deployed; `--repeats` times, each in a fresh
+process unless `--same-process`, the median speed-up), speed-up =
 original / pruned and its ratio to the MACs speed-up (1 / MACs ratio); the original timed a second time in
 the same rounds is the noise control (its speed-up should be 1.00); fidelity vs the original on crops of
 natural photos (scikit-image): top-1 agreement for classifiers, and for every network the centred cosine
