@@ -135,10 +135,10 @@ def paired_latency(models: dict[str, bytes], shape: tuple, runs: int, repeats: i
     product's own timer (runtime/bench.paired_benchmark: every model in each round, blocks of runs, ORT's
     default spinning, as deployed), the original first. With `repeats` > 1 the whole timing is repeated and
     each model gets the original's median over the repeats divided by its median speed-up (each speed-up from
-    one repeat). `fresh`: each repeat in a new Python process (spawned): on this shared machine a process
-    runs every model either in a fast or in a slow memory mode (the same files: YOLOv8n 5.7 / 2.2 ms or 7.8 /
-    3.6 ms, original / pruned at 0.25, docs/benchmarks.md session 20), so repeats inside one process sample
-    one mode only."""
+    one repeat). `fresh`: each repeat in a new Python process (spawned), so that repeats share no allocator
+    state and spread in time: this shared machine has fast and slow periods in which every model is slower
+    (the same files: YOLOv8n 5.7 / 2.2 ms or 7.8 / 3.6 ms, original / pruned at 0.25, docs/budgets.md "How
+    speed is measured"), and each repeat's ratio is kept."""
     import multiprocessing
 
     name = onnx.load_from_string(next(iter(models.values()))).graph.input[0].name
