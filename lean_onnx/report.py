@@ -156,7 +156,9 @@ def print_prune(r: dict, verbose: bool = False) -> None:
               + fate)
     extra = [f"{r[key]} {what}" for key, what in (("head_channels_dropped", "constant channels left a linear head"),
                                                    ("gathers_inserted", "convs read their input through a Gather"),
-                                                   ("concat_inputs_dropped", "Concat inputs dropped"))
+                                                   ("concat_inputs_dropped", "Concat inputs dropped"),
+                                                   ("concat_reads_merged", "repeated Concat reads merged into the "
+                                                    "convs after them"))
              if r.get(key)]
     if extra:
         print("; ".join(extra))

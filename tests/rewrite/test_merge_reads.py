@@ -125,3 +125,21 @@ def test_random_c2f_blocks_merge_and_keep_the_contract():
             merged += result.report["concat_reads_merged"] > 0
             pruned += 1
     assert pruned >= 20 and merged >= 3, (pruned, merged)
+
+
+def test_the_command_line_says_how_many_reads_were_merged(tmp_path):
+    """`lean-onnx IN OUT --target-macs 0.5` on the small C2f block: exit 0, the summary names the merge and the
+    report counts it."""
+    import json
+    import subprocess
+    import sys
+
+    import onnx
+
+    source, out, report = tmp_path / "c2f.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(c2f(), str(source))
+    done = subprocess.run([sys.executable, "-m", "lean_onnx", str(source), str(out), "--target-macs", "0.5",
+                           "--round-channels", "2", "--report", str(report)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 repeated Concat reads merged into the convs after them" in done.stdout + done.stderr
+    assert json.loads(report.read_text())["concat_reads_merged"] == 1
