@@ -274,8 +274,9 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
     off instead, every op pays a thread wake-up that a deployment does not (PP-LCNet alone: 3.0-3.7 ms
     against 2.4-3.2 ms with spinning), a fixed cost that understates what pruning gains. `spinning=False`
     times that configuration instead.
-    A block lasts at least `min_block_s`: a model whose runs are shorter (its median warm-up run) runs more
-    in each block, and more untimed before it (a third of that time), so `runs` is a least number. Blocks of
+    A block lasts at least `min_block_s`: a model whose runs are shorter (the median of runs timed for a third
+    of it after the warm-up) runs more in each block, and more untimed before it (a third of that time), so
+    `runs` is a least number. Blocks of
     3 runs of a 1 ms model timed the wake-up after the pause, not the model: PP-LCNet at a quarter of its
     MACs measured 0.37-0.64 of the MACs speed-up from one process to the next (and two identical models in
     one process 0.46 and 0.64), against 0.64-0.66 in every process with 30-run blocks (session 20).
@@ -293,26 +294,39 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
     times: list[list[float]] = [[] for _ in opened]
     rounds = min(rounds, runs)
     try:
-        per_run_s = []
+        least = []  # per model: (timed runs that last min_block_s, untimed runs before such a block)
         for label, session, feeds, timer in opened:
             label_now = label
-            warm = timer(session.ort_session, feeds, max(warmup, 1 if min_block_s > 0 else 0), 0)
-            per_run_s.append(float(np.median(warm)) / 1e3 if warm else 0.0)
+            timer(session.ort_session, feeds, 0, warmup)
+            if min_block_s > 0:
+                per_run_s = _per_run_s(timer, session.ort_session, feeds, min_block_s / 3)
+                least.append((math.ceil(min_block_s / per_run_s),
+                              max(UNTIMED_RUNS, math.ceil(min_block_s / 3 / per_run_s))))
+            else:
+                least.append((0, UNTIMED_RUNS))
         for r in range(rounds):
             block = (runs * (r + 1)) // rounds - (runs * r) // rounds
             order = range(len(opened)) if r % 2 == 0 else reversed(range(len(opened)))
             for k in order:
                 label_now, session, feeds, timer = opened[k]
-                short = min_block_s > 0 and block > 0 and per_run_s[k] * block < min_block_s
-                timed = math.ceil(min_block_s / max(per_run_s[k], 1e-6)) if short else block
-                untimed = max(UNTIMED_RUNS, math.ceil(min_block_s / 3 / max(per_run_s[k], 1e-6))) if short \
-                    else UNTIMED_RUNS
+                short = 0 < block < least[k][0]
                 time.sleep(PAUSE_S)
-                times[k] += timer(session.ort_session, feeds, timed, untimed)
+                times[k] += timer(session.ort_session, feeds, least[k][0] if short else block,
+                                  least[k][1] if short else UNTIMED_RUNS)
     except Exception as exc:
         raise LeanOnnxError(f"{label_now}: inference failed ({_first_line(exc)})") from None
     return [{"provider": session.provider, "latency_ms": latency_summary(t)}
             for (_, session, _, _), t in zip(opened, times)]
+
+
+def _per_run_s(timer, sess, feeds: dict, seconds: float) -> float:
+    """Median seconds of one run, over runs timed for at least `seconds` (one at the least): a few warm-up
+    runs of a microsecond model are several times slower than its later runs, and an estimate from them made
+    its blocks a third of `min_block_s`."""
+    times, start = [], time.perf_counter()
+    while not times or time.perf_counter() - start < seconds:
+        times += timer(sess, feeds, 1, 0)
+    return max(float(np.median(times)) / 1e3, 1e-6)
 
 
 def _batch_of(shapes: dict[str, tuple[int, ...]]) -> int:
