@@ -53,7 +53,7 @@ def merge_repeated_reads(model: onnx.ModelProto, channels, rank, first_copy: boo
         if len(unique) == len(resolved) or not convs or not all(_own_weight(c, node, inits, readers) for c in convs):
             continue
         counts = [channels(t) for t in node.input]
-        if any(c is None for c in counts) or any(_weight(c, inits).shape[1] != sum(counts) for c in convs):
+        if any(c is None for c in counts) or any(inits[c.input[1]].dims[1] != sum(counts) for c in convs):
             continue
         starts = np.cumsum([0] + counts)
         first = {t: resolved.index(t) for t in unique}
