@@ -65,7 +65,9 @@ def register(sub) -> None:
     g.add_argument("--provider", default="auto", choices=("auto", "cuda", "tensorrt", "cpu"),
                    help="ONNX Runtime provider for the timing (auto: CUDA when a session really gets it)")
     g.add_argument("--threads", type=int, default=2, help="intra-op threads, fixed so figures compare (default 2)")
-    g.add_argument("--runs", type=int, default=20, help="timed runs per model (default 20)")
+    g.add_argument("--runs", type=int, default=20,
+                   help="timed runs per model (default 20; in --target-latency's paired rounds a least number: "
+                   "a fast model runs more, so that each block of its runs lasts 30 ms)")
     g.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     schedule_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
