@@ -258,6 +258,42 @@ def test_unit_costs_by_hand():
     assert time[unit[b]] == pytest.approx(np.full(4, 1024 + 2 * KAPPA * 256))
 
 
+ELEMENTWISE_CHAINS = """
+g (float[1,2,8,8] x) => (float[1,2,8,8] y) {
+  a = Conv (x, wa)
+  ar = Relu (a)
+  b = Conv (ar, wb)
+  b3 = Add (b, three)
+  bc = Clip (b3, zero, six)
+  bm = Mul (b, bc)
+  bh = Div (bm, six)
+  c = Conv (bh, wc)
+  cs = Sigmoid (c)
+  cm = Mul (c, cs)
+  y = Conv (cm, wy)
+}"""
+
+
+def test_standalone_elementwise_by_hand():
+    """What ORT runs on its own after a conv: a Relu that is the conv output's only reader is fused into the
+    conv (not counted); an exported hard-swish `b * Clip(b + 3, 0, 6) / 6` reads b twice, so its four ops are
+    counted; `c * Sigmoid(c)` is one op (the Sigmoid is not counted, the Mul is). Each counted node adds
+    KAPPA_EW per element of its output (64 per channel) to its channels' units."""
+    from lean_onnx.select.unit_cost import KAPPA, KAPPA_EW, standalone_elementwise, unit_costs
+
+    shapes = {"wa": (4, 2, 1, 1), "wb": (4, 4, 1, 1), "wc": (4, 4, 1, 1), "wy": (2, 4, 1, 1)}
+    arrays = {k: np.ones(s, np.float32) for k, s in shapes.items()}
+    arrays.update(three=np.float32(3), zero=np.float32(0), six=np.float32(6))
+    graph = graph_of(text_model(ELEMENTWISE_CHAINS, arrays))
+    assert standalone_elementwise(graph) == ["b3", "bc", "bm", "bh", "cm"]
+    unit = graph.coupling_components
+    macs, time = unit_costs(graph, unit, int(unit.max()) + 1)
+    conv_io = 2 * KAPPA * 64  # each channel is written by one conv and read by one
+    for tensor, extra in (("a", 0), ("b", 4), ("c", 1)):
+        units = np.unique(unit[graph.tensor_nodes[tensor]])
+        assert time[units] - macs[units] == pytest.approx(np.full(units.size, conv_io + extra * KAPPA_EW * 64))
+
+
 def test_time_allocation_takes_the_budget_where_the_time_goes():
     """All kernels equal, so every chain has the same value: `macs` allocation orders by unit id only, `time`
     keeps the units with the least estimated time per MAC (branch a, 3.8 per MAC, against b's 5.5) first, so
