@@ -50,7 +50,7 @@ def standalone_elementwise(graph: ChannelGraph) -> list[str]:
     by a constant, reading a conv's or fused node's output that has no other reader) and a (Hard)Sigmoid
     read only by a Mul of its own input (ORT runs x * sigmoid(x) as one op)."""
     loaded = graph.loaded
-    consumers, producer = loaded.consumers, loaded.producer
+    consumers = loaded.consumers
     convs = {layer.output for layer in graph.layers}
 
     def constant(name: str) -> bool:
