@@ -339,3 +339,29 @@ def test_label_free_recovery_of_the_trained_yolov8n(tmp_path, request):
           f"{recall[0]:.3f} -> {recall[1]:.3f}")
     assert theirs.sum() >= 50 and error[1] <= 0.5 * error[0] and recall[1] >= recall[0] + 0.3, (error, recall)
     _assert_macs_kept(original, pruned, out, "images", tp.YOLO_SHAPE)
+
+
+@pytest.mark.parametrize("name", ["layout", "yolov8n", "mobilenet_v2"])
+def test_budget_time_counts_the_element_wise_nodes_ort_runs_alone(name, subjects, request):
+    """The budget's time cost (select/unit_cost.py) on exported networks: PP-PicoDet's hard-swish is exported as
+    `x * Clip(x + 3, 0, 6) / 6`, which reads the BN output twice, so none of its ops fuses into the conv: all
+    four are counted (one per conv but the few without activation), the BatchNormalizations are not (fused).
+    YOLOv8n's SiLU `x * Sigmoid(x)` counts as one node (its Mul), plus the Split/Concat copies of its C2f
+    blocks. MobileNetV2's activations (Clip after a conv) and residual Adds are fused: nothing is counted."""
+    from collections import Counter
+
+    from lean_onnx.select.unit_cost import standalone_elementwise
+
+    graph = subject(name, subjects, request).pruner.graph
+    counted = Counter(graph.loaded.producer[t].op_type for t in standalone_elementwise(graph))
+    present = Counter(node.op_type for node in graph.loaded.graph.node)
+    if name == "layout":
+        assert counted["Div"] == counted["Clip"] == present["Clip"] >= 90, counted
+        assert counted["Mul"] >= counted["Div"] and counted["BatchNormalization"] == 0
+    elif name == "yolov8n":
+        silu = sum(1 for n in graph.loaded.graph.node if n.op_type == "Sigmoid"
+                   and [c.op_type for c in graph.loaded.consumers[n.output[0]]] == ["Mul"])
+        assert silu >= 50 and counted["Sigmoid"] == present["Sigmoid"] - silu, counted
+        assert counted["Mul"] >= silu and counted["Split"] >= 8 and counted["Concat"] >= 8, counted
+    else:
+        assert not counted, counted
