@@ -3,11 +3,14 @@ median latency, found with real ONNX Runtime timings (same provider, threads, ru
 `--validate`).
 
 Latency is monotone in the MACs budget only roughly (ONNX Runtime's cost per layer is not its MAC count:
-depthwise and memory-bound layers), so this is a bisection on the MACs ratio between the smallest
-reachable one and 1, each step pruning (channel granularity, no masked model), timing the original and the
-pruned model in paired rounds (one run of each per round, runtime/bench.paired_benchmark: a noisy machine
-hits both alike) and keeping the budget when the measured ratio meets the target. Every step is in the
-report (`budget.search`).
+depthwise and memory-bound layers), so this is a bracketing search on the MACs ratio, each step pruning
+(channel granularity, no masked model) and timing the original and the pruned model in paired rounds
+(runtime/bench.paired_benchmark: a noisy machine hits both alike). It starts at F and scales the budget by the
+measured miss until a step meets F; from then on the budget that met F and the smallest one that did not
+(or 1, whose ratio is 1 by definition) bracket the answer, and the next step interpolates the measured ratios
+linearly in that bracket (kept a twentieth of the bracket away from its ends, so a step always narrows it).
+Bisecting instead spent its steps far from the answer: on MobileNetV2 at 0.6, after 0.604 of the MACs measured
+0.581, it tried 0.807, 0.705, 0.648, 0.680 and 0.664. Every step is in the report (`budget.search`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,19 @@ from ..select.budget import DEFAULT_ALLOCATE, check_fraction
 from .bench import paired_benchmark
 
 MAX_STEPS = 6
-#: the bisection stops when the MACs bracket is narrower than this
+#: the search stops when the MACs bracket is narrower than this
 RESOLUTION = 0.02
+#: an interpolated step stays this fraction of the bracket away from its ends
+MARGIN = 0.05
+
+
+def interpolate(low: float, low_ratio: float, high: float, high_ratio: float, target: float) -> float:
+    """The MACs budget between `low` (measured `low_ratio` <= target) and `high` (measured `high_ratio` >
+    target) where the latency ratio, linear between the two, would be `target`; at least MARGIN of the
+    bracket from either end."""
+    width = high - low
+    guess = low + (target - low_ratio) / (high_ratio - low_ratio) * width  # low_ratio <= target < high_ratio
+    return min(max(guess, low + MARGIN * width), high - MARGIN * width)
 
 
 def prune_to_latency(pruner, target: float, *, method: str = "lean", min_channels: float, provider: str = "auto",
@@ -33,6 +47,7 @@ def prune_to_latency(pruner, target: float, *, method: str = "lean", min_channel
     shapes = pruner.loaded.input_shapes
     timing = {"provider": provider, "input_shapes": shapes, "threads": threads, "runs": runs, "warmup": warmup}
     low, high = min(max(budget.smallest_ratio, 0.01), 1.0), 1.0
+    low_ratio, high_ratio = None, 1.0  # measured latency ratios at the bracket's ends (1 unpruned)
     macs = min(max(target, low), 1.0)  # latency roughly follows MACs: start there
     steps, met, fastest = [], None, None
     for _ in range(MAX_STEPS):
@@ -49,17 +64,19 @@ def prune_to_latency(pruner, target: float, *, method: str = "lean", min_channel
         if ratio <= target:
             if met is None or macs > met["target_macs"]:
                 met = step
-            low = macs
+            low, low_ratio = macs, ratio
         else:
-            high = macs
+            high, high_ratio = macs, ratio
         if fastest is None or ratio < fastest["latency_ratio"]:
             fastest = step
         if high - low < RESOLUTION or (ratio > target and macs <= budget.smallest_ratio):
             break
         if met is None and ratio > target:  # not met yet: scale the budget by how far off it was
             macs = max(budget.smallest_ratio, macs * target / ratio)
-        else:
+        elif low_ratio is None:
             macs = (low + high) / 2
+        else:
+            macs = interpolate(low, low_ratio, high, high_ratio, target)
     chosen = met or fastest
     result = pruner.prune(target_macs=chosen["target_macs"], method=method, min_channels=min_channels, masked=masked,
                           **prune_options)
