@@ -1,7 +1,5 @@
 """`python -m lean_onnx ...` is the `lean-onnx` command."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

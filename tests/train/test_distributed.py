@@ -156,6 +156,26 @@ def relative(a, b) -> float:
     return max(float(np.abs(p - q).max() / np.abs(q).max()) for p, q in zip(a, b))
 
 
+@pytest.mark.parametrize("world_size", [None, "2"])
+def test_a_torchrun_process_skips_the_interpreter_teardown(tmp_path, world_size):
+    """`python -m lean_onnx` (cli.run) under torchrun's environment leaves with os._exit after flushing: atexit
+    handlers (and the C++ teardown that aborted a finished rank now and then) do not run; the exit code and
+    the last line still come through. Outside torchrun it exits normally."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    marker = tmp_path / "atexit-ran"
+    (hook / "sitecustomize.py").write_text(f"import atexit, pathlib\n"
+                                           f"atexit.register(pathlib.Path({str(marker)!r}).touch)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), str(ROOT)])
+    if world_size:
+        env.update(WORLD_SIZE=world_size, RANK="1", LOCAL_RANK="1")
+    done = subprocess.run([sys.executable, "-m", "lean_onnx", "inspect", str(tmp_path / "missing.onnx")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("[E]"), done.stderr
+    assert marker.exists() == (world_size is None)
+
+
 def test_finetune_on_two_processes_gives_the_one_process_model_and_only_rank_0_writes(tmp_path):
     """The issue's acceptance: MS-D, 16 random 1x64x64 images with labels 0..4, --epochs 1 --batch 4."""
     (tmp_path / "work").mkdir()
