@@ -280,17 +280,19 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
     3 runs of a 1 ms model timed the wake-up after the pause, not the model: PP-LCNet at a quarter of its
     MACs measured 0.37-0.64 of the MACs speed-up from one process to the next (and two identical models in
     one process 0.46 and 0.64), against 0.64-0.66 in every process with 30-run blocks (session 20).
-    Returns per model `{"provider", "latency_ms": latency_summary}`, in order."""
+    Returns per model `{"provider", "latency_ms": latency_summary, "session_ms", "runs" (timed), "warnings"}`,
+    in order."""
     if runs < 1 or warmup < 0 or threads < 0 or rounds < 1:
         raise LeanOnnxError(f"--runs {runs} / --warmup {warmup} / --threads {threads}: expected runs >= 1, "
                             "warmup >= 0, threads >= 0")
-    opened = []
+    opened, warned = [], []
     for model in models:
         source = read_source(model)
-        shapes, _ = input_shapes_for(source.proto, input_shapes, None, source.label)
+        shapes, shape_warnings = input_shapes_for(source.proto, input_shapes, None, source.label)
         session = open_session(source, provider, threads, spinning=spinning)
         timer = time_on_device if session.on_device else time_on_cpu
         opened.append((source.label, session, random_inputs(source.proto, shapes), timer))
+        warned.append(shape_warnings + session.warnings)
     times: list[list[float]] = [[] for _ in opened]
     rounds = min(rounds, runs)
     try:
@@ -315,8 +317,8 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
                                   least[k][1] if short else UNTIMED_RUNS)
     except Exception as exc:
         raise LeanOnnxError(f"{label_now}: inference failed ({_first_line(exc)})") from None
-    return [{"provider": session.provider, "latency_ms": latency_summary(t)}
-            for (_, session, _, _), t in zip(opened, times)]
+    return [{"provider": session.provider, "latency_ms": latency_summary(t), "session_ms": session.session_ms,
+             "runs": len(t), "warnings": w} for (_, session, _, _), t, w in zip(opened, times, warned)]
 
 
 def _per_run_s(timer, sess, feeds: dict, seconds: float) -> float:
