@@ -137,16 +137,21 @@ class Fidelity:
         return result
 
 
-def time_model(model, input_shapes: dict, timing: TimingOptions | None, log) -> dict | None:
-    from .bench import benchmark
+def time_models(models: list, input_shapes: dict, timing: TimingOptions | None, log) -> list[dict | None]:
+    """Median and p90 latency of every model (the original first), all timed together in paired rounds
+    (bench.paired_benchmark): each pruned model's speed-up is then a ratio of the same rounds. Timing the
+    original first and every pruned model after its pruning, as until session 21, compared timings minutes
+    apart on a shared machine whose load comes and goes (docs/budgets.md, "How speed is measured")."""
+    from .bench import paired_benchmark
 
     if timing is None:
-        return None
-    entry = benchmark(model, provider=timing.provider, input_shapes=input_shapes, threads=timing.threads,
-                      runs=timing.runs, warmup=timing.warmup)
-    for w in entry["warnings"]:
+        return [None] * len(models)
+    entries = paired_benchmark(models, provider=timing.provider, input_shapes=input_shapes, threads=timing.threads,
+                               runs=timing.runs, warmup=timing.warmup)
+    for w in dict.fromkeys(w for e in entries for w in e["warnings"]):
         log("W", w)
-    return {"median": entry["latency_ms"]["median"], "p90": entry["latency_ms"]["p90"], "provider": entry["provider"]}
+    return [{"median": e["latency_ms"]["median"], "p90": e["latency_ms"]["p90"], "provider": e["provider"]}
+            for e in entries]
 
 
 # ----------------------------------------------------------------------------------------- sweep
@@ -185,8 +190,7 @@ def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean",
     original = {"path": source_path, "params": pruner.cost_before["params"], "macs": pruner.cost_before["macs"],
                 "file_bytes": os.path.getsize(source_path) if os.path.isfile(source_path) else
                 len(pruner.loaded.original.SerializeToString()),
-                "kernels": int(pruner.graph.prunable_edges.sum()),
-                "latency_ms": time_model(original_source, shapes, timing, log)}
+                "kernels": int(pruner.graph.prunable_edges.sum()), "latency_ms": None}
     timings["original"] = time.perf_counter() - start
     rows, results, plots = [], [], []
     for keep, path in zip(keeps, paths):
@@ -199,8 +203,7 @@ def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean",
         else:
             result = pruner.prune(keep, method, **options)
         save_model_atomic(result.model_bytes, path)
-        row = sweep_row(result, path, fidelity.measure(result.model_bytes, result.masked),
-                        time_model(path, shapes, timing, log), original)
+        row = sweep_row(result, path, fidelity.measure(result.model_bytes, result.masked), None, original)
         if target_macs:
             row["target_macs"] = keep
         if plot_dir:
@@ -216,6 +219,17 @@ def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean",
         if keep_results:
             results.append(result)
     timings["keeps"] = sum(r["time_s"] for r in rows)
+    start = time.perf_counter()
+    latencies = time_models([original_source] + paths, shapes, timing, log)
+    original["latency_ms"] = latencies[0]
+    for row, latency in zip(rows, latencies[1:]):
+        row["latency_ms"] = latency
+        row["speedup"] = speedup_of(original, latency)
+    if timing is not None:
+        timings["latency"] = time.perf_counter() - start
+        log("I", f"timed the original and the {len(rows)} pruned models together in paired rounds: " + ", ".join(
+            f"{keep_label(row.get('target_macs', row['keep_requested']), kind)} {row['speedup']:.2f}x"
+            for row in rows))
     mark_pareto(rows, original)
     if plot_dir:
         from .plots import plot_sweep
@@ -237,9 +251,7 @@ def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean",
 def sweep_row(result, path: str, errors: dict, latency: dict | None, original: dict) -> dict:
     r = result.report
     k = r["kernels"]
-    speedup = None
-    if latency and original["latency_ms"]:
-        speedup = original["latency_ms"]["median"] / latency["median"] if latency["median"] > 0 else None
+    speedup = speedup_of(original, latency)
     return {"keep_requested": r["keep_requested"], "keep_achieved": k["keep_achieved"],
             "macs_ratio": r["flops"]["after"] / r["flops"]["before"] if r["flops"]["before"] else 1.0,
             "kernels": {"kept": k["kept"], "total": k["total"], "from_paths": k["from_paths"],
@@ -247,6 +259,13 @@ def sweep_row(result, path: str, errors: dict, latency: dict | None, original: d
             "channels": r["channels"]["after"], "params": r["params"]["after"], "macs": r["flops"]["after"],
             "file_bytes": os.path.getsize(path), "path": path, "latency_ms": latency, "speedup": speedup,
             **errors, "inputs_reach_outputs": r["inputs_reach_outputs"], "pareto": False}
+
+
+def speedup_of(original: dict, latency: dict | None) -> float | None:
+    """The original's median latency over this model's (None when either was not timed)."""
+    if latency and original["latency_ms"] and latency["median"] > 0:
+        return original["latency_ms"]["median"] / latency["median"]
+    return None
 
 
 def cost_axis(rows: list[dict]) -> str:
@@ -318,7 +337,8 @@ def print_sweep(report: dict) -> None:
         print("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))))
     timing = report["options"]["timing"]
     when = (f"{timing['provider']} ({report['original']['latency_ms']['provider']}), {timing['threads']} threads, "
-            f"median of {timing['runs']} runs" if timing and report["original"]["latency_ms"] else "not timed")
+            f"median of at least {timing['runs']} runs, all models in paired rounds"
+            if timing and report["original"]["latency_ms"] else "not timed")
     graph_s = report["timings_s"].get("graph", 0.0) + report["timings_s"].get("norms", 0.0)
     print(f"(method {report['method']}; latency {when}; error = max |pruned - original| / max |original| over "
           f"{report['options']['samples']} batches; pareto * = not dominated in ({report['pareto_axes'][0]}, error); "
