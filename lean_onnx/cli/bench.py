@@ -32,6 +32,10 @@ def register(sub) -> None:
                    help=f"timed runs (default {DEFAULT_RUNS})")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, metavar="N",
                    help=f"untimed runs first (default {DEFAULT_WARMUP})")
+    p.add_argument("--paired", action="store_true",
+                   help="time the models together in paired rounds (the order reversed every other round, "
+                        "blocks of at least 30 ms, so --runs is a least number), as --validate and "
+                        "--target-latency do: ratios that a load change during the run does not decide")
     common_args(p)
     p.set_defaults(func=cmd_bench)
 
@@ -51,6 +55,8 @@ def cmd_bench(args) -> int:
             print(f"[I] {path}: {entry['provider']}, median {entry['latency_ms']['median']:.3f} ms",
                   file=sys.stderr)
         entries.append(entry)
+    if args.paired:
+        _time_paired(entries, args, shapes)
     add_ratios(entries)
     if args.json:
         print(json.dumps({"schema_version": SCHEMA_VERSION, "tool": _versions(),
@@ -58,6 +64,21 @@ def cmd_bench(args) -> int:
     else:
         print_table(entries)
     return 0
+
+
+def _time_paired(entries: list[dict], args, shapes) -> None:
+    """Replace every entry's latency (and throughput) by the one of all MODELs timed together in paired rounds
+    (runtime/bench.paired_benchmark); the entry's other figures stay the first timing's."""
+    from ..runtime.bench import paired_benchmark
+
+    timed = paired_benchmark(args.models, provider=args.provider, input_shapes=shapes, threads=args.threads,
+                             runs=args.runs, warmup=args.warmup, batch=args.batch, strict=args.strict)
+    for entry, paired in zip(entries, timed):
+        latency = paired["latency_ms"]
+        entry.update(latency_ms=latency, runs=paired["runs"], timing="paired",
+                     throughput_per_s=entry["batch"] / (latency["median"] / 1e3) if latency["median"] > 0 else None)
+        if not args.quiet:
+            print(f"[I] {entry['path']}: paired rounds, median {latency['median']:.3f} ms", file=sys.stderr)
 
 
 def _versions() -> dict:

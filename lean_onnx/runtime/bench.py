@@ -261,7 +261,7 @@ def benchmark(model: str | os.PathLike | onnx.ModelProto | bytes, *, provider: s
 def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict | None = None,
                      threads: int = DEFAULT_THREADS, runs: int = DEFAULT_RUNS,
                      warmup: int = DEFAULT_WARMUP, rounds: int = PAIRED_ROUNDS, spinning: bool = True,
-                     min_block_s: float = MIN_BLOCK_S) -> list[dict]:
+                     min_block_s: float = MIN_BLOCK_S, batch: int | None = None, strict: bool = False) -> list[dict]:
     """Time several models in paired rounds: every model warmed up, then `rounds` rounds (the order reversed
     every other round) in which each model runs a block of `runs / rounds` timed runs, so that what a shared,
     noisy machine does to one model's timings it does to the others' too (a drifting load moves all medians
@@ -288,8 +288,8 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
     opened, warned = [], []
     for model in models:
         source = read_source(model)
-        shapes, shape_warnings = input_shapes_for(source.proto, input_shapes, None, source.label)
-        session = open_session(source, provider, threads, spinning=spinning)
+        shapes, shape_warnings = input_shapes_for(source.proto, input_shapes, batch, source.label)
+        session = open_session(source, provider, threads, strict, spinning=spinning)
         timer = time_on_device if session.on_device else time_on_cpu
         opened.append((source.label, session, random_inputs(source.proto, shapes), timer))
         warned.append(shape_warnings + session.warnings)

@@ -69,6 +69,20 @@ def test_json_has_all_fields_and_sane_values(capsys, models):
     assert entry["params"] == 3 * 2 * 9 + 4 * 3
 
 
+def test_paired_bench_times_the_models_together(capsys, models):
+    """`bench A B --paired`: both timed in paired rounds (blocks of at least 30 ms, so a microsecond model runs
+    far more than --runs times), ratios from those medians, the batch still applied to every model."""
+    code, out, err = run_cli(capsys, "bench", models["dynamic"], models["dynamic"], *FAST, "--json", "--paired",
+                             "--batch", "2")
+    assert code == 0, err
+    first, second = json.loads(out)["models"]
+    for entry in (first, second):
+        assert entry["timing"] == "paired" and entry["runs"] > 5 and entry["batch"] == 2
+        assert entry["throughput_per_s"] == pytest.approx(2e3 / entry["latency_ms"]["median"])
+    assert second["speedup_vs_first"] == pytest.approx(first["latency_ms"]["median"] / second["latency_ms"]["median"])
+    assert "paired rounds" in err
+
+
 def test_two_models_get_ratios_against_the_first(capsys, models):
     code, out, err = run_cli(capsys, "bench", models["chain"], models["dynamic"], *FAST, "--json",
                              "--input-shape", "x=1x2x8x8", "-q")
