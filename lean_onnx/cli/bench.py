@@ -42,21 +42,19 @@ def register(sub) -> None:
 
 def cmd_bench(args) -> int:
     from ..graph.load import parse_input_shapes
-    from ..runtime.bench import SCHEMA_VERSION, add_ratios, benchmark, print_table
+    from ..runtime.bench import SCHEMA_VERSION, add_ratios, benchmark, paired_benchmark, print_table
 
     shapes = parse_input_shapes(args.input_shape)
-    entries = []
-    for path in args.models:
-        entry = benchmark(path, provider=args.provider, input_shapes=shapes, batch=args.batch,
-                          threads=args.threads, runs=args.runs, warmup=args.warmup, strict=args.strict)
+    timing = dict(provider=args.provider, input_shapes=shapes, batch=args.batch, threads=args.threads,
+                  runs=args.runs, warmup=args.warmup, strict=args.strict)
+    entries = paired_benchmark(args.models, **timing) if args.paired else \
+        [benchmark(path, **timing) for path in args.models]
+    for entry in entries:
         for w in entry.pop("warnings"):
             print(f"[W] {w}", file=sys.stderr)
         if not args.quiet:
-            print(f"[I] {path}: {entry['provider']}, median {entry['latency_ms']['median']:.3f} ms",
-                  file=sys.stderr)
-        entries.append(entry)
-    if args.paired:
-        _time_paired(entries, args, shapes)
+            print(f"[I] {entry['path']}: {entry['provider']}, median {entry['latency_ms']['median']:.3f} ms"
+                  + (" (paired rounds)" if args.paired else ""), file=sys.stderr)
     add_ratios(entries)
     if args.json:
         print(json.dumps({"schema_version": SCHEMA_VERSION, "tool": _versions(),
@@ -64,21 +62,6 @@ def cmd_bench(args) -> int:
     else:
         print_table(entries)
     return 0
-
-
-def _time_paired(entries: list[dict], args, shapes) -> None:
-    """Replace every entry's latency (and throughput) by the one of all MODELs timed together in paired rounds
-    (runtime/bench.paired_benchmark); the entry's other figures stay the first timing's."""
-    from ..runtime.bench import paired_benchmark
-
-    timed = paired_benchmark(args.models, provider=args.provider, input_shapes=shapes, threads=args.threads,
-                             runs=args.runs, warmup=args.warmup, batch=args.batch, strict=args.strict)
-    for entry, paired in zip(entries, timed):
-        latency = paired["latency_ms"]
-        entry.update(latency_ms=latency, runs=paired["runs"], timing="paired",
-                     throughput_per_s=entry["batch"] / (latency["median"] / 1e3) if latency["median"] > 0 else None)
-        if not args.quiet:
-            print(f"[I] {entry['path']}: paired rounds, median {latency['median']:.3f} ms", file=sys.stderr)
 
 
 def _versions() -> dict:

@@ -234,8 +234,6 @@ def benchmark(model: str | os.PathLike | onnx.ModelProto | bytes, *, provider: s
               runs: int = DEFAULT_RUNS, warmup: int = DEFAULT_WARMUP, strict: bool = False) -> dict:
     """Time one model; returns the dict of one `models` entry of `bench --json` (plus `warnings`,
     `params`, `file_bytes`). Raises LeanOnnxError for unreadable models or bad options."""
-    from ..graph.cost import float_params
-
     if runs < 1 or warmup < 0 or threads < 0:
         raise LeanOnnxError(f"--runs {runs} / --warmup {warmup} / --threads {threads}: expected runs >= 1, "
                             "warmup >= 0, threads >= 0")
@@ -248,14 +246,21 @@ def benchmark(model: str | os.PathLike | onnx.ModelProto | bytes, *, provider: s
         times_ms = timer(session.ort_session, feeds, runs, warmup)
     except Exception as exc:
         raise LeanOnnxError(f"{source.label}: inference failed ({_first_line(exc)})") from None
+    return _entry(source, session, shapes, threads, warmup, times_ms, warnings + session.warnings)
+
+
+def _entry(source: ModelSource, session: Session, shapes: dict, threads: int, warmup: int, times_ms: list[float],
+           warnings: list[str]) -> dict:
+    """One model's figures: a `models` entry of `bench --json` plus `warnings`, `params`, `file_bytes`."""
+    from ..graph.cost import float_params
+
     latency = latency_summary(times_ms)
     items = _batch_of(shapes)
     return {"path": source.label, "provider": session.provider, "providers": session.providers,
             "batch": items, "input_shapes": {k: list(v) for k, v in shapes.items()}, "threads": threads,
-            "runs": runs, "warmup": warmup, "session_ms": session.session_ms, "latency_ms": latency,
+            "runs": len(times_ms), "warmup": warmup, "session_ms": session.session_ms, "latency_ms": latency,
             "throughput_per_s": items / (latency["median"] / 1e3) if latency["median"] > 0 else None,
-            "params": float_params(source.proto), "file_bytes": source.file_bytes,
-            "warnings": warnings + session.warnings}
+            "params": float_params(source.proto), "file_bytes": source.file_bytes, "warnings": warnings}
 
 
 def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict | None = None,
@@ -280,19 +285,18 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
     3 runs of a 1 ms model timed the wake-up after the pause, not the model: PP-LCNet at a quarter of its
     MACs measured 0.37-0.64 of the MACs speed-up from one process to the next (and two identical models in
     one process 0.46 and 0.64), against 0.64-0.66 in every process with 30-run blocks (session 20).
-    Returns per model `{"provider", "latency_ms": latency_summary, "session_ms", "runs" (timed), "warnings"}`,
-    in order."""
+    Returns per model what `benchmark` returns ("runs" the timed ones) and `"timing": "paired"`, in order."""
     if runs < 1 or warmup < 0 or threads < 0 or rounds < 1:
         raise LeanOnnxError(f"--runs {runs} / --warmup {warmup} / --threads {threads}: expected runs >= 1, "
                             "warmup >= 0, threads >= 0")
-    opened, warned = [], []
+    opened, described = [], []
     for model in models:
         source = read_source(model)
         shapes, shape_warnings = input_shapes_for(source.proto, input_shapes, batch, source.label)
         session = open_session(source, provider, threads, strict, spinning=spinning)
         timer = time_on_device if session.on_device else time_on_cpu
         opened.append((source.label, session, random_inputs(source.proto, shapes), timer))
-        warned.append(shape_warnings + session.warnings)
+        described.append((source, shapes, shape_warnings + session.warnings))
     times: list[list[float]] = [[] for _ in opened]
     rounds = min(rounds, runs)
     try:
@@ -317,8 +321,8 @@ def paired_benchmark(models: list, *, provider: str = "auto", input_shapes: dict
                                   least[k][1] if short else UNTIMED_RUNS)
     except Exception as exc:
         raise LeanOnnxError(f"{label_now}: inference failed ({_first_line(exc)})") from None
-    return [{"provider": session.provider, "latency_ms": latency_summary(t), "session_ms": session.session_ms,
-             "runs": len(t), "warnings": w} for (_, session, _, _), t, w in zip(opened, times, warned)]
+    return [dict(_entry(source, session, shapes, threads, warmup, t, w), timing="paired")
+            for (_, session, _, _), t, (source, shapes, w) in zip(opened, times, described)]
 
 
 def _per_run_s(timer, sess, feeds: dict, seconds: float) -> float:
