@@ -203,7 +203,7 @@ def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean",
         else:
             result = pruner.prune(keep, method, **options)
         save_model_atomic(result.model_bytes, path)
-        row = sweep_row(result, path, fidelity.measure(result.model_bytes, result.masked), None, original)
+        row = sweep_row(result, path, fidelity.measure(result.model_bytes, result.masked))
         if target_macs:
             row["target_macs"] = keep
         if plot_dir:
@@ -248,16 +248,16 @@ def run_sweep(pruner, keeps: list[float], out_dir: str, *, method: str = "lean",
     return SweepResult(report, results)
 
 
-def sweep_row(result, path: str, errors: dict, latency: dict | None, original: dict) -> dict:
+def sweep_row(result, path: str, errors: dict) -> dict:
+    """One keep's row; its latency and speed-up come later, when all models are timed together."""
     r = result.report
     k = r["kernels"]
-    speedup = speedup_of(original, latency)
     return {"keep_requested": r["keep_requested"], "keep_achieved": k["keep_achieved"],
             "macs_ratio": r["flops"]["after"] / r["flops"]["before"] if r["flops"]["before"] else 1.0,
             "kernels": {"kept": k["kept"], "total": k["total"], "from_paths": k["from_paths"],
                         "from_fallback": k["from_fallback"]},
             "channels": r["channels"]["after"], "params": r["params"]["after"], "macs": r["flops"]["after"],
-            "file_bytes": os.path.getsize(path), "path": path, "latency_ms": latency, "speedup": speedup,
+            "file_bytes": os.path.getsize(path), "path": path, "latency_ms": None, "speedup": None,
             **errors, "inputs_reach_outputs": r["inputs_reach_outputs"], "pareto": False}
 
 
