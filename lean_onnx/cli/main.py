@@ -52,16 +52,22 @@ def _check_world(args) -> None:
         warnings.simplefilter("ignore")
 
 
-def _rank() -> str:
-    """"rank R/N: " before an error under torchrun (every rank prints its own), else nothing (also when
-    torchrun's variables are unreadable: that is the error being printed)."""
+def _world():
+    """The torchrun world of this process, or None when torchrun's variables are unreadable (the error that
+    main() reports)."""
     from ..train.distributed import World
 
     try:
-        world = World.from_env()
+        return World.from_env()
     except LeanOnnxError:
-        return ""
-    return f"rank {world.rank}/{world.size}: " if world.parallel else ""
+        return None
+
+
+def _rank() -> str:
+    """"rank R/N: " before an error under torchrun (every rank prints its own), else nothing (also when
+    torchrun's variables are unreadable: that is the error being printed)."""
+    world = _world()
+    return f"rank {world.rank}/{world.size}: " if world is not None and world.parallel else ""
 
 
 def run() -> None:
@@ -71,7 +77,8 @@ def run() -> None:
     thread left by torch/gloo: in about 1 of 10 runs on a loaded 2-core machine a rank that had finished
     ended with "terminate called without an active exception" (SIGABRT), and torchrun failed the run."""
     code = main()
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and "RANK" in os.environ:
+    world = _world()
+    if world is not None and world.parallel:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
