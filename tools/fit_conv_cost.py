@@ -1,9 +1,10 @@
-"""Where ONNX Runtime spends its time per conv: the fit behind select/unit_cost.py's KAPPA.
+"""Where ONNX Runtime spends its time per conv: the fit behind select/unit_cost.py's KAPPA and KAPPA_EW.
 
-    python tools/fit_conv_cost.py [--runs 60] [--networks mobilenet_v2,orientation,yolov8n]
+    python tools/fit_conv_cost.py [--runs 60] [--networks mobilenet_v2,orientation,yolov8n,picodet,ocr_detector]
 
 Profiles the trained third-party networks (tools/third_party.py) per node with ORT's profiler (CPU, 2
-threads, batch 1, random input), maps each profiled node back to its conv (ORT names a fused node after the
+threads, batch 1, random input), maps each profiled conv node (ORT's op type Conv, FusedConv or
+ConvTranspose) back to its conv (ORT names a fused node after the
 last fused op's output or keeps the node's name; walk back through BN/activations to the Conv), and fits
 `time = a x MACs + b x (input + output elements)` by least squares over all convs. Prints per conv
 (groups, channels, MACs, elements, median us, us per million MACs) and the fit: KAPPA = b / a, in
